@@ -1,0 +1,52 @@
+"""Typed errors. Every failure a user can cause is an `AdgenError` with a message that names
+what was wrong and what was expected; the CLI prints the message and exits non-zero."""
+
+from __future__ import annotations
+
+
+class AdgenError(Exception):
+    """Base of every error adgen raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(AdgenError, ValueError):
+    """A request field broke a rule: `field: rule (got value)`."""
+
+    exit_code = 2
+
+    def __init__(self, field: str, rule: str, got: object | None = None):
+        self.field = field
+        self.rule = rule
+        self.got = got
+        message = f"{field}: {rule}"
+        if got is not None:
+            message += f" (got {got})"
+        super().__init__(message)
+
+
+class SpecError(AdgenError, ValueError):
+    """A tensor did not match its component spec: `component.tensor: expected X, got Y`."""
+
+    exit_code = 2
+
+    def __init__(self, component: str, tensor: str, expected: str, got: str):
+        self.component = component
+        self.tensor = tensor
+        super().__init__(f"{component}.{tensor}: expected {expected}, got {got}")
+
+
+class WeightsError(AdgenError):
+    """Weights missing, unreadable, unsafe, or whose keys/shapes do not match the network."""
+
+
+class ExportError(AdgenError):
+    """Exporting a component failed."""
+
+
+class ParityError(ExportError):
+    """An exported graph disagrees with its torch reference beyond the precision's tolerance."""
+
+
+class BackendError(AdgenError):
+    """A backend is not installed, cannot load a component, or failed to run it."""

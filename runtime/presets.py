@@ -1,0 +1,145 @@
+"""Size presets: one frozen dataclass per preset (nanoGPT style).
+
+`tiny` is for tests (seconds on CPU), `small` for CPU benchmarks, `sd15` has Stable Diffusion
+1.5 dimensions. Tiny presets shrink widths, depths of the encoders and image sizes, never the
+structure: every preset has the SD 1.5 U-Net block layout (3 cross-attention down blocks + 1
+plain, 2 layers per block, 16 self-attention layers) so the RefAdGen contract is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class UNetSize:
+    block_out_channels: tuple[int, int, int, int]
+    attention_head_dim: int  # diffusers' name; for SD 1.5 it is the number of heads (8)
+    cross_attention_dim: int
+    norm_num_groups: int = 32
+    layers_per_block: int = 2
+
+
+@dataclass(frozen=True)
+class TextEncoderSize:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_length: int = 77
+    vocab_size: int = 49408
+
+
+@dataclass(frozen=True)
+class ImageEncoderSize:
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    resampler_depth: int
+    resampler_heads: int
+    resampler_dim_head: int
+    num_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class VAESize:
+    block_out_channels: tuple[int, ...]
+    norm_num_groups: int = 32
+    latent_channels: int = 4
+    scaling_factor: float = 0.18215
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    unet: UNetSize
+    text: TextEncoderSize
+    image: ImageEncoderSize
+    vae: VAESize
+    default_width: int
+    default_height: int
+    min_side: int
+    max_side: int
+    max_batch: int = 16  # U-Net batch: 2 x requests under classifier-free guidance
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.latent_channels
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.block_out_channels) - 1)
+
+    @property
+    def ref_layer_channels(self) -> tuple[int, ...]:
+        """Channels of the 16 self-attention layers in U-Net order (down, mid, up)."""
+        c = self.unet.block_out_channels
+        down = [c[0], c[0], c[1], c[1], c[2], c[2]]
+        mid = [c[3]]
+        # up block 0 has no attention; up blocks 1..3 carry reversed(c)[1:]
+        rc = tuple(reversed(c))
+        up = [rc[1]] * 3 + [rc[2]] * 3 + [rc[3]] * 3
+        return tuple(down + mid + up)
+
+    @property
+    def ref_layer_levels(self) -> tuple[int, ...]:
+        """Downsampling level (0 = latent resolution) of each self-attention layer."""
+        return (0, 0, 1, 1, 2, 2, 3, 2, 2, 2, 1, 1, 1, 0, 0, 0)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        unet=UNetSize((32, 32, 64, 64), attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8),
+        text=TextEncoderSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        image=ImageEncoderSize(
+            image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+            resampler_depth=1, resampler_heads=2, resampler_dim_head=16,
+        ),
+        vae=VAESize((8, 16, 32, 32), norm_num_groups=8),
+        default_width=128,
+        default_height=160,
+        min_side=64,
+        max_side=512,
+    ),
+    "small": Preset(
+        name="small",
+        unet=UNetSize((64, 128, 256, 256), attention_head_dim=4, cross_attention_dim=256),
+        text=TextEncoderSize(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+        image=ImageEncoderSize(
+            image_size=112, patch_size=14, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+            resampler_depth=2, resampler_heads=4, resampler_dim_head=64,
+        ),
+        vae=VAESize((32, 64, 128, 128)),
+        default_width=256,
+        default_height=320,
+        min_side=64,
+        max_side=512,
+    ),
+    "sd15": Preset(
+        name="sd15",
+        unet=UNetSize((320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768),
+        text=TextEncoderSize(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+        image=ImageEncoderSize(
+            image_size=224, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+            resampler_depth=4, resampler_heads=12, resampler_dim_head=64,
+        ),
+        vae=VAESize((128, 256, 512, 512)),
+        default_width=512,
+        default_height=640,
+        min_side=256,
+        max_side=1024,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InputError("preset", f"expected one of {', '.join(PRESETS)}", repr(name)) from None
