@@ -1,0 +1,187 @@
+"""torch -> ONNX for every component of a pipeline, with a parity check and a manifest.
+
+`export_pipeline` writes `<component>.onnx` for each spec, `parity.json` (per output: max
+absolute error, max relative error, cosine similarity against torch, pass/fail) and
+`manifest.json` (the cache key, spec hashes, graph sizes, library versions). It writes into a
+temporary folder renamed into place only when every component passed parity.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from networks.runner import run_module
+from runtime.artifacts import MANIFEST, PARITY, GraphKey, graph_bytes, graph_path
+from runtime.errors import ExportError, ParityError
+from runtime.specs import ComponentSpec, Dim, Precision
+
+Progress = Callable[[str], None]
+LIBRARIES = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "numpy")
+
+
+@dataclass(frozen=True)
+class OutputParity:
+    output: str
+    max_abs: float
+    max_rel: float  # max |onnx - torch| / max |torch|
+    cosine: float
+    bound: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class ComponentParity:
+    component: str
+    precision: str
+    shapes: dict[str, list[int]]
+    outputs: list[OutputParity]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def worst(self) -> OutputParity:
+        return max(self.outputs, key=lambda o: o.max_abs / o.bound)
+
+
+def trace_env(spec: ComponentSpec) -> dict[str, int]:
+    """Dims to trace at: opt, nudged to an odd multiple of each dim's granularity.
+
+    Tracing the U-Net at an odd latent size records its upsampling with explicit output sizes,
+    so the graph serves every size in bounds (at even sizes it would bake in a factor of 2).
+    """
+    overrides = {}
+    for d in spec.dims:
+        if isinstance(d, Dim) and d.name != "B" and (d.opt // d.multiple) % 2 == 0:
+            bumped = d.opt + d.multiple
+            overrides[d.name] = bumped if bumped <= d.max else d.opt - d.multiple
+    return spec.env_at("opt", **overrides)
+
+
+def export_component(module: nn.Module, spec: ComponentSpec, path: Path, opset: int) -> None:
+    feed = spec.sample_inputs(np.random.default_rng(0), trace_env(spec))
+    args = tuple(torch.from_numpy(feed[name]) for name in spec.input_names)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            dynamic_axes=spec.dynamic_axes(),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def check_parity(
+    module: nn.Module, spec: ComponentSpec, path: Path, precision: Precision, envs: list[Mapping[str, int]] | None = None
+) -> ComponentParity:
+    """Compare the graph at `path` with `module` on random inputs at each env (default: opt, and B=1 at min)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    envs = envs or [spec.env_at("opt"), spec.env_at("min", B=1)]
+    tol = precision.tolerance
+    worst: dict[str, OutputParity] = {}
+    shapes: dict[str, list[int]] = {}
+    for i, env in enumerate(envs):
+        feed = spec.sample_inputs(np.random.default_rng(1 + i), env)
+        expected = run_module(module, spec, feed)
+        got = dict(zip(spec.output_names, session.run(list(spec.output_names), feed)))
+        for name in spec.output_names:
+            a, b = got[name].astype(np.float64), expected[name].astype(np.float64)
+            if a.shape != b.shape:
+                raise ParityError(f"{spec.name}.{name}: ONNX shape {a.shape} != torch shape {b.shape} at {dict(env)}")
+            scale = float(np.abs(b).max()) if b.size else 0.0
+            max_abs = float(np.abs(a - b).max()) if b.size else 0.0
+            denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+            cosine = float((a * b).sum() / denom) if denom else 1.0
+            bound = tol.bound(scale)
+            result = OutputParity(name, max_abs, max_abs / scale if scale else 0.0, cosine, bound, max_abs <= bound)
+            previous = worst.get(name)
+            if previous is None or result.max_abs / result.bound > previous.max_abs / previous.bound:
+                worst[name] = result
+        shapes[f"env{i}"] = [env[d.name] for d in spec.dims if isinstance(d, Dim)]
+    return ComponentParity(spec.name, precision.value, shapes, [worst[n] for n in spec.output_names])
+
+
+def library_versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            found[lib] = version(lib)
+        except PackageNotFoundError:
+            found[lib] = "absent"
+    return found
+
+
+def export_pipeline(
+    modules: Mapping[str, nn.Module],
+    specs: Mapping[str, ComponentSpec],
+    key: GraphKey,
+    out_dir: Path,
+    progress: Progress | None = None,
+) -> Path:
+    """Export every spec'd component into `out_dir` (created; must not exist yet) and return it."""
+    if key.precision is not Precision.FP32:
+        raise ExportError(f"precision {key.precision.value}: only fp32 export is implemented so far")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ExportError(f"{out_dir} already exists; remove it or choose another folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda message: None)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        components, parity = {}, {}
+        for i, (name, spec) in enumerate(specs.items(), 1):
+            say(f"[{i}/{len(specs)}] {name}: exporting")
+            started = time.perf_counter()
+            path = graph_path(tmp, name)
+            try:
+                export_component(modules[name], spec, path, key.opset)
+            except Exception as e:  # the exporter raises many types; name the component
+                raise ExportError(f"{name}: ONNX export failed: {e}") from e
+            exported = time.perf_counter() - started
+            result = check_parity(modules[name], spec, path, key.precision)
+            worst = result.worst()
+            say(
+                f"[{i}/{len(specs)}] {name}: {exported:.1f} s, {graph_bytes(path) / 1e6:.1f} MB, "
+                f"parity max abs {worst.max_abs:.2e} ({worst.output}) {'ok' if result.passed else 'FAILED'}"
+            )
+            parity[name] = asdict(result) | {"passed": result.passed}
+            components[name] = {
+                "spec_hash": spec.spec_hash(),
+                "bytes": graph_bytes(path),
+                "export_seconds": round(exported, 3),
+                "spec": spec.to_dict(),
+            }
+            if not result.passed:
+                (tmp / PARITY).write_text(json.dumps(parity, indent=2))
+                raise ParityError(
+                    f"{name}.{worst.output}: ONNX vs torch max abs error {worst.max_abs:.3e} exceeds "
+                    f"{worst.bound:.3e} for {key.precision.value}"
+                )
+        (tmp / PARITY).write_text(json.dumps(parity, indent=2))
+        manifest = {"key": key.to_dict(), "components": components, "versions": library_versions(), "created": time.time()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

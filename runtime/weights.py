@@ -1,0 +1,59 @@
+"""Where weights come from, and the fingerprint that keys every cache built from them.
+
+Torch-free: the runtime keys its ONNX cache by this fingerprint without building networks.
+A weights folder holds diffusers/transformers sub-folders (`text_encoder/`, `vae/`, optional
+`tokenizer/`) and `refadgen.safetensors` for the RefAdGen parts. Only safetensors are read:
+pickled checkpoints (.bin, .ckpt, .pt, .pth) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import WeightsError
+
+# Bump when random initialisation changes, so caches of old random graphs are not reused.
+RANDOM_INIT_VERSION = 1
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+REFADGEN_FILE = "refadgen.safetensors"
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Random initialisation from `seed`, or the local folder `path`."""
+
+    seed: int = 0
+    path: Path | None = None
+
+    def describe(self) -> str:
+        return str(self.path) if self.path else f"random init (seed {self.seed})"
+
+    def fingerprint(self, preset: str) -> str:
+        """Hash of the file contents (real weights) or of preset + seed (random init)."""
+        h = hashlib.sha256()
+        if self.path is None:
+            h.update(f"random:{preset}:{self.seed}:v{RANDOM_INIT_VERSION}".encode())
+        else:
+            for file in weight_files(self.path):
+                h.update(str(file.relative_to(self.path)).encode())
+                with open(file, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        h.update(chunk)
+        return h.hexdigest()[:16]
+
+
+def weight_files(root: Path) -> list[Path]:
+    """Every file that defines the weights under `root`, refusing pickled checkpoints."""
+    if not root.is_dir():
+        raise WeightsError(f"weights folder {root} does not exist or is not a folder")
+    pickled = sorted(p for p in root.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise WeightsError(
+            f"refusing pickled weights {pickled[0]}: convert them to safetensors first (pickle can run code)"
+        )
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt"))
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise WeightsError(f"no .safetensors files under {root}")
+    return files
