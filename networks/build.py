@@ -40,6 +40,14 @@ _VAE_FILE = "diffusion_pytorch_model.safetensors"
 _TEXT_FILE = "model.safetensors"
 
 
+def build_modules(pipeline: str, preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
+    """The torch modules of `pipeline`, keyed by component spec name."""
+    builders = {"refadgen": build_refadgen}
+    if pipeline not in builders:
+        raise WeightsError(f"no networks for pipeline {pipeline!r}; have {sorted(builders)}")
+    return builders[pipeline](preset, weights)
+
+
 def _seeded(seed: int, offset: int, make):
     torch.manual_seed(seed * 1000 + offset)
     return make()

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import InputError, SpecError
+from .errors import SpecError
 
 
 class DType(str, Enum):
@@ -200,8 +200,9 @@ class ComponentSpec:
                 feed[t.name] = rng.uniform(lo, hi, size=shape).astype(t.dtype.numpy)
         return feed
 
-    def validate_inputs(self, feed: Mapping[str, np.ndarray]) -> dict[str, int]:
-        """Check names, dtypes, shapes and bounds of a feed; return the bound dim values."""
+    def validate_inputs(self, feed: Mapping[str, np.ndarray], check_values: bool = True) -> dict[str, int]:
+        """Check names, dtypes, shapes and bounds of a feed (and, with `check_values`, that floats
+        are finite); return the bound dim values."""
         missing = [n for n in self.input_names if n not in feed]
         extra = [n for n in feed if n not in self.input_names]
         if missing or extra:
@@ -214,7 +215,7 @@ class ComponentSpec:
                 env[d.name] = d.value(env)
         for t in self.inputs:
             self._check(t, feed[t.name], env)
-            if t.dtype in (DType.FLOAT32, DType.FLOAT16) and not np.isfinite(feed[t.name]).all():
+            if check_values and t.dtype in (DType.FLOAT32, DType.FLOAT16) and not np.isfinite(feed[t.name]).all():
                 raise SpecError(self.name, t.name, "finite values", "NaN or Inf")
         return env
 
@@ -273,8 +274,3 @@ def specs_hash(specs: Mapping[str, ComponentSpec]) -> str:
     joined = "".join(f"{name}:{specs[name].spec_hash()};" for name in sorted(specs))
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
-
-def check_positive_int(field_name: str, value: int, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise InputError(field_name, f"expected an integer in [{low}, {high}]", value)
-    return int(value)

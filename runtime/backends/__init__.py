@@ -1,0 +1,36 @@
+"""Backends by name, imported lazily so `import runtime` needs neither torch nor onnxruntime."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Mapping
+
+from ..errors import BackendError, InputError
+from ..specs import ComponentSpec
+from .base import Component, ModelSource, Progress
+
+BACKENDS = {
+    "onnxruntime": "runtime.backends.onnxruntime_backend",
+    "torch": "runtime.backends.torch_backend",
+}
+
+
+def load_components(
+    backend: str, specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Progress | None = None
+) -> dict[str, Component]:
+    """Open every component in `specs` on `backend`."""
+    if backend not in BACKENDS:
+        raise InputError("backend", f"expected one of {', '.join(BACKENDS)}", repr(backend))
+    try:
+        module = import_module(BACKENDS[backend])
+    except ImportError as e:
+        raise BackendError(f"backend {backend} is not installed ({e.name} missing): {INSTALL_HINTS[backend]}") from e
+    return module.load(specs, source, progress)
+
+
+INSTALL_HINTS = {
+    "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu)",
+    "torch": "pip install 'adgen[export]'",
+}
+
+__all__ = ["BACKENDS", "Component", "ModelSource", "load_components"]

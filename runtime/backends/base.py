@@ -1,0 +1,54 @@
+"""The one backend interface: a component that runs a spec-keyed feed.
+
+`Component.run(feed) -> dict` validates the feed against the spec (names, dtypes, shapes,
+bounds), calls the backend, and validates every output's name, dtype and shape, so a backend
+that returns the wrong thing fails loudly at the call instead of corrupting the loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..presets import Preset
+from ..specs import ComponentSpec, Precision
+from ..weights import WeightsSource
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Everything a backend needs to open the components of one pipeline."""
+
+    pipeline: str
+    preset: Preset
+    weights: WeightsSource = WeightsSource()
+    precision: Precision = Precision.FP32
+    cache_root: Path | None = None  # exported-graph cache (default: runtime.artifacts.default_cache_root())
+    graphs_dir: Path | None = None  # an explicit exported folder, checked against its manifest
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int | None = None  # intra-op threads; None = the library's default
+
+
+class Component(ABC):
+    """One exported component on one backend."""
+
+    def __init__(self, spec: ComponentSpec, check_values: bool = False):
+        self.spec = spec
+        # NaN/Inf scans cost a pass over every input; servers turn them on at their boundary.
+        self.check_values = check_values
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        env = self.spec.validate_inputs(feed, check_values=self.check_values)
+        outputs = self._run(feed)
+        self.spec.validate_outputs(outputs, env)
+        return outputs
+
+    @abstractmethod
+    def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the backend; outputs keyed by spec output name."""

@@ -1,0 +1,93 @@
+"""ONNX Runtime backend: one InferenceSession per exported component.
+
+Graphs come from an explicit folder or from the cache, keyed by pipeline, preset, precision,
+spec hash and weights fingerprint; on a cache miss they are exported first (this needs the
+`export` extra, i.e. torch). Every folder is checked against its manifest before use.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from ..artifacts import GraphKey, check_manifest, default_cache_root, find_graphs, graph_path
+from ..errors import BackendError, ExportError
+from ..specs import ComponentSpec
+from .base import Component, ModelSource, Progress
+
+
+class OnnxRuntimeComponent(Component):
+    def __init__(self, spec: ComponentSpec, path: Path, providers: tuple[str, ...], threads: int | None):
+        super().__init__(spec)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise BackendError(f"onnxruntime providers {missing} not available here (have {available})")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as e:  # ORT raises its own exception types; name the graph
+            raise BackendError(f"{spec.name}: cannot load {path}: {e}") from e
+        names = tuple(i.name for i in self.session.get_inputs()), tuple(o.name for o in self.session.get_outputs())
+        if names != (spec.input_names, spec.output_names):
+            raise BackendError(f"{spec.name}: graph {path} has tensors {names}, spec has {(spec.input_names, spec.output_names)}")
+        self.output_names = list(spec.output_names)
+
+    def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, dict(feed))))
+
+
+def graph_key(specs: Mapping[str, ComponentSpec], source: ModelSource) -> GraphKey:
+    return GraphKey.of(source.pipeline, source.preset.name, source.precision, specs, source.weights.fingerprint(source.preset.name))
+
+
+def ensure_graphs(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Progress | None = None) -> Path:
+    """The folder of exported graphs for `source`, exporting them on a cache miss."""
+    key = graph_key(specs, source)
+    if source.graphs_dir is not None:
+        check_manifest(Path(source.graphs_dir), key, specs)
+        return Path(source.graphs_dir)
+    root = source.cache_root or default_cache_root()
+    folder = root / key.dirname
+    if folder.exists():
+        try:
+            check_manifest(folder, key, specs)
+            return folder
+        except BackendError as stale:
+            if progress:
+                progress(f"replacing unusable cache folder: {stale}")
+            shutil.rmtree(folder)
+    try:
+        from export.onnx_export import export_pipeline
+        from networks.build import build_modules
+    except ImportError as e:
+        raise BackendError(
+            f"no exported graphs for {key.dirname} under {root}, and exporting needs torch "
+            f"({e.name} missing): pip install 'adgen[export]', or pass a folder made by `adgen export`"
+        ) from e
+    if progress:
+        progress(f"exporting {source.pipeline} ({source.preset.name}) to ONNX once; cached in {root / key.dirname}")
+    modules = build_modules(source.pipeline, source.preset, source.weights)
+    try:
+        return export_pipeline(modules, specs, key, folder, progress)
+    except (ExportError, OSError):
+        found = find_graphs(root, key, specs)  # another process finished the same export first
+        if found is None:
+            raise
+        return found
+
+
+def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Progress | None = None) -> dict[str, Component]:
+    folder = ensure_graphs(specs, source, progress)
+    return {
+        name: OnnxRuntimeComponent(spec, graph_path(folder, name), source.providers, source.threads)
+        for name, spec in specs.items()
+    }
+

@@ -1,0 +1,165 @@
+"""The RefAdGen loop, read top to bottom.
+
+Per request: text and image encoders, the product latent, the reference U-Net at t = 0 and the
+AFM key/value projections run ONCE; then `steps` calls of the 5-channel U-Net, each one batch of
+2B (conditional first, unconditional second) for classifier-free guidance; then the VAE decoder
+and compositing of the product through its mask. Requests in one call share the canvas size and
+step count but keep their own prompt, seed, guidance and AFM scale; a request's result does not
+depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..backends.base import Component
+from ..errors import InputError
+from ..images import GREY, Product, clip_pixels, compose, from_model_image, resize_mask_nearest, to_model_image
+from ..presets import Preset
+from ..schedulers import make_scheduler
+from ..timing import StageTimer
+from ..tokenizer import Tokenizer, check_prompt
+
+COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")
+MAX_STEPS = 500
+GUIDANCE_RANGE = (1.0, 30.0)
+AFM_SCALE_RANGE = (0.0, 4.0)
+
+
+@dataclass(frozen=True)
+class RefAdGenRequest:
+    """One ad: a product already placed on the canvas (see images.place_on_canvas) and a prompt."""
+
+    product: Product
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    guidance: float = 7.5
+    afm_scale: float = 1.0
+
+    def validate(self) -> None:
+        check_prompt("prompt", self.prompt)
+        check_prompt("negative_prompt", self.negative_prompt)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
+            raise InputError("seed", "expected an integer in [0, 2**63)", self.seed)
+        _check_range("guidance", self.guidance, *GUIDANCE_RANGE)
+        _check_range("afm_scale", self.afm_scale, *AFM_SCALE_RANGE)
+
+
+@dataclass
+class RefAdGenOutput:
+    images: list[np.ndarray]  # (H, W, 3) uint8, product composited
+    generated: list[np.ndarray]  # (H, W, 3) uint8, the decoder's output before compositing
+    timings: dict[str, object]
+
+
+StepCallback = Callable[[int, int], None]
+
+
+class RefAdGenPipeline:
+    def __init__(self, components: Mapping[str, Component], preset: Preset, tokenizer: Tokenizer):
+        missing = [c for c in COMPONENTS if c not in components]
+        if missing:
+            raise InputError("components", f"RefAdGen needs {list(COMPONENTS)}", f"missing {missing}")
+        self.c = components
+        self.preset = preset
+        self.tokenizer = tokenizer
+        self._zero_image_tokens: np.ndarray | None = None
+
+    def __call__(
+        self,
+        requests: Sequence[RefAdGenRequest],
+        steps: int = 30,
+        scheduler: str = "ddim",
+        on_step: StepCallback | None = None,
+    ) -> RefAdGenOutput:
+        self._check(requests, steps)
+        timer = StageTimer()
+        n = len(requests)
+        guidance = np.array([r.guidance for r in requests], dtype=np.float32)
+        cfg = bool((guidance > 1.0).any())  # at guidance 1 the unconditional half cancels out
+        halves = 2 if cfg else 1
+        sched = make_scheduler(scheduler)
+        sched.set_timesteps(steps)
+        with timer.stage("total"):
+            with timer.stage("text_encode"):
+                texts = [r.prompt for r in requests] + ([r.negative_prompt for r in requests] if cfg else [])
+                text_embeds = self.c["text_encoder"].run({"input_ids": self.tokenizer(texts)})["text_embeds"]
+            with timer.stage("image_encode"):
+                image_tokens = self._image_tokens(requests, cfg)
+            with timer.stage("vae_encode"):
+                product_latent = self.c["vae_encoder"].run({"image": self._reference_images(requests)})["latent"]
+            with timer.stage("reference_unet"):
+                states = self.c["reference_unet"].run(
+                    {"product_latent": np.concatenate([product_latent] * halves), "image_tokens": image_tokens}
+                )
+                ref_kv = self.c["afm_kv"].run(states)
+            h, w = product_latent.shape[-2:]
+            mask = np.stack([resize_mask_nearest(r.product.mask, h, w)[None] for r in requests])  # (B, 1, h, w)
+            latents = np.stack([self._noise(r.seed, h, w) for r in requests]) * np.float32(sched.init_noise_sigma)
+            invariant = {
+                "text_embeds": text_embeds,
+                "afm_scale": np.array([r.afm_scale for r in requests] * halves, dtype=np.float32),
+                **ref_kv,
+            }
+            for i, t in enumerate(sched.timesteps):
+                with timer.stage("denoise_step"):
+                    sample = np.concatenate([np.concatenate([latents, mask], axis=1)] * halves)  # (halves*B, 5, h, w)
+                    timestep = np.full(halves * n, t, dtype=np.float32)
+                    eps = self.c["unet"].run({"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
+                    if cfg:
+                        cond, uncond = eps[:n], eps[n:]
+                        eps = uncond + guidance[:, None, None, None] * (cond - uncond)
+                    latents = sched.step(eps, int(t), latents)
+                if on_step:
+                    on_step(i + 1, steps)
+            with timer.stage("vae_decode"):
+                generated = from_model_image(self.c["vae_decoder"].run({"latent": latents})["image"])
+            with timer.stage("compose"):
+                images = [compose(g, r.product) for g, r in zip(generated, requests)]
+        return RefAdGenOutput(images=images, generated=generated, timings=timer.summary())
+
+    def _check(self, requests: Sequence[RefAdGenRequest], steps: int) -> None:
+        if not requests:
+            raise InputError("requests", "expected at least one request")
+        if 2 * len(requests) > self.preset.max_batch:
+            raise InputError("requests", f"expected at most {self.preset.max_batch // 2} per batch", len(requests))
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+            raise InputError("steps", f"expected an integer in [1, {MAX_STEPS}]", steps)
+        for r in requests:
+            r.validate()
+        sizes = {(r.product.height, r.product.width) for r in requests}
+        if len(sizes) != 1:
+            raise InputError("requests", "expected one canvas size per batch", sorted(sizes))
+
+    def _image_tokens(self, requests: Sequence[RefAdGenRequest], cfg: bool) -> np.ndarray:
+        size = self.preset.image.image_size
+        pixels = np.concatenate([clip_pixels(_product_only(r.product), size) for r in requests])
+        tokens = self.c["image_encoder"].run({"pixel_values": pixels})["image_tokens"]
+        if not cfg:
+            return tokens
+        if self._zero_image_tokens is None:  # the unconditional image embedding: same for every request
+            zeros = np.zeros((1, 3, size, size), dtype=np.float32)
+            self._zero_image_tokens = self.c["image_encoder"].run({"pixel_values": zeros})["image_tokens"]
+        return np.concatenate([tokens, np.repeat(self._zero_image_tokens, len(requests), axis=0)])
+
+    def _reference_images(self, requests: Sequence[RefAdGenRequest]) -> np.ndarray:
+        return np.concatenate([to_model_image(_product_only(r.product)) for r in requests])
+
+    def _noise(self, seed: int, h: int, w: int) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64(seed))
+        return rng.standard_normal((self.preset.latent_channels, h, w), dtype=np.float32)
+
+
+def _product_only(product: Product) -> np.ndarray:
+    """The product on neutral grey: what the reference branch and image encoder see."""
+    return np.where(product.mask[..., None], product.rgb, np.uint8(GREY))
+
+
+def _check_range(field: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not low <= float(value) <= high:
+        raise InputError(field, f"expected a number in [{low}, {high}]", value)
+
