@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -22,8 +21,9 @@ from .backends.base import ModelSource, Progress
 from .components import pipeline_specs
 from .errors import InputError
 from .images import MAX_IMAGE_PIXELS, Placement, check_canvas_size, load_product, place_on_canvas, save_png
-from .pipelines.refadgen import RefAdGenPipeline, RefAdGenRequest
-from .presets import get_preset
+from .pipelines.refadgen import RefAdGenPipeline, RefAdGenRequest, StepCallback, check_steps
+from .presets import Preset, get_preset
+from .schedulers import make_scheduler
 from .specs import specs_hash
 from .tokenizer import load_tokenizer
 from .weights import WeightsSource
@@ -77,8 +77,21 @@ def load_pipeline(
     return LoadedPipeline(pipeline, backend, runner, source, specs_hash(specs), time.perf_counter() - started)
 
 
-def generate(
-    loaded: LoadedPipeline,
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request: the product loaded and placed on its canvas."""
+
+    request: RefAdGenRequest
+    product_path: str
+    product_size: tuple[int, int]
+    placement: Placement
+    steps: int
+    scheduler: str
+    seconds: float  # loading and checking the inputs
+
+
+def prepare(
+    preset: Preset | str,
     product: str | Path,
     prompt: str,
     mask: str | Path | None = None,
@@ -91,33 +104,50 @@ def generate(
     seed: int = 0,
     scheduler: str = "ddim",
     max_pixels: int = MAX_IMAGE_PIXELS,
-    on_step: Callable[[int, int], None] | None = None,
-) -> GenerateResult:
-    """One ad image from a product photo (RGBA, or RGB + mask) and a prompt."""
-    preset = loaded.source.preset
+) -> PreparedRequest:
+    """Load and check every input without touching a model, so bad input fails fast."""
     started = time.perf_counter()
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    check_steps(steps)
+    make_scheduler(scheduler)
     item = load_product(product, mask, max_pixels=max_pixels)
     width, height = _canvas(item.width, item.height, width, height, preset)
     placed, placement = place_on_canvas(item, width, height)
     request = RefAdGenRequest(placed, prompt, negative_prompt, seed, guidance, afm_scale)
-    output = loaded.runner([request], steps=steps, scheduler=scheduler, on_step=on_step)
-    timings = {"load_inputs": round(time.perf_counter() - started - output.timings["total"], 6), **output.timings}
+    request.validate()
+    return PreparedRequest(
+        request, str(product), (item.width, item.height), placement, steps, scheduler, time.perf_counter() - started
+    )
+
+
+def generate(loaded: LoadedPipeline, product: str | Path, prompt: str, on_step: StepCallback | None = None, **options) -> GenerateResult:
+    """One ad image from a product photo (RGBA, or RGB + mask) and a prompt; `options` as `prepare`."""
+    return run(loaded, prepare(loaded.source.preset, product, prompt, **options), on_step)
+
+
+def run(loaded: LoadedPipeline, prepared: PreparedRequest, on_step: StepCallback | None = None) -> GenerateResult:
+    r = prepared.request
+    output = loaded.runner([r], steps=prepared.steps, scheduler=prepared.scheduler, on_step=on_step)
     report = {
         "pipeline": loaded.name,
-        "preset": preset.name,
+        "preset": loaded.source.preset.name,
         "backend": loaded.backend,
         "weights": loaded.source.weights.describe(),
-        "seed": seed,
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "width": width,
-        "height": height,
-        "steps": steps,
-        "scheduler": scheduler,
-        "guidance": guidance,
-        "afm_scale": afm_scale,
-        "product": {"path": str(product), "size": [item.width, item.height], "placement": _placement(placement)},
-        "timings_s": timings,
+        "seed": r.seed,
+        "prompt": r.prompt,
+        "negative_prompt": r.negative_prompt,
+        "width": r.product.width,
+        "height": r.product.height,
+        "steps": prepared.steps,
+        "scheduler": prepared.scheduler,
+        "guidance": r.guidance,
+        "afm_scale": r.afm_scale,
+        "product": {
+            "path": prepared.product_path,
+            "size": list(prepared.product_size),
+            "placement": _placement(prepared.placement),
+        },
+        "timings_s": {"load_inputs": round(prepared.seconds, 6), **output.timings},
         "pipeline_load_s": round(loaded.load_seconds, 6),
         "specs_hash": loaded.specs_hash,
         "machine": {"python": platform.python_version(), "processor": platform.machine(), "versions": _versions()},
@@ -134,7 +164,7 @@ def save_result(result: GenerateResult, out: str | Path) -> tuple[Path, Path]:
     return image_path, report_path
 
 
-def _canvas(product_w: int, product_h: int, width: int | None, height: int | None, preset) -> tuple[int, int]:
+def _canvas(product_w: int, product_h: int, width: int | None, height: int | None, preset: Preset) -> tuple[int, int]:
     """The requested size; else the product's own size when the preset allows it; else the preset default."""
     if width is None and height is None:
         try:

@@ -79,23 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
-    from .api import generate, load_pipeline, save_result
+    from .api import load_pipeline, prepare, run, save_result
 
+    prepared = prepare(
+        args.preset, product=args.product, prompt=args.prompt, mask=args.mask, negative_prompt=args.negative_prompt,
+        width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, afm_scale=args.afm_scale,
+        seed=args.seed, scheduler=args.scheduler,
+    )
     loaded = load_pipeline(
         pipeline=args.pipeline, preset=args.preset, backend=args.backend, weights=args.weights,
         init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, threads=args.threads,
         progress=progress.message,
     )
-    result = generate(
-        loaded, product=args.product, prompt=args.prompt, mask=args.mask, negative_prompt=args.negative_prompt,
-        width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, afm_scale=args.afm_scale,
-        seed=args.seed, scheduler=args.scheduler, on_step=progress.step,
-    )
+    result = run(loaded, prepared, on_step=progress.step)
     image_path, report_path = save_result(result, args.out)
     timings = result.report["timings_s"]
     progress.message(
         f"wrote {image_path} and {report_path}: {timings['total']:.2f} s total, "
-        f"{timings['denoise_step']['p50'] * 1000 if isinstance(timings['denoise_step'], dict) else timings['denoise_step'] * 1000:.1f} ms per step (p50)"
+        f"{1000 * timings['denoise_step']['p50']:.1f} ms per step (p50)"
     )
     return 0
 

@@ -129,11 +129,11 @@ class ComponentSpec:
         if len(set(names)) != len(names):
             raise ValueError(f"{self.name}: duplicate dim names {names}")
         known = set(names)
-        bound_by_inputs = {d for t in self.inputs for d in t.shape if isinstance(d, str) and self._is_base(d)}
         for tensor in self.inputs + self.outputs:
             for d in tensor.shape:
                 if isinstance(d, str) and d not in known:
                     raise ValueError(f"{self.name}.{tensor.name}: unknown dim {d!r}")
+        bound_by_inputs = {d for t in self.inputs for d in t.shape if isinstance(d, str) and self._is_base(d)}
         for dim in self.dims:
             if isinstance(dim, Dim) and dim.name not in bound_by_inputs:
                 raise ValueError(f"{self.name}: base dim {dim.name!r} appears in no input, so it cannot be bound")

@@ -15,9 +15,13 @@ class StageTimer:
     """Seconds per stage; a stage timed more than once (each denoise step) keeps every sample."""
 
     samples: dict[str, list[float]] = field(default_factory=dict)
+    repeated: set[str] = field(default_factory=set)
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str, repeated: bool = False) -> Iterator[None]:
+        """Time the block; a `repeated` stage always reports as {samples, p50, total}."""
+        if repeated:
+            self.repeated.add(name)
         started = time.perf_counter()
         try:
             yield
@@ -28,7 +32,7 @@ class StageTimer:
         """Single stages as seconds; repeated stages as {samples, p50, total}."""
         out: dict[str, object] = {}
         for name, values in self.samples.items():
-            if len(values) == 1:
+            if name not in self.repeated:
                 out[name] = round(values[0], 6)
             else:
                 out[name] = {

@@ -37,10 +37,10 @@ class WeightsSource:
             h.update(f"random:{preset}:{self.seed}:v{RANDOM_INIT_VERSION}".encode())
         else:
             for file in weight_files(self.path):
-                h.update(str(file.relative_to(self.path)).encode())
-                with open(file, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 22), b""):
-                        h.update(chunk)
+                # Each entry framed as (name length, name, size, digest): no two folders collide.
+                name = str(file.relative_to(self.path)).encode()
+                h.update(len(name).to_bytes(8, "little") + name + file.stat().st_size.to_bytes(8, "little"))
+                h.update(_file_digest(file))
         return h.hexdigest()[:16]
 
 
@@ -48,7 +48,7 @@ def weight_files(root: Path) -> list[Path]:
     """Every file that defines the weights under `root`, refusing pickled checkpoints."""
     if not root.is_dir():
         raise WeightsError(f"weights folder {root} does not exist or is not a folder")
-    pickled = sorted(p for p in root.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    pickled = sorted(p for p in root.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickled:
         raise WeightsError(
             f"refusing pickled weights {pickled[0]}: convert them to safetensors first (pickle can run code)"
@@ -57,3 +57,11 @@ def weight_files(root: Path) -> list[Path]:
     if not any(p.suffix == ".safetensors" for p in files):
         raise WeightsError(f"no .safetensors files under {root}")
     return files
+
+
+def _file_digest(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.digest()

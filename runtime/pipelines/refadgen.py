@@ -106,7 +106,7 @@ class RefAdGenPipeline:
                 **ref_kv,
             }
             for i, t in enumerate(sched.timesteps):
-                with timer.stage("denoise_step"):
+                with timer.stage("denoise_step", repeated=True):
                     sample = np.concatenate([np.concatenate([latents, mask], axis=1)] * halves)  # (halves*B, 5, h, w)
                     timestep = np.full(halves * n, t, dtype=np.float32)
                     eps = self.c["unet"].run({"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
@@ -127,8 +127,7 @@ class RefAdGenPipeline:
             raise InputError("requests", "expected at least one request")
         if 2 * len(requests) > self.preset.max_batch:
             raise InputError("requests", f"expected at most {self.preset.max_batch // 2} per batch", len(requests))
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-            raise InputError("steps", f"expected an integer in [1, {MAX_STEPS}]", steps)
+        check_steps(steps)
         for r in requests:
             r.validate()
         sizes = {(r.product.height, r.product.width) for r in requests}
@@ -152,6 +151,11 @@ class RefAdGenPipeline:
     def _noise(self, seed: int, h: int, w: int) -> np.ndarray:
         rng = np.random.Generator(np.random.PCG64(seed))
         return rng.standard_normal((self.preset.latent_channels, h, w), dtype=np.float32)
+
+
+def check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise InputError("steps", f"expected an integer in [1, {MAX_STEPS}]", steps)
 
 
 def _product_only(product: Product) -> np.ndarray:

@@ -1,0 +1,79 @@
+"""Shared fixtures: the tiny RefAdGen networks, their exported graphs (once per session), and
+pipelines on both backends. Tests build real components at tiny sizes; nothing is mocked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.artifacts import GraphKey
+from runtime.components import refadgen_specs
+from runtime.presets import get_preset
+from runtime.specs import Precision
+from runtime.weights import WeightsSource
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return get_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_specs(tiny):
+    return refadgen_specs(tiny)
+
+
+@pytest.fixture(scope="session")
+def tiny_modules(tiny):
+    torch = pytest.importorskip("torch")
+    from networks.build import build_refadgen
+
+    torch.set_num_threads(2)
+    return build_refadgen(tiny, WeightsSource(seed=0))
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("adgen-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_graphs(tiny, tiny_specs, tiny_modules, cache_root) -> Path:
+    """The tiny graphs exported (with parity) into the session's cache, where the ORT backend finds them."""
+    from export.onnx_export import export_pipeline
+
+    key = GraphKey.of("refadgen", tiny.name, Precision.FP32, tiny_specs, WeightsSource(seed=0).fingerprint(tiny.name))
+    return export_pipeline(tiny_modules, tiny_specs, key, cache_root / key.dirname)
+
+
+@pytest.fixture(scope="session")
+def ort_pipeline(tiny_graphs, cache_root):
+    from runtime.api import load_pipeline
+
+    return load_pipeline("refadgen", preset="tiny", backend="onnxruntime", cache_dir=cache_root)
+
+
+@pytest.fixture(scope="session")
+def torch_pipeline():
+    pytest.importorskip("torch")
+    from runtime.api import load_pipeline
+
+    return load_pipeline("refadgen", preset="tiny", backend="torch")
+
+
+@pytest.fixture
+def product_png(tmp_path) -> Path:
+    """An RGBA product (alpha = mask) at tiny's default canvas size, with some texture."""
+    from PIL import Image
+
+    h, w = 160, 128
+    rng = np.random.default_rng(7)
+    rgba = np.zeros((h, w, 4), dtype=np.uint8)
+    rgba[..., :3] = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    rgba[40:120, 30:100, 3] = 255
+    rgba[60:70, 20:30, 3] = 200  # partly transparent edge: above the 128 threshold, so product
+    path = tmp_path / "product.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path

@@ -1,0 +1,143 @@
+"""Export: torch vs ONNX parity for every component, dynamic shapes, the manifest-checked cache."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from export.onnx_export import check_parity, export_component, trace_env  # noqa: E402
+from runtime.artifacts import MANIFEST, PARITY, GraphKey, check_manifest, graph_path  # noqa: E402
+from runtime.backends.base import ModelSource  # noqa: E402
+from runtime.backends.onnxruntime_backend import ensure_graphs  # noqa: E402
+from runtime.errors import BackendError  # noqa: E402
+from runtime.specs import Precision  # noqa: E402
+from runtime.weights import WeightsSource  # noqa: E402
+
+COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_every_component_passes_fp32_parity(tiny_graphs, component):
+    report = json.loads((tiny_graphs / PARITY).read_text())[component]
+    tol = Precision.FP32.tolerance
+    assert report["passed"]
+    for output in report["outputs"]:
+        assert output["max_abs"] <= output["bound"], output
+        assert output["bound"] <= tol.atol + tol.rtol * 1e3  # bounds stay fp32-sized
+        assert output["cosine"] > 0.9999, output
+
+
+def test_graphs_serve_other_batches_and_sizes_than_traced(tiny_graphs, tiny_specs, tiny_modules):
+    spec = tiny_specs["unet"]
+    traced = trace_env(spec)
+    envs = [
+        spec.env_at("min", B=1),
+        spec.env_at("opt", B=3, latent_h=traced["latent_h"] + 1, latent_w=traced["latent_w"] + 3),
+        spec.env_at("max", B=1),
+    ]
+    result = check_parity(tiny_modules["unet"], spec, graph_path(tiny_graphs, "unet"), Precision.FP32, envs)
+    assert result.passed, result
+
+
+def test_parity_check_detects_a_graph_that_disagrees(tmp_path, tiny_specs, tiny_modules):
+    spec = tiny_specs["afm_kv"]
+    path = tmp_path / "afm_kv.onnx"
+    export_component(tiny_modules["afm_kv"], spec, path, opset=17)
+    drifted = copy.deepcopy(tiny_modules["afm_kv"])
+    with torch.no_grad():
+        drifted.processors[3].to_v_ref.weight.mul_(1.01)
+    assert check_parity(tiny_modules["afm_kv"], spec, path, Precision.FP32).passed
+    result = check_parity(drifted, spec, path, Precision.FP32)
+    assert not result.passed
+    assert result.worst().output == "ref_value_03"
+
+
+def test_manifest_records_key_spec_hashes_and_versions(tiny_graphs, tiny_specs):
+    manifest = json.loads((tiny_graphs / MANIFEST).read_text())
+    assert manifest["key"]["preset"] == "tiny" and manifest["key"]["precision"] == "fp32"
+    for name, spec in tiny_specs.items():
+        assert manifest["components"][name]["spec_hash"] == spec.spec_hash()
+        assert manifest["components"][name]["bytes"] == graph_path(tiny_graphs, name).stat().st_size
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
+
+
+def test_second_load_reuses_the_cache_without_exporting(tiny, tiny_specs, tiny_graphs, cache_root, monkeypatch):
+    import export.onnx_export
+
+    def fail(*args, **kwargs):
+        raise AssertionError("export ran although the cache holds the graphs")
+
+    monkeypatch.setattr(export.onnx_export, "export_pipeline", fail)
+    source = ModelSource("refadgen", tiny, WeightsSource(seed=0), cache_root=cache_root)
+    before = (tiny_graphs / MANIFEST).stat().st_mtime_ns
+    assert ensure_graphs(tiny_specs, source) == tiny_graphs
+    assert (tiny_graphs / MANIFEST).stat().st_mtime_ns == before
+
+
+def test_cache_key_changes_with_weights_and_specs(tiny, tiny_specs):
+    def key(seed, specs):
+        return GraphKey.of("refadgen", "tiny", Precision.FP32, specs, WeightsSource(seed=seed).fingerprint("tiny"))
+
+    from runtime.components import refadgen_specs
+    from runtime.presets import get_preset
+
+    assert key(0, tiny_specs).dirname != key(1, tiny_specs).dirname
+    assert key(0, tiny_specs).dirname != key(0, refadgen_specs(get_preset("small"))).dirname
+
+
+def test_manifest_mismatch_is_refused_with_the_reason(tiny, tiny_specs, tiny_graphs, tmp_path):
+    import shutil
+
+    copy_dir = tmp_path / "graphs"
+    shutil.copytree(tiny_graphs, copy_dir)
+    good = GraphKey.of("refadgen", "tiny", Precision.FP32, tiny_specs, WeightsSource(seed=0).fingerprint("tiny"))
+    check_manifest(copy_dir, good, tiny_specs)
+
+    other_weights = GraphKey.of("refadgen", "tiny", Precision.FP32, tiny_specs, WeightsSource(seed=5).fingerprint("tiny"))
+    with pytest.raises(BackendError, match="weights"):
+        check_manifest(copy_dir, other_weights, tiny_specs)
+
+    manifest = json.loads((copy_dir / MANIFEST).read_text())
+    manifest["components"]["unet"]["spec_hash"] = "0" * 16
+    (copy_dir / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match="unet spec hash"):
+        check_manifest(copy_dir, good, tiny_specs)
+
+
+def test_truncated_graph_is_refused(tiny, tiny_specs, tiny_graphs, tmp_path):
+    import shutil
+
+    copy_dir = tmp_path / "graphs"
+    shutil.copytree(tiny_graphs, copy_dir)
+    path = graph_path(copy_dir, "vae_decoder")
+    path.write_bytes(path.read_bytes()[:1000])
+    good = GraphKey.of("refadgen", "tiny", Precision.FP32, tiny_specs, WeightsSource(seed=0).fingerprint("tiny"))
+    with pytest.raises(BackendError, match="vae_decoder.onnx is 1000 bytes"):
+        check_manifest(copy_dir, good, tiny_specs)
+
+
+def test_stale_cache_folder_is_replaced_by_a_fresh_export(tiny, tiny_specs, tmp_path):
+    source = ModelSource("refadgen", tiny, WeightsSource(seed=0), cache_root=tmp_path)
+    key = GraphKey.of("refadgen", "tiny", Precision.FP32, tiny_specs, WeightsSource(seed=0).fingerprint("tiny"))
+    stale = tmp_path / key.dirname
+    stale.mkdir()
+    (stale / MANIFEST).write_text("{not json")
+    messages = []
+    folder = ensure_graphs(tiny_specs, source, messages.append)
+    assert folder == stale
+    check_manifest(folder, key, tiny_specs)
+    assert any("replacing unusable cache folder" in m for m in messages)
+
+
+def test_exported_graph_has_no_fixed_spatial_dims(tiny_graphs, tiny_specs):
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(graph_path(tiny_graphs, "unet")), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["sample"] == ["B", 5, "latent_h", "latent_w"]
+    assert dims["ref_key_06"] == ["B", "tokens_l3", tiny_specs["unet"].tensor("ref_key_06").shape[2]]
+    np.testing.assert_equal(len(model.graph.input), len(tiny_specs["unet"].inputs))

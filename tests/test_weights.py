@@ -1,0 +1,254 @@
+"""Weights: random init is deterministic, a saved folder loads back to the same networks, the
+fingerprint follows the bytes, and every bad folder (missing, pickled, corrupt, mismatched keys
+or shapes) is a WeightsError that says what is wrong."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.errors import WeightsError
+from runtime.weights import REFADGEN_FILE, WeightsSource
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from networks.build import build_refadgen, save_refadgen  # noqa: E402
+from networks.runner import run_module  # noqa: E402
+
+CONV_IN_KEY = "unet.unet.conv_in.weight"
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory, tiny_modules) -> Path:
+    """tiny_modules written once in the weights-folder layout; tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("tiny-weights")
+    save_refadgen(tiny_modules, root)
+    return root
+
+
+@pytest.fixture
+def weights_copy(saved_folder, tmp_path) -> Path:
+    root = tmp_path / "weights"
+    shutil.copytree(saved_folder, root)
+    return root
+
+
+def edit_refadgen_file(root: Path, edit) -> None:
+    state = safetensors_torch.load_file(root / REFADGEN_FILE)
+    edit(state)
+    safetensors_torch.save_file(state, root / REFADGEN_FILE)
+
+
+def load_error(tiny, root: Path) -> str:
+    with pytest.raises(WeightsError) as excinfo:
+        build_refadgen(tiny, WeightsSource(path=root))
+    return str(excinfo.value)
+
+
+def state_dicts(modules) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: module.state_dict() for name, module in modules.items()}
+
+
+class MakesDirectory:
+    """Unpickling this creates `path`: evidence that a pickled file was loaded."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_saved_folder_loads_back_to_identical_outputs(tiny, tiny_specs, tiny_modules, saved_folder):
+    loaded = build_refadgen(tiny, WeightsSource(path=saved_folder))
+    assert set(loaded) == set(tiny_modules)
+    for name, spec in tiny_specs.items():
+        feed = spec.sample_inputs(np.random.default_rng(3), spec.env_at("min"))
+        expected = run_module(tiny_modules[name], spec, feed)
+        got = run_module(loaded[name], spec, feed)
+        for output in spec.output_names:
+            np.testing.assert_array_equal(got[output], expected[output], err_msg=f"{name}.{output}")
+
+
+def test_saved_folder_loads_back_to_identical_state_dicts(tiny, tiny_modules, saved_folder):
+    loaded = state_dicts(build_refadgen(tiny, WeightsSource(path=saved_folder)))
+    for name, state in state_dicts(tiny_modules).items():
+        assert loaded[name].keys() == state.keys(), name
+        for key, tensor in state.items():
+            assert torch.equal(loaded[name][key], tensor), f"{name}.{key}"
+
+
+def test_folder_fingerprint_is_stable_and_independent_of_location(saved_folder, weights_copy):
+    fingerprint = WeightsSource(path=saved_folder).fingerprint("tiny")
+    assert WeightsSource(path=saved_folder).fingerprint("tiny") == fingerprint
+    assert WeightsSource(path=weights_copy).fingerprint("tiny") == fingerprint
+
+
+@pytest.mark.parametrize(
+    "relative", [REFADGEN_FILE, "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json"]
+)
+def test_folder_fingerprint_changes_when_one_byte_changes(saved_folder, weights_copy, relative):
+    path = weights_copy / relative
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert WeightsSource(path=weights_copy).fingerprint("tiny") != WeightsSource(path=saved_folder).fingerprint("tiny")
+
+
+def test_folder_fingerprint_separates_file_boundaries(tmp_path):
+    two_files, one_file = tmp_path / "two", tmp_path / "one"
+    two_files.mkdir()
+    one_file.mkdir()
+    (two_files / "a.safetensors").write_bytes(b"P")
+    (two_files / "b.json").write_bytes(b"Q")
+    (one_file / "a.safetensors").write_bytes(b"Pb.jsonQ")
+    assert WeightsSource(path=two_files).fingerprint("tiny") != WeightsSource(path=one_file).fingerprint("tiny")
+
+
+def test_folder_fingerprint_differs_from_random_init(saved_folder):
+    assert WeightsSource(path=saved_folder).fingerprint("tiny") != WeightsSource(seed=0).fingerprint("tiny")
+
+
+def test_random_init_fingerprint_depends_on_seed_and_preset():
+    fingerprints = {WeightsSource(seed=seed).fingerprint(preset) for seed in (0, 1, 2) for preset in ("tiny", "small")}
+    assert len(fingerprints) == 6
+    assert WeightsSource(seed=0).fingerprint("tiny") == WeightsSource(seed=0).fingerprint("tiny")
+
+
+def test_missing_key_is_named(tiny, weights_copy):
+    edit_refadgen_file(weights_copy, lambda state: state.pop(CONV_IN_KEY))
+    message = load_error(tiny, weights_copy)
+    assert f"{REFADGEN_FILE}:unet" in message
+    assert "1 missing" in message
+    assert "'unet.conv_in.weight'" in message
+
+
+def test_unexpected_key_in_a_part_is_named(tiny, weights_copy):
+    edit_refadgen_file(weights_copy, lambda state: state.update({"unet.unet.extra.weight": torch.zeros(3)}))
+    message = load_error(tiny, weights_copy)
+    assert "1 unexpected" in message
+    assert "'unet.extra.weight'" in message
+
+
+def test_key_of_no_part_is_named(tiny, weights_copy):
+    edit_refadgen_file(weights_copy, lambda state: state.update({"controlnet.weight": torch.zeros(3)}))
+    message = load_error(tiny, weights_copy)
+    assert "unexpected keys ['controlnet.weight']" in message
+
+
+def test_wrong_shape_is_named_with_both_shapes(tiny, weights_copy):
+    edit_refadgen_file(weights_copy, lambda state: state.update({CONV_IN_KEY: torch.zeros(32, 4, 3, 3)}))
+    message = load_error(tiny, weights_copy)
+    assert "1 with wrong shape" in message
+    assert "unet.conv_in.weight expected (32, 5, 3, 3), got (32, 4, 3, 3)" in message
+
+
+def test_wrong_shape_in_the_vae_is_named(tiny, weights_copy):
+    path = weights_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    state = safetensors_torch.load_file(path)
+    state["decoder.conv_out.bias"] = torch.zeros(4)
+    safetensors_torch.save_file(state, path)
+    message = load_error(tiny, weights_copy)
+    assert "decoder.conv_out.bias expected (3,), got (4,)" in message
+
+
+@pytest.mark.parametrize(
+    "relative",
+    ["pytorch_model.bin", "text_encoder/pytorch_model.bin", "vae/model.ckpt", "unet.pt", "extra/deep/weights.pth"],
+)
+def test_pickled_file_anywhere_is_refused_without_being_read(tiny, weights_copy, tmp_path, relative):
+    marker = tmp_path / "unpickled"
+    path = weights_copy / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(MakesDirectory(marker)))
+    message = load_error(tiny, weights_copy)
+    assert "refusing pickled weights" in message
+    assert "pickle can run code" in message
+    assert relative in message
+    assert not marker.exists()
+
+
+def test_pickled_file_of_garbage_is_refused_not_unpickled(tiny, weights_copy):
+    (weights_copy / "pytorch_model.bin").write_bytes(b"\x80\x05garbage, not a pickle")
+    message = load_error(tiny, weights_copy)
+    assert message.startswith("refusing pickled weights")
+
+
+def test_fingerprint_refuses_a_pickled_folder(weights_copy):
+    (weights_copy / "pytorch_model.bin").write_bytes(b"garbage")
+    with pytest.raises(WeightsError, match="pickle"):
+        WeightsSource(path=weights_copy).fingerprint("tiny")
+
+
+@pytest.mark.parametrize("corrupt", ["garbage", "truncated"])
+def test_corrupt_safetensors_file_is_a_weights_error(tiny, weights_copy, corrupt):
+    path = weights_copy / REFADGEN_FILE
+    data = path.read_bytes()
+    path.write_bytes(b"\x00not safetensors" * 64 if corrupt == "garbage" else data[: len(data) // 2])
+    message = load_error(tiny, weights_copy)
+    assert f"cannot read {path} as safetensors" in message
+
+
+def test_missing_refadgen_file_is_a_weights_error(tiny, weights_copy):
+    (weights_copy / REFADGEN_FILE).unlink()
+    message = load_error(tiny, weights_copy)
+    assert f"missing weights file {weights_copy / REFADGEN_FILE}" in message
+
+
+def test_missing_folder_is_a_weights_error(tiny, tmp_path):
+    missing = tmp_path / "no-such-weights"
+    message = load_error(tiny, missing)
+    assert f"weights folder {missing} does not exist" in message
+    with pytest.raises(WeightsError, match="does not exist"):
+        WeightsSource(path=missing).fingerprint("tiny")
+
+
+def test_folder_without_safetensors_is_a_weights_error(tiny, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    message = load_error(tiny, tmp_path)
+    assert "no .safetensors files" in message
+
+
+def test_random_init_is_deterministic_per_seed(tiny, tiny_modules):
+    again = state_dicts(build_refadgen(tiny, WeightsSource(seed=0)))
+    for name, state in state_dicts(tiny_modules).items():
+        assert again[name].keys() == state.keys(), name
+        for key, tensor in state.items():
+            assert torch.equal(again[name][key], tensor), f"{name}.{key}"
+
+
+def test_random_init_differs_between_seeds(tiny, tiny_modules):
+    other = state_dicts(build_refadgen(tiny, WeightsSource(seed=1)))
+    for name, state in state_dicts(tiny_modules).items():
+        differing = [key for key, tensor in state.items() if not torch.equal(other[name][key], tensor)]
+        assert differing, f"{name}: seed 1 gave the same weights as seed 0"
+
+
+def test_generation_unet_has_16_afm_processors_in_its_state_dict(tiny_modules):
+    unet = tiny_modules["unet"]
+    assert len(unet.afm) == 16
+    state = unet.state_dict()
+    for projection in ("to_k_ref", "to_v_ref"):
+        keys = [key for key in state if projection in key]
+        assert len(keys) == 16, projection
+        assert all(key.endswith(f"attn1.processor.{projection}.weight") for key in keys)
+    afm_kv_keys = tiny_modules["afm_kv"].state_dict()
+    assert len(afm_kv_keys) == 32
+
+
+def test_afm_kv_shares_its_parameters_with_the_generation_unet(tiny_modules):
+    unet_params = {id(p) for p in tiny_modules["unet"].parameters()}
+    assert all(id(p) in unet_params for p in tiny_modules["afm_kv"].parameters())
+
+
+def test_generation_unet_conv_in_takes_latent_plus_mask(tiny, tiny_modules):
+    conv_in = tiny_modules["unet"].unet.conv_in
+    assert conv_in.in_channels == tiny.latent_channels + 1 == 5
+    assert tuple(conv_in.weight.shape[:2]) == (tiny.unet.block_out_channels[0], 5)
+    assert tiny_modules["reference_unet"].unet.conv_in.in_channels == tiny.latent_channels
