@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from networks.attention import export_attention_as
 from networks.runner import run_module
 from runtime.artifacts import MANIFEST, PARITY, GraphKey, graph_bytes, graph_path
 from runtime.errors import ExportError, ParityError
-from runtime.specs import ComponentSpec, Dim, Precision
+from runtime.specs import AttentionKernel, ComponentSpec, Dim, Precision
 
 Progress = Callable[[str], None]
 LIBRARIES = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "numpy")
@@ -71,10 +72,13 @@ def trace_env(spec: ComponentSpec) -> dict[str, int]:
     return spec.env_at("opt", **overrides)
 
 
-def export_component(module: nn.Module, spec: ComponentSpec, path: Path, opset: int) -> None:
+def export_component(
+    module: nn.Module, spec: ComponentSpec, path: Path, opset: int, attention: AttentionKernel = AttentionKernel.ORT
+) -> None:
     feed = spec.sample_inputs(np.random.default_rng(0), trace_env(spec))
     args = tuple(torch.from_numpy(feed[name]) for name in spec.input_names)
-    with warnings.catch_warnings(), torch.inference_mode():
+    custom_opsets = {"com.microsoft": 1} if attention is AttentionKernel.ORT else None
+    with warnings.catch_warnings(), torch.inference_mode(), export_attention_as(attention):
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(
             module,
@@ -85,6 +89,7 @@ def export_component(module: nn.Module, spec: ComponentSpec, path: Path, opset: 
             dynamic_axes=spec.dynamic_axes(),
             opset_version=opset,
             do_constant_folding=True,
+            custom_opsets=custom_opsets,
             dynamo=False,
         )
 
@@ -154,7 +159,7 @@ def export_pipeline(
             started = time.perf_counter()
             path = graph_path(tmp, name)
             try:
-                export_component(modules[name], spec, path, key.opset)
+                export_component(modules[name], spec, path, key.opset, key.attention)
             except Exception as e:  # the exporter raises many types; name the component
                 raise ExportError(f"{name}: ONNX export failed: {e}") from e
             exported = time.perf_counter() - started

@@ -22,12 +22,13 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from runtime.presets import Preset
+
+from .attention import CrossAttentionProcessor, attend
 
 _ATTN1 = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn1$")
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
@@ -50,6 +51,13 @@ def unet_config(preset: Preset, in_channels: int) -> dict:
     )
 
 
+def use_cross_attention_processors(unet: UNet2DConditionModel) -> None:
+    """Route every cross-attention (`attn2`) through `attend`, so it exports fused too."""
+    for name, module in unet.named_modules():
+        if name.endswith(".attn2"):
+            module.set_processor(CrossAttentionProcessor())
+
+
 def self_attention_names(unet: UNet2DConditionModel) -> list[str]:
     """Names of the `attn1` modules in forward order: down blocks, mid block, up blocks."""
 
@@ -60,16 +68,6 @@ def self_attention_names(unet: UNet2DConditionModel) -> list[str]:
 
     names = [n for n, _ in unet.named_modules() if _ATTN1.match(n)]
     return sorted(names, key=order)
-
-
-def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
-    b, n, c = x.shape  # (B, N, C) -> (B, heads, N, C / heads)
-    return x.view(b, n, attn.heads, c // attn.heads).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = x.shape  # (B, heads, N, D) -> (B, N, heads * D)
-    return x.transpose(1, 2).reshape(b, n, h * d)
 
 
 def _check_plain_self_attention(attn: Attention, hidden_states: torch.Tensor) -> None:
@@ -88,8 +86,7 @@ class ReferenceCaptureProcessor:
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         _check_plain_self_attention(attn, hidden_states)
         self.store[self.index] = hidden_states
-        q, k, v = (_heads(attn, proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        out = _merge_heads(F.scaled_dot_product_attention(q, k, v))
+        out = attend(attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states), attn.heads)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
@@ -114,11 +111,11 @@ class AFMProcessor(nn.Module):
         _check_plain_self_attention(attn, hidden_states)
         if self.ref_key is None or self.ref_value is None or self.scale is None:
             raise RuntimeError("AFMProcessor called without reference keys/values: use GenerationUNet.forward")
-        q, k, v = (_heads(attn, proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        own = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D)
-        ref = F.scaled_dot_product_attention(q, _heads(attn, self.ref_key), _heads(attn, self.ref_value))
-        fused = own + self.scale.view(-1, 1, 1, 1).to(own.dtype) * ref
-        return attn.to_out[1](attn.to_out[0](_merge_heads(fused))) / attn.rescale_output_factor
+        q = attn.to_q(hidden_states)
+        own = attend(q, attn.to_k(hidden_states), attn.to_v(hidden_states), attn.heads)  # (B, N, C)
+        ref = attend(q, self.ref_key, self.ref_value, attn.heads)
+        fused = own + self.scale.view(-1, 1, 1).to(own.dtype) * ref
+        return attn.to_out[1](attn.to_out[0](fused)) / attn.rescale_output_factor
 
 
 class GenerationUNet(nn.Module):
@@ -128,6 +125,7 @@ class GenerationUNet(nn.Module):
     def __init__(self, preset: Preset):
         super().__init__()
         self.unet = UNet2DConditionModel(**unet_config(preset, in_channels=preset.latent_channels + 1))
+        use_cross_attention_processors(self.unet)
         self.layer_names = self_attention_names(self.unet)
         modules = dict(self.unet.named_modules())
         self.afm = [AFMProcessor(modules[n].to_q.in_features) for n in self.layer_names]
@@ -169,6 +167,7 @@ class ReferenceUNet(nn.Module):
     def __init__(self, preset: Preset):
         super().__init__()
         self.unet = UNet2DConditionModel(**unet_config(preset, in_channels=preset.latent_channels))
+        use_cross_attention_processors(self.unet)
         self.layer_names = self_attention_names(self.unet)
         self._store: list[torch.Tensor | None] = [None] * len(self.layer_names)
         modules = dict(self.unet.named_modules())

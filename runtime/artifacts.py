@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import BackendError
-from .specs import ComponentSpec, Precision, specs_hash
+from .specs import AttentionKernel, ComponentSpec, Precision, specs_hash
 
 CACHE_ENV = "ADGEN_CACHE"
 MANIFEST = "manifest.json"
@@ -39,18 +39,40 @@ class GraphKey:
     precision: Precision
     specs_hash: str
     weights: str  # WeightsSource.fingerprint
+    attention: AttentionKernel = AttentionKernel.ORT
     opset: int = OPSET
 
     @classmethod
-    def of(cls, pipeline: str, preset: str, precision: Precision, specs: Mapping[str, ComponentSpec], weights: str):
-        return cls(pipeline, preset, precision, specs_hash(specs), weights)
+    def of(
+        cls,
+        pipeline: str,
+        preset: str,
+        precision: Precision,
+        specs: Mapping[str, ComponentSpec],
+        weights: str,
+        attention: AttentionKernel = AttentionKernel.ORT,
+    ) -> "GraphKey":
+        return cls(pipeline, preset, precision, specs_hash(specs), weights, attention)
 
     @property
     def dirname(self) -> str:
-        return f"{self.pipeline}-{self.preset}-{self.precision.value}-opset{self.opset}-{self.specs_hash}-{self.weights}"
+        return (
+            f"{self.pipeline}-{self.preset}-{self.precision.value}-{self.attention.value}attn-opset{self.opset}"
+            f"-{self.specs_hash}-{self.weights}"
+        )
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"precision": self.precision.value}
+        return asdict(self) | {"precision": self.precision.value, "attention": self.attention.value}
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BackendError(f"{folder}: no {MANIFEST}; not an exported graph folder")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BackendError(f"{path}: unreadable manifest ({e})") from e
 
 
 def graph_path(folder: Path, component: str) -> Path:
@@ -60,12 +82,7 @@ def graph_path(folder: Path, component: str) -> Path:
 def check_manifest(folder: Path, key: GraphKey, specs: Mapping[str, ComponentSpec]) -> dict:
     """Return the manifest of `folder` if it serves `key`; raise BackendError naming the mismatch."""
     path = folder / MANIFEST
-    if not path.is_file():
-        raise BackendError(f"{folder}: no {MANIFEST}; not an exported graph folder")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BackendError(f"{path}: unreadable manifest ({e})") from e
+    manifest = read_manifest(folder)
     recorded = manifest.get("key", {})
     for field_name, wanted in key.to_dict().items():
         if recorded.get(field_name) != wanted:

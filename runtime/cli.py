@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(exp)
     exp.add_argument("--out", type=Path, required=True, help="new folder for the graphs, parity.json and manifest.json")
     exp.add_argument("--precision", default="fp32", choices=("fp32",))
+    exp.add_argument(
+        "--attention", default="ort", choices=("ort", "onnx"),
+        help="ort: fused com.microsoft.MultiHeadAttention (ONNX Runtime); onnx: portable MatMul/Softmax (TensorRT, others)",
+    )
     return parser
 
 
@@ -110,14 +114,16 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
     from .artifacts import GraphKey
     from .components import pipeline_specs
     from .presets import get_preset
-    from .specs import Precision
+    from .specs import AttentionKernel, Precision
     from .weights import WeightsSource
 
     preset = get_preset(args.preset)
     precision = Precision(args.precision)
     weights = WeightsSource(seed=args.init_seed, path=args.weights)
     specs = pipeline_specs(args.pipeline, preset, precision)
-    key = GraphKey.of(args.pipeline, preset.name, precision, specs, weights.fingerprint(preset.name))
+    key = GraphKey.of(
+        args.pipeline, preset.name, precision, specs, weights.fingerprint(preset.name), AttentionKernel(args.attention)
+    )
     folder = export_pipeline(build_modules(args.pipeline, preset, weights), specs, key, args.out, progress.message)
     progress.message(f"wrote {folder} (parity.json, manifest.json)")
     return 0

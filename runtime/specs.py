@@ -48,6 +48,17 @@ class Precision(str, Enum):
         return _TOLERANCES[self]
 
 
+class AttentionKernel(str, Enum):
+    """How attention is written into an exported graph.
+
+    ONNX: portable MatMul/Softmax/MatMul (any runtime; TensorRT fuses it itself).
+    ORT: ONNX Runtime's fused `com.microsoft.MultiHeadAttention` (ONNX Runtime only).
+    """
+
+    ONNX = "onnx"
+    ORT = "ort"
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """An output passes parity when max|a - b| <= atol + rtol * max|b|."""

@@ -141,3 +141,19 @@ def test_exported_graph_has_no_fixed_spatial_dims(tiny_graphs, tiny_specs):
     assert dims["sample"] == ["B", 5, "latent_h", "latent_w"]
     assert dims["ref_key_06"] == ["B", "tokens_l3", tiny_specs["unet"].tensor("ref_key_06").shape[2]]
     np.testing.assert_equal(len(model.graph.input), len(tiny_specs["unet"].inputs))
+
+
+@pytest.mark.parametrize("attention", ["ort", "onnx"])
+def test_attention_forms_export_the_nodes_they_name_and_pass_parity(attention, tmp_path, tiny_specs, tiny_modules):
+    onnx = pytest.importorskip("onnx")
+    from runtime.specs import AttentionKernel
+
+    spec = tiny_specs["unet"]
+    path = tmp_path / "unet.onnx"
+    export_component(tiny_modules["unet"], spec, path, opset=17, attention=AttentionKernel(attention))
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    fused = ops.count("MultiHeadAttention")
+    # 16 AFM layers x (own + reference attention) + 16 cross-attentions
+    assert fused == (48 if attention == "ort" else 0)
+    assert ("Softmax" in ops) == (attention == "onnx")
+    assert check_parity(tiny_modules["unet"], spec, path, Precision.FP32).passed

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..presets import Preset
-from ..specs import ComponentSpec, Precision
+from ..specs import AttentionKernel, ComponentSpec, Precision
 from ..weights import WeightsSource
 
 Progress = Callable[[str], None]
@@ -29,10 +29,12 @@ class ModelSource:
     preset: Preset
     weights: WeightsSource = WeightsSource()
     precision: Precision = Precision.FP32
+    attention: AttentionKernel = AttentionKernel.ORT  # how exported graphs write attention
     cache_root: Path | None = None  # exported-graph cache (default: runtime.artifacts.default_cache_root())
     graphs_dir: Path | None = None  # an explicit exported folder, checked against its manifest
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int | None = None  # intra-op threads; None = the library's default
+    spin: bool = True  # let idle ONNX Runtime pool threads busy-wait (lower latency when alone on the cores)
 
 
 class Component(ABC):

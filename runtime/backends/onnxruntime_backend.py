@@ -14,19 +14,23 @@ from typing import Mapping
 import numpy as np
 import onnxruntime as ort
 
-from ..artifacts import GraphKey, check_manifest, default_cache_root, find_graphs, graph_path
+from ..artifacts import GraphKey, check_manifest, default_cache_root, find_graphs, graph_path, read_manifest
 from ..errors import BackendError, ExportError
-from ..specs import ComponentSpec
+from ..specs import AttentionKernel, ComponentSpec
 from .base import Component, ModelSource, Progress
 
 
 class OnnxRuntimeComponent(Component):
-    def __init__(self, spec: ComponentSpec, path: Path, providers: tuple[str, ...], threads: int | None):
+    def __init__(self, spec: ComponentSpec, path: Path, providers: tuple[str, ...], threads: int | None, spin: bool = True):
         super().__init__(spec)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            # Idle pool threads otherwise busy-wait after each run and steal cores from whatever
+            # runs next in the process (the Python loop, another backend being compared).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         missing = [p for p in providers if p not in available]
         if missing:
@@ -44,16 +48,21 @@ class OnnxRuntimeComponent(Component):
         return dict(zip(self.output_names, self.session.run(self.output_names, dict(feed))))
 
 
-def graph_key(specs: Mapping[str, ComponentSpec], source: ModelSource) -> GraphKey:
-    return GraphKey.of(source.pipeline, source.preset.name, source.precision, specs, source.weights.fingerprint(source.preset.name))
+def graph_key(specs: Mapping[str, ComponentSpec], source: ModelSource, attention: AttentionKernel | None = None) -> GraphKey:
+    fingerprint = source.weights.fingerprint(source.preset.name)
+    return GraphKey.of(source.pipeline, source.preset.name, source.precision, specs, fingerprint, attention or source.attention)
 
 
 def ensure_graphs(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Progress | None = None) -> Path:
     """The folder of exported graphs for `source`, exporting them on a cache miss."""
-    key = graph_key(specs, source)
     if source.graphs_dir is not None:
-        check_manifest(Path(source.graphs_dir), key, specs)
-        return Path(source.graphs_dir)
+        folder = Path(source.graphs_dir)
+        recorded = read_manifest(folder).get("key", {}).get("attention")
+        # ONNX Runtime runs both attention forms, so an explicit folder may hold either.
+        attention = AttentionKernel(recorded) if recorded in {k.value for k in AttentionKernel} else None
+        check_manifest(folder, graph_key(specs, source, attention), specs)
+        return folder
+    key = graph_key(specs, source)
     root = source.cache_root or default_cache_root()
     folder = root / key.dirname
     if folder.exists():
@@ -87,7 +96,7 @@ def ensure_graphs(specs: Mapping[str, ComponentSpec], source: ModelSource, progr
 def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Progress | None = None) -> dict[str, Component]:
     folder = ensure_graphs(specs, source, progress)
     return {
-        name: OnnxRuntimeComponent(spec, graph_path(folder, name), source.providers, source.threads)
+        name: OnnxRuntimeComponent(spec, graph_path(folder, name), source.providers, source.threads, source.spin)
         for name, spec in specs.items()
     }
 

@@ -1,0 +1,120 @@
+"""Per-step latency of a pipeline's denoiser, backends side by side in one run.
+
+    python -m benchmarks.step_latency --preset small --backend onnxruntime --backend torch --iterations 20
+
+Each iteration runs one guided step (batch 2 per request) on every backend in turn, so machine
+noise hits all backends alike; warm-up iterations are dropped. Prints medians and the ratio to
+the first backend, and appends JSON lines (machine, versions, git commit, spec hash, raw samples)
+to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends import load_components
+from runtime.backends.base import ModelSource
+from runtime.components import pipeline_specs
+from runtime.presets import PRESETS, get_preset
+from runtime.weights import WeightsSource
+
+STEP_COMPONENT = {"refadgen": "unet"}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    versions = {}
+    for lib in ("numpy", "onnxruntime", "torch", "diffusers"):
+        try:
+            versions[lib] = version(lib)
+        except PackageNotFoundError:
+            versions[lib] = "absent"
+    return {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", default="refadgen", choices=tuple(STEP_COMPONENT))
+    parser.add_argument("--preset", default="small", choices=tuple(PRESETS))
+    parser.add_argument("--backend", action="append", choices=("onnxruntime", "torch"), help="repeat to compare")
+    parser.add_argument("--requests", type=int, default=1, help="requests per step (network batch = 2 x requests)")
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="intra-op threads for every backend (default: each library's)")
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--spin", action="store_true", help="let ONNX Runtime threads busy-wait (unfair when interleaved)")
+    parser.add_argument("--out", type=Path, help="append JSON lines here")
+    args = parser.parse_args(argv)
+    backends = args.backend or ["onnxruntime", "torch"]
+    if args.threads:
+        import torch  # noqa: PLC0415 - only when torch is among the backends' dependencies anyway
+
+        torch.set_num_threads(args.threads)
+
+    preset = get_preset(args.preset)
+    specs = pipeline_specs(args.pipeline, preset)
+    name = STEP_COMPONENT[args.pipeline]
+    spec = specs[name]
+    source = ModelSource(
+        args.pipeline, preset, WeightsSource(), cache_root=args.cache_dir, threads=args.threads, spin=args.spin
+    )
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    runners = {b: load_components(b, {name: spec}, source, say)[name] for b in backends}
+
+    env = spec.env_at("opt", B=2 * args.requests)
+    feed = spec.sample_inputs(np.random.default_rng(0), env)
+    samples: dict[str, list[float]] = {b: [] for b in backends}
+    for i in range(args.warmup + args.iterations):
+        for b in backends:
+            started = time.perf_counter()
+            runners[b].run(feed)
+            if i >= args.warmup:
+                samples[b].append(time.perf_counter() - started)
+
+    base = float(np.median(samples[backends[0]]))
+    print(f"{args.pipeline} {name} step, preset {preset.name}, batch {env['B']}, latent {env['latent_h']}x{env['latent_w']}, "
+          f"{args.iterations} iterations after {args.warmup} warm-up")
+    print(f"{'backend':<12} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'speed vs ' + backends[0]:>16}")
+    records = []
+    for b in backends:
+        s = np.array(samples[b])
+        p50 = float(np.median(s))
+        print(f"{b:<12} {1000 * p50:9.2f} {1000 * np.percentile(s, 90):9.2f} {1000 * s.min():9.2f} {base / p50:15.2f}x")
+        records.append({
+            "benchmark": "step_latency", "pipeline": args.pipeline, "component": name, "preset": preset.name,
+            "backend": b, "batch": env["B"], "latent": [env["latent_h"], env["latent_w"]], "threads": args.threads,
+            "p50_s": p50, "p90_s": float(np.percentile(s, 90)), "samples_s": s.tolist(),
+            "spec_hash": spec.spec_hash(), "git_commit": git_commit(), "machine": machine(), "time": time.time(),
+        })
+    if args.out:
+        with open(args.out, "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
