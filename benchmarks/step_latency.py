@@ -2,8 +2,10 @@
 
     python -m benchmarks.step_latency --preset small --backend onnxruntime --backend torch --iterations 20
 
-Each iteration runs one guided step (batch 2 per request) on every backend in turn, so machine
-noise hits all backends alike; warm-up iterations are dropped. Prints medians and the ratio to
+Each iteration runs one guided step (batch 2 per request) on every backend in turn, alternating
+the order, so machine noise hits all backends alike; warm-up iterations are dropped. ONNX
+Runtime's pool threads do not spin unless --spin: spinning steals the cores of the backend
+that runs next and inflates the ratio. Prints medians and the ratio to
 the first backend, and appends JSON lines (machine, versions, git commit, spec hash, raw samples)
 to --out.
 """
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     feed = spec.sample_inputs(np.random.default_rng(0), env)
     samples: dict[str, list[float]] = {b: [] for b in backends}
     for i in range(args.warmup + args.iterations):
-        for b in backends:
+        for b in backends if i % 2 == 0 else backends[::-1]:  # neither backend always runs second
             started = time.perf_counter()
             runners[b].run(feed)
             if i >= args.warmup:
