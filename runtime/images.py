@@ -72,7 +72,6 @@ _MASK_THRESHOLD = 128
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-# --------------------------------------------------------------------------------- loading
 
 
 def load_image(
@@ -203,7 +202,6 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-# --------------------------------------------------------------------------------- product
 
 
 @dataclass(frozen=True)
@@ -301,7 +299,6 @@ def _check_mask(mask: np.ndarray, when: str = "") -> None:
         raise InputError("mask", f"covers the whole image{when}: nothing left to generate")
 
 
-# --------------------------------------------------------------------------------- canvas
 
 
 @dataclass(frozen=True)
@@ -362,7 +359,6 @@ def check_canvas_size(width, height, min_side: int, max_side: int, multiple: int
             raise InputError(name, f"expected a multiple of {multiple} in [{min_side}, {max_side}]", v)
 
 
-# --------------------------------------------------------------------------------- compose
 
 
 def compose(generated: np.ndarray, product: Product, feather: int = 2) -> np.ndarray:
@@ -430,7 +426,6 @@ def _neighbour_sum(colour: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, n
     return total, count
 
 
-# --------------------------------------------------------------------------------- arrays
 
 
 def to_model_image(rgb: np.ndarray) -> np.ndarray:
