@@ -120,3 +120,16 @@ def test_dpm_solver_runs_and_differs_from_ddim(ort_pipeline, product_png):
     ddim = run([_request(product_png)], steps=STEPS, scheduler="ddim").generated[0]
     dpm = run([_request(product_png)], steps=STEPS, scheduler="dpm++").generated[0]
     assert ddim.shape == dpm.shape and not np.array_equal(ddim, dpm)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_concurrent_requests_get_the_images_they_would_get_alone(backend, ort_pipeline, torch_pipeline, product_png):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = {"onnxruntime": ort_pipeline, "torch": torch_pipeline}[backend].runner
+    requests = [_request(product_png, prompt, seed=seed) for prompt, seed in (("studio", 1), ("beach", 2), ("forest", 3))]
+    alone = [pipe([r], steps=2).generated[0] for r in requests]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        together = list(pool.map(lambda r: pipe([r], steps=2).generated[0], requests))
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Mapping
 
 import numpy as np
@@ -15,16 +16,22 @@ from .base import Component, ModelSource, Progress
 
 
 class TorchComponent(Component):
-    def __init__(self, spec: ComponentSpec, module: nn.Module):
+    """Calls are serialised: the U-Nets hand per-call tensors to their attention processors
+    through shared attributes, so two threads in one module would mix requests."""
+
+    def __init__(self, spec: ComponentSpec, module: nn.Module, lock: threading.Lock):
         super().__init__(spec)
         self.module = module
+        self.lock = lock
 
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_module(self.module, self.spec, feed)
+        with self.lock:
+            return run_module(self.module, self.spec, feed)
 
 
 def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Progress | None = None) -> dict[str, Component]:
     if progress:
         progress(f"building {source.pipeline} networks ({source.preset.name}, {source.weights.describe()})")
     modules = build_modules(source.pipeline, source.preset, source.weights)
-    return {name: TorchComponent(spec, modules[name]) for name, spec in specs.items()}
+    # afm_kv shares parameters (not call state) with unet; one lock per module is enough.
+    return {name: TorchComponent(spec, modules[name], threading.Lock()) for name, spec in specs.items()}
