@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.backends import load_components
 from runtime.backends.base import ModelSource
-from runtime.components import pipeline_specs
+from runtime.pipelines import get_pipeline
 from runtime.presets import PRESETS, get_preset
 from runtime.weights import WeightsSource
 
@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     preset = get_preset(args.preset)
-    specs = pipeline_specs(args.pipeline, preset)
+    specs = get_pipeline(args.pipeline).specs(preset)
     name = STEP_COMPONENT[args.pipeline]
     spec = specs[name]
     source = ModelSource(
         args.pipeline, preset, WeightsSource(), cache_root=args.cache_dir, threads=args.threads, spin=args.spin
     )
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    runners = {b: load_components(b, {name: spec}, source, say)[name] for b in backends}
+    runners = {b: load_components(b, specs, source, say)[name] for b in backends}
 
     env = spec.env_at("opt", B=2 * args.requests)
     feed = spec.sample_inputs(np.random.default_rng(0), env)

@@ -1,4 +1,4 @@
-"""The Python API behind `adgen generate`: open a pipeline once, then generate ads with it.
+"""The Python API behind `adgen generate`: open a pipeline once, then run requests through it.
 
     pipe = load_pipeline("refadgen", preset="tiny", backend="onnxruntime")
     result = generate(pipe, product="shoe.png", prompt="a sneaker on a wooden table")
@@ -10,41 +10,33 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from .backends import load_components
 from .backends.base import ModelSource, Progress
-from .components import pipeline_specs
-from .errors import InputError
-from .images import MAX_IMAGE_PIXELS, Placement, check_canvas_size, load_product, place_on_canvas, save_png
-from .pipelines.refadgen import RefAdGenPipeline, RefAdGenRequest, StepCallback, check_steps
-from .presets import Preset, get_preset
-from .schedulers import make_scheduler
+from .images import save_png
+from .pipelines import get_pipeline
+from .pipelines.base import GenerateResult, PipelineDefinition, StepCallback
+from .presets import get_preset
 from .specs import specs_hash
-from .tokenizer import load_tokenizer
 from .weights import WeightsSource
-
-PIPELINES = ("refadgen",)
 
 
 @dataclass
 class LoadedPipeline:
-    name: str
+    definition: PipelineDefinition
     backend: str
-    runner: RefAdGenPipeline
+    runner: Any
     source: ModelSource
     specs_hash: str
     load_seconds: float
 
-
-@dataclass
-class GenerateResult:
-    image: np.ndarray  # (H, W, 3) uint8
-    report: dict = field(default_factory=dict)
+    @property
+    def name(self) -> str:
+        return self.definition.name
 
 
 def load_pipeline(
@@ -59,8 +51,7 @@ def load_pipeline(
     progress: Progress | None = None,
 ) -> LoadedPipeline:
     """Open every component of `pipeline` on `backend` (exporting ONNX graphs on a cache miss)."""
-    if pipeline not in PIPELINES:
-        raise InputError("pipeline", f"expected one of {', '.join(PIPELINES)}", repr(pipeline))
+    definition = get_pipeline(pipeline)
     started = time.perf_counter()
     size = get_preset(preset)
     source = ModelSource(
@@ -71,88 +62,36 @@ def load_pipeline(
         graphs_dir=Path(graphs_dir) if graphs_dir else None,
         threads=threads,
     )
-    specs = pipeline_specs(pipeline, size, source.precision)
+    specs = definition.specs(size, source.precision)
     components = load_components(backend, specs, source, progress)
-    runner = RefAdGenPipeline(components, size, load_tokenizer(size, source.weights))
-    return LoadedPipeline(pipeline, backend, runner, source, specs_hash(specs), time.perf_counter() - started)
+    runner = definition.create(components, size, source.weights)
+    return LoadedPipeline(definition, backend, runner, source, specs_hash(specs), time.perf_counter() - started)
 
 
-@dataclass(frozen=True)
-class PreparedRequest:
-    """A validated request: the product loaded and placed on its canvas."""
-
-    request: RefAdGenRequest
-    product_path: str
-    product_size: tuple[int, int]
-    placement: Placement
-    steps: int
-    scheduler: str
-    seconds: float  # loading and checking the inputs
+def prepare(loaded: LoadedPipeline, **options: Any) -> Any:
+    """Validate a request for `loaded` (see the pipeline's `prepare` for its options)."""
+    return loaded.definition.prepare(loaded.source.preset, **options)
 
 
-def prepare(
-    preset: Preset | str,
-    product: str | Path,
-    prompt: str,
-    mask: str | Path | None = None,
-    negative_prompt: str = "",
-    width: int | None = None,
-    height: int | None = None,
-    steps: int = 30,
-    guidance: float = 7.5,
-    afm_scale: float = 1.0,
-    seed: int = 0,
-    scheduler: str = "ddim",
-    max_pixels: int = MAX_IMAGE_PIXELS,
-) -> PreparedRequest:
-    """Load and check every input without touching a model, so bad input fails fast."""
-    started = time.perf_counter()
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    check_steps(steps)
-    make_scheduler(scheduler)
-    item = load_product(product, mask, max_pixels=max_pixels)
-    width, height = _canvas(item.width, item.height, width, height, preset)
-    placed, placement = place_on_canvas(item, width, height)
-    request = RefAdGenRequest(placed, prompt, negative_prompt, seed, guidance, afm_scale)
-    request.validate()
-    return PreparedRequest(
-        request, str(product), (item.width, item.height), placement, steps, scheduler, time.perf_counter() - started
-    )
-
-
-def generate(loaded: LoadedPipeline, product: str | Path, prompt: str, on_step: StepCallback | None = None, **options) -> GenerateResult:
-    """One ad image from a product photo (RGBA, or RGB + mask) and a prompt; `options` as `prepare`."""
-    return run(loaded, prepare(loaded.source.preset, product, prompt, **options), on_step)
-
-
-def run(loaded: LoadedPipeline, prepared: PreparedRequest, on_step: StepCallback | None = None) -> GenerateResult:
-    r = prepared.request
-    output = loaded.runner([r], steps=prepared.steps, scheduler=prepared.scheduler, on_step=on_step)
-    report = {
+def run(loaded: LoadedPipeline, prepared: Any, on_step: StepCallback | None = None) -> GenerateResult:
+    """One prepared request; the report gains the fields common to every pipeline."""
+    result = loaded.definition.run(loaded.runner, prepared, on_step)
+    result.report = {
         "pipeline": loaded.name,
         "preset": loaded.source.preset.name,
         "backend": loaded.backend,
         "weights": loaded.source.weights.describe(),
-        "seed": r.seed,
-        "prompt": r.prompt,
-        "negative_prompt": r.negative_prompt,
-        "width": r.product.width,
-        "height": r.product.height,
-        "steps": prepared.steps,
-        "scheduler": prepared.scheduler,
-        "guidance": r.guidance,
-        "afm_scale": r.afm_scale,
-        "product": {
-            "path": prepared.product_path,
-            "size": list(prepared.product_size),
-            "placement": _placement(prepared.placement),
-        },
-        "timings_s": {"load_inputs": round(prepared.seconds, 6), **output.timings},
+        **result.report,
         "pipeline_load_s": round(loaded.load_seconds, 6),
         "specs_hash": loaded.specs_hash,
         "machine": {"python": platform.python_version(), "processor": platform.machine(), "versions": _versions()},
     }
-    return GenerateResult(output.images[0], report)
+    return result
+
+
+def generate(loaded: LoadedPipeline, on_step: StepCallback | None = None, **options: Any) -> GenerateResult:
+    """prepare + run in one call."""
+    return run(loaded, prepare(loaded, **options), on_step)
 
 
 def save_result(result: GenerateResult, out: str | Path) -> tuple[Path, Path]:
@@ -162,24 +101,6 @@ def save_result(result: GenerateResult, out: str | Path) -> tuple[Path, Path]:
     save_png(image_path, result.image)
     report_path.write_text(json.dumps(result.report, indent=2) + "\n")
     return image_path, report_path
-
-
-def _canvas(product_w: int, product_h: int, width: int | None, height: int | None, preset: Preset) -> tuple[int, int]:
-    """The requested size; else the product's own size when the preset allows it; else the preset default."""
-    if width is None and height is None:
-        try:
-            check_canvas_size(product_w, product_h, preset.min_side, preset.max_side)
-            return product_w, product_h
-        except InputError:
-            return preset.default_width, preset.default_height
-    width = preset.default_width if width is None else width
-    height = preset.default_height if height is None else height
-    check_canvas_size(width, height, preset.min_side, preset.max_side)
-    return width, height
-
-
-def _placement(p: Placement) -> dict:
-    return {"scale": round(p.scale, 6), "offset": list(p.offset), "size": list(p.size)}
 
 
 def _versions() -> dict[str, str]:

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AdgenError
-from .presets import PRESETS
+from .errors import AdgenError, InputError
+from .pipelines import PIPELINES, get_pipeline
+from .pipelines.base import OPTIONS, PipelineDefinition, add_option_arguments
+from .presets import PRESETS, get_preset
 
 BACKEND_CHOICES = ("onnxruntime", "torch")
 
@@ -41,35 +43,26 @@ class TerminalProgress:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pipeline", default="refadgen", choices=("refadgen",), help="which pipeline (default refadgen)")
+    parser.add_argument("--pipeline", default="refadgen", choices=tuple(PIPELINES), help="which pipeline (default refadgen)")
     parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS), help="network sizes (default tiny)")
-    parser.add_argument("--weights", type=Path, help="local weights folder (safetensors); default: random init")
+    parser.add_argument("--weights", type=Path, default=None, help="local weights folder (safetensors); default: random init")
     parser.add_argument("--init-seed", type=int, default=0, help="seed of the random initialisation (no --weights)")
-    parser.add_argument("--cache-dir", type=Path, help="exported-graph cache (default $ADGEN_CACHE or ~/.cache/adgen)")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="exported-graph cache (default $ADGEN_CACHE or ~/.cache/adgen)")
+    parser.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adgen", description="Ad-image diffusion runtime")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="make an ad image from a product photo")
+    gen = sub.add_parser("generate", help="make an ad image from a product photo", argument_default=argparse.SUPPRESS)
     _model_arguments(gen)
-    gen.add_argument("--product", type=Path, required=True, help="RGBA product image (alpha = mask), or RGB with --mask")
-    gen.add_argument("--mask", type=Path, help="product mask (white = product) for an RGB product image")
-    gen.add_argument("--prompt", required=True, help="what the background should show")
-    gen.add_argument("--negative-prompt", default="", help="what it should not show")
     gen.add_argument("--out", type=Path, required=True, help="output PNG; the report goes beside it as .json")
-    gen.add_argument("--width", type=int, help="canvas width, multiple of 8 (default: the product's, else the preset's)")
-    gen.add_argument("--height", type=int, help="canvas height, multiple of 8")
-    gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    gen.add_argument("--afm-scale", type=float, default=1.0, help="weight of the reference attention (default 1.0)")
-    gen.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same image")
-    gen.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm++"))
     gen.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
-    gen.add_argument("--graphs", type=Path, help="use this folder from `adgen export` instead of the cache")
-    gen.add_argument("--threads", type=int, help="intra-op threads (default: the backend's)")
+    gen.add_argument("--graphs", type=Path, default=None, help="use this folder from `adgen export` instead of the cache")
+    gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
+    options = set().union(*(get_pipeline(name).options for name in PIPELINES))
+    add_option_arguments(gen.add_argument_group("request (each pipeline reads some of these)"), options)
 
     exp = sub.add_parser("export", help="export a pipeline's components to ONNX with a parity report")
     _model_arguments(exp)
@@ -82,14 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
-    from .api import load_pipeline, prepare, run, save_result
+def request_options(definition: PipelineDefinition, args: argparse.Namespace) -> dict:
+    """The request options given on the command line, checked against what the pipeline reads."""
+    given = {name: getattr(args, name) for name in OPTIONS if hasattr(args, name)}
+    foreign = sorted(set(given) - set(definition.options))
+    if foreign:
+        flags = ", ".join(OPTIONS[name][0][0] for name in foreign)
+        raise InputError(foreign[0], f"{flags} is not an option of pipeline {definition.name}")
+    for name in definition.required:
+        if name not in given:
+            raise InputError(name, f"{OPTIONS[name][0][0]} is required by pipeline {definition.name}")
+    return given
 
-    prepared = prepare(
-        args.preset, product=args.product, prompt=args.prompt, mask=args.mask, negative_prompt=args.negative_prompt,
-        width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, afm_scale=args.afm_scale,
-        seed=args.seed, scheduler=args.scheduler,
-    )
+
+def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
+    from .api import load_pipeline, run, save_result
+
+    definition = get_pipeline(args.pipeline)
+    prepared = definition.prepare(get_preset(args.preset), **request_options(definition, args))
     loaded = load_pipeline(
         pipeline=args.pipeline, preset=args.preset, backend=args.backend, weights=args.weights,
         init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, threads=args.threads,
@@ -98,10 +101,10 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
     result = run(loaded, prepared, on_step=progress.step)
     image_path, report_path = save_result(result, args.out)
     timings = result.report["timings_s"]
-    progress.message(
-        f"wrote {image_path} and {report_path}: {timings['total']:.2f} s total, "
-        f"{1000 * timings['denoise_step']['p50']:.1f} ms per step (p50)"
-    )
+    summary = f"wrote {image_path} and {report_path}: {timings['total']:.2f} s total"
+    if "denoise_step" in timings:
+        summary += f", {1000 * timings['denoise_step']['p50']:.1f} ms per step (p50)"
+    progress.message(summary)
     return 0
 
 
@@ -112,15 +115,13 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
     except ImportError as e:
         raise AdgenError(f"export needs torch ({e.name} missing): pip install 'adgen[export]'") from e
     from .artifacts import GraphKey
-    from .components import pipeline_specs
-    from .presets import get_preset
     from .specs import AttentionKernel, Precision
     from .weights import WeightsSource
 
     preset = get_preset(args.preset)
     precision = Precision(args.precision)
     weights = WeightsSource(seed=args.init_seed, path=args.weights)
-    specs = pipeline_specs(args.pipeline, preset, precision)
+    specs = get_pipeline(args.pipeline).specs(preset, precision)
     key = GraphKey.of(
         args.pipeline, preset.name, precision, specs, weights.fingerprint(preset.name), AttentionKernel(args.attention)
     )

@@ -8,7 +8,6 @@ in bounds works because the exported U-Net carries explicit upsample sizes.
 
 from __future__ import annotations
 
-from .errors import InputError
 from .presets import Preset
 from .specs import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
 
@@ -173,11 +172,3 @@ REFADGEN_SPEC_BUILDERS = {
 def refadgen_specs(preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
     return {name: build(preset, precision) for name, build in REFADGEN_SPEC_BUILDERS.items()}
 
-
-PIPELINE_SPECS = {"refadgen": refadgen_specs}
-
-
-def pipeline_specs(pipeline: str, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
-    if pipeline not in PIPELINE_SPECS:
-        raise InputError("pipeline", f"expected one of {', '.join(PIPELINE_SPECS)}", repr(pipeline))
-    return PIPELINE_SPECS[pipeline](preset, precision)

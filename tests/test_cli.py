@@ -116,3 +116,9 @@ def test_bad_input_in_a_subprocess_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("adgen: error: product:")
+
+
+def test_option_of_another_pipeline_or_missing_required_option_is_named(product_png, tmp_path, capsys):
+    base = ["generate", "--pipeline", "refadgen", "--out", str(tmp_path / "a.png"), "--quiet"]
+    assert main([*base, "--product", str(product_png)]) == 2
+    assert "adgen: error: prompt: --prompt is required by pipeline refadgen" in capsys.readouterr().err

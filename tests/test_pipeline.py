@@ -22,7 +22,7 @@ def _request(product_png, prompt="a sneaker on a wooden table", seed=0, **kw):
 
 
 def test_product_pixels_are_exact_under_the_mask(ort_pipeline, product_png):
-    result = generate(ort_pipeline, product_png, "a sneaker on a wooden table", steps=STEPS)
+    result = generate(ort_pipeline, product=product_png, prompt="a sneaker on a wooden table", steps=STEPS)
     product = load_product(product_png)
     assert result.image.shape == (160, 128, 3) and result.image.dtype == np.uint8
     assert np.array_equal(result.image[product.mask], product.rgb[product.mask])
@@ -30,7 +30,7 @@ def test_product_pixels_are_exact_under_the_mask(ort_pipeline, product_png):
 
 
 def test_report_has_every_stage(ort_pipeline, product_png):
-    report = generate(ort_pipeline, product_png, "studio", steps=STEPS, seed=3).report
+    report = generate(ort_pipeline, product=product_png, prompt="studio", steps=STEPS, seed=3).report
     timings = report["timings_s"]
     for stage in ("text_encode", "image_encode", "vae_encode", "reference_unet", "vae_decode", "compose", "total"):
         assert timings[stage] >= 0, stage

@@ -1,0 +1,18 @@
+"""Pipelines by name, imported lazily."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from ..errors import InputError
+from .base import PipelineDefinition
+
+PIPELINES = {
+    "refadgen": "runtime.pipelines.refadgen",
+}
+
+
+def get_pipeline(name: str) -> PipelineDefinition:
+    if name not in PIPELINES:
+        raise InputError("pipeline", f"expected one of {', '.join(PIPELINES)}", repr(name))
+    return import_module(PIPELINES[name]).DEFINITION

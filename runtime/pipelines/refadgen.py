@@ -10,20 +10,41 @@ depend on what else is in the batch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..backends.base import Component
+from ..components import refadgen_specs
 from ..errors import InputError
-from ..images import GREY, Product, clip_pixels, compose, from_model_image, resize_mask_nearest, to_model_image
+from ..images import (
+    GREY,
+    MAX_IMAGE_PIXELS,
+    Placement,
+    Product,
+    check_canvas_size,
+    clip_pixels,
+    compose,
+    from_model_image,
+    load_product,
+    place_on_canvas,
+    resize_mask_nearest,
+    to_model_image,
+)
 from ..presets import Preset
 from ..schedulers import make_scheduler
+from ..specs import ComponentSpec, Precision
 from ..timing import StageTimer
-from ..tokenizer import Tokenizer, check_prompt
+from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
+from ..weights import WeightsSource
+from .base import GenerateResult, PipelineDefinition, StepCallback
 
 COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
 MAX_STEPS = 500
 GUIDANCE_RANGE = (1.0, 30.0)
 AFM_SCALE_RANGE = (0.0, 4.0)
@@ -54,9 +75,6 @@ class RefAdGenOutput:
     images: list[np.ndarray]  # (H, W, 3) uint8, product composited
     generated: list[np.ndarray]  # (H, W, 3) uint8, the decoder's output before compositing
     timings: dict[str, object]
-
-
-StepCallback = Callable[[int, int], None]
 
 
 class RefAdGenPipeline:
@@ -167,3 +185,106 @@ def _check_range(field: str, value: float, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not low <= float(value) <= high:
         raise InputError(field, f"expected a number in [{low}, {high}]", value)
 
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request: the product loaded and placed on its canvas."""
+
+    request: RefAdGenRequest
+    product_path: str
+    product_size: tuple[int, int]
+    placement: Placement
+    steps: int
+    scheduler: str
+    seconds: float  # loading and checking the inputs
+
+
+class RefAdGenDefinition(PipelineDefinition):
+    name = "refadgen"
+    options = ("product", "mask", "prompt", "negative_prompt", "width", "height", "steps", "guidance",
+               "afm_scale", "seed", "scheduler")
+    required = ("product", "prompt")
+
+    def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
+        return refadgen_specs(preset, precision)
+
+    def prepare(
+        self,
+        preset: Preset,
+        product: str | Path,
+        prompt: str,
+        mask: str | Path | None = None,
+        negative_prompt: str = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        afm_scale: float | None = None,
+        seed: int = 0,
+        scheduler: str | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+    ) -> PreparedRequest:
+        started = time.perf_counter()
+        steps = DEFAULT_STEPS if steps is None else steps
+        scheduler = scheduler or "ddim"
+        check_steps(steps)
+        make_scheduler(scheduler)
+        item = load_product(product, mask, max_pixels=max_pixels)
+        width, height = canvas_size(item.width, item.height, width, height, preset)
+        placed, placement = place_on_canvas(item, width, height)
+        request = RefAdGenRequest(
+            placed, prompt, negative_prompt, seed,
+            DEFAULT_GUIDANCE if guidance is None else guidance,
+            1.0 if afm_scale is None else afm_scale,
+        )
+        request.validate()
+        return PreparedRequest(
+            request, str(product), (item.width, item.height), placement, steps, scheduler, time.perf_counter() - started
+        )
+
+    def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> RefAdGenPipeline:
+        return RefAdGenPipeline(components, preset, load_tokenizer(preset, weights))
+
+    def run(self, runner: RefAdGenPipeline, prepared: PreparedRequest, on_step: StepCallback | None = None) -> GenerateResult:
+        r = prepared.request
+        output = runner([r], steps=prepared.steps, scheduler=prepared.scheduler, on_step=on_step)
+        report = {
+            "seed": r.seed,
+            "prompt": r.prompt,
+            "negative_prompt": r.negative_prompt,
+            "width": r.product.width,
+            "height": r.product.height,
+            "steps": prepared.steps,
+            "scheduler": prepared.scheduler,
+            "guidance": r.guidance,
+            "afm_scale": r.afm_scale,
+            "product": {
+                "path": prepared.product_path,
+                "size": list(prepared.product_size),
+                "placement": placement_dict(prepared.placement),
+            },
+            "timings_s": {"load_inputs": round(prepared.seconds, 6), **output.timings},
+        }
+        return GenerateResult(output.images[0], report)
+
+
+def canvas_size(product_w: int, product_h: int, width: int | None, height: int | None, preset: Preset) -> tuple[int, int]:
+    """The requested size; else the product's own size when the preset allows it; else the preset default."""
+    if width is None and height is None:
+        try:
+            check_canvas_size(product_w, product_h, preset.min_side, preset.max_side)
+            return product_w, product_h
+        except InputError:
+            return preset.default_width, preset.default_height
+    width = preset.default_width if width is None else width
+    height = preset.default_height if height is None else height
+    check_canvas_size(width, height, preset.min_side, preset.max_side)
+    return width, height
+
+
+def placement_dict(p: Placement) -> dict:
+    return {"scale": round(p.scale, 6), "offset": list(p.offset), "size": list(p.size)}
+
+
+DEFINITION = RefAdGenDefinition()

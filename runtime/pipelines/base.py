@@ -1,0 +1,73 @@
+"""What a pipeline provides, so the API, the CLI and (later) the servers drive every pipeline
+the same way. A pipeline module defines one `PipelineDefinition` and is registered by name in
+`runtime.pipelines.PIPELINES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ..backends.base import Component
+from ..presets import Preset
+from ..specs import ComponentSpec, Precision
+from ..weights import WeightsSource
+
+StepCallback = Callable[[int, int], None]
+
+# Every `adgen generate` option a pipeline may use, defined once: (flags, argparse keywords).
+# A pipeline names the ones it reads in `PipelineDefinition.options`.
+OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "product": (("--product",), dict(type=Path, help="RGBA product image (alpha = mask), or RGB with --mask")),
+    "mask": (("--mask",), dict(type=Path, help="product mask (white = product) for an RGB product image")),
+    "prompt": (("--prompt",), dict(help="what the background should show")),
+    "negative_prompt": (("--negative-prompt",), dict(default="", help="what it should not show")),
+    "width": (("--width",), dict(type=int, help="canvas width, multiple of 8 (default: the product's, else the preset's)")),
+    "height": (("--height",), dict(type=int, help="canvas height, multiple of 8")),
+    "steps": (("--steps",), dict(type=int, help="denoising steps (default: the pipeline's)")),
+    "guidance": (("--guidance",), dict(type=float, help="classifier-free guidance scale (default 7.5)")),
+    "afm_scale": (("--afm-scale",), dict(type=float, help="RefAdGen: weight of the reference attention (default 1.0)")),
+    "seed": (("--seed",), dict(type=int, default=0, help="noise seed; same seed, same image")),
+    "scheduler": (("--scheduler",), dict(choices=("ddim", "dpm++"), help="sampler (default ddim)")),
+}
+
+
+@dataclass
+class GenerateResult:
+    image: np.ndarray  # (H, W, 3) uint8
+    report: dict = field(default_factory=dict)  # pipeline-specific fields and "timings_s"
+
+
+class PipelineDefinition(ABC):
+    """One pipeline: its components' specs, its inputs, and how to run it."""
+
+    name: str
+    options: tuple[str, ...]  # keys of OPTIONS this pipeline reads
+    required: tuple[str, ...] = ()  # of those, the ones without a default
+
+    @abstractmethod
+    def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
+        """One spec per exported component."""
+
+    @abstractmethod
+    def prepare(self, preset: Preset, **options: Any) -> Any:
+        """Load and validate a request's inputs without touching a model (bad input fails fast)."""
+
+    @abstractmethod
+    def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> Any:
+        """The runner over opened components."""
+
+    @abstractmethod
+    def run(self, runner: Any, prepared: Any, on_step: StepCallback | None = None) -> GenerateResult:
+        """One request through the runner."""
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, names: set[str]) -> None:
+    for name in sorted(names, key=list(OPTIONS).index):
+        flags, kwargs = OPTIONS[name]
+        parser.add_argument(*flags, dest=name, **kwargs)
