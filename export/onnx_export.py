@@ -77,7 +77,6 @@ def export_component(
 ) -> None:
     feed = spec.sample_inputs(np.random.default_rng(0), trace_env(spec))
     args = tuple(torch.from_numpy(feed[name]) for name in spec.input_names)
-    custom_opsets = {"com.microsoft": 1} if attention is AttentionKernel.ORT else None
     with warnings.catch_warnings(), torch.inference_mode(), export_attention_as(attention):
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(
@@ -89,7 +88,6 @@ def export_component(
             dynamic_axes=spec.dynamic_axes(),
             opset_version=opset,
             do_constant_folding=True,
-            custom_opsets=custom_opsets,
             dynamo=False,
         )
 

@@ -48,7 +48,9 @@ class _OrtMultiHeadAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v, heads: int):
-        return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+        out.setType(q.type())  # (B, N, C) like the query: keeps the exporter's shape inference exact
+        return out
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
