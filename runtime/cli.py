@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention", default="ort", choices=("ort", "onnx"),
         help="ort: fused com.microsoft.MultiHeadAttention (ONNX Runtime); onnx: portable MatMul/Softmax (TensorRT, others)",
     )
+    bench = sub.add_parser("bench", help="latency benchmark: scenarios of backend x placement x batch x concurrency")
+    try:
+        from benchmarks.harness import add_arguments as add_bench_arguments
+    except ImportError:  # installed without the benchmarks package
+        add_bench_arguments = None
+    if add_bench_arguments:
+        add_bench_arguments(bench)
     return parser
 
 
@@ -130,11 +137,17 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, progress: TerminalProgress) -> int:
+    from benchmarks.harness import bench
+
+    return bench(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = TerminalProgress(quiet=args.quiet)
     try:
-        return {"generate": _generate, "export": _export}[args.command](args, progress)
+        return {"generate": _generate, "export": _export, "bench": _bench}[args.command](args, progress)
     except AdgenError as e:
         print(f"adgen: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -37,6 +37,16 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 }
 
 
+@dataclass(frozen=True)
+class Call:
+    """How one component runs for a pipeline call: under which report stage, at which network
+    batch, how many times. The benchmark harness multiplies this by per-call FLOPs."""
+
+    stage: str
+    batch: int
+    calls: int
+
+
 @dataclass
 class GenerateResult:
     image: np.ndarray  # (H, W, 3) uint8
@@ -62,9 +72,19 @@ class PipelineDefinition(ABC):
     def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> Any:
         """The runner over opened components."""
 
-    @abstractmethod
     def run(self, runner: Any, prepared: Any, on_step: StepCallback | None = None) -> GenerateResult:
         """One request through the runner."""
+        return self.run_batch(runner, [prepared], on_step)[0]
+
+    @abstractmethod
+    def run_batch(self, runner: Any, prepared: list[Any], on_step: StepCallback | None = None) -> list[GenerateResult]:
+        """Requests that share a canvas size and step count, as one batch through the runner."""
+
+    @abstractmethod
+    def call_plan(self, requests: int, steps: int) -> dict[str, Call]:
+        """Per component: stage, network batch and calls for `requests` requests of `steps` steps."""
+
+    example_options: dict[str, Any] = {}  # request options (besides product) for demos and benchmarks
 
 
 def add_option_arguments(parser: argparse.ArgumentParser, names: set[str]) -> None:

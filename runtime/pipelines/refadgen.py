@@ -40,7 +40,7 @@ from ..specs import ComponentSpec, Precision
 from ..timing import StageTimer
 from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
 from ..weights import WeightsSource
-from .base import GenerateResult, PipelineDefinition, StepCallback
+from .base import Call, GenerateResult, PipelineDefinition, StepCallback
 
 COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")
 DEFAULT_STEPS = 30
@@ -246,27 +246,47 @@ class RefAdGenDefinition(PipelineDefinition):
     def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> RefAdGenPipeline:
         return RefAdGenPipeline(components, preset, load_tokenizer(preset, weights))
 
-    def run(self, runner: RefAdGenPipeline, prepared: PreparedRequest, on_step: StepCallback | None = None) -> GenerateResult:
-        r = prepared.request
-        output = runner([r], steps=prepared.steps, scheduler=prepared.scheduler, on_step=on_step)
-        report = {
-            "seed": r.seed,
-            "prompt": r.prompt,
-            "negative_prompt": r.negative_prompt,
-            "width": r.product.width,
-            "height": r.product.height,
-            "steps": prepared.steps,
-            "scheduler": prepared.scheduler,
-            "guidance": r.guidance,
-            "afm_scale": r.afm_scale,
-            "product": {
-                "path": prepared.product_path,
-                "size": list(prepared.product_size),
-                "placement": placement_dict(prepared.placement),
-            },
-            "timings_s": {"load_inputs": round(prepared.seconds, 6), **output.timings},
+    def run_batch(
+        self, runner: RefAdGenPipeline, prepared: list[PreparedRequest], on_step: StepCallback | None = None
+    ) -> list[GenerateResult]:
+        settings = {(p.steps, p.scheduler) for p in prepared}
+        if len(settings) != 1:
+            raise InputError("requests", "expected one step count and scheduler per batch", sorted(settings))
+        steps, scheduler = settings.pop()
+        output = runner([p.request for p in prepared], steps=steps, scheduler=scheduler, on_step=on_step)
+        results = []
+        for p, image in zip(prepared, output.images):
+            r = p.request
+            report = {
+                "seed": r.seed,
+                "prompt": r.prompt,
+                "negative_prompt": r.negative_prompt,
+                "width": r.product.width,
+                "height": r.product.height,
+                "steps": steps,
+                "scheduler": scheduler,
+                "guidance": r.guidance,
+                "afm_scale": r.afm_scale,
+                "product": {"path": p.product_path, "size": list(p.product_size), "placement": placement_dict(p.placement)},
+                "batch": len(prepared),
+                "timings_s": {"load_inputs": round(p.seconds, 6), **output.timings},
+            }
+            results.append(GenerateResult(image, report))
+        return results
+
+    def call_plan(self, requests: int, steps: int) -> dict[str, Call]:
+        guided = 2 * requests  # classifier-free guidance: conditional + unconditional in one batch
+        return {
+            "text_encoder": Call("text_encode", guided, 1),
+            "image_encoder": Call("image_encode", requests, 1),
+            "vae_encoder": Call("vae_encode", requests, 1),
+            "reference_unet": Call("reference_unet", guided, 1),
+            "afm_kv": Call("reference_unet", guided, 1),
+            "unet": Call("denoise_step", guided, steps),
+            "vae_decoder": Call("vae_decode", requests, 1),
         }
-        return GenerateResult(output.images[0], report)
+
+    example_options = {"prompt": "a sneaker on a wooden table, soft light"}
 
 
 def canvas_size(product_w: int, product_h: int, width: int | None, height: int | None, preset: Preset) -> tuple[int, int]:

@@ -1,0 +1,362 @@
+"""One benchmark harness for every pipeline, backend and placement.
+
+    adgen bench --pipeline refadgen --preset small --backend onnxruntime --backend torch --iterations 20 --out results.jsonl
+    python -m benchmarks.report results.jsonl --out report/
+
+A scenario is pipeline x preset x backend x placement x batch x concurrency. Each scenario runs
+in a fresh Python process, so its cold time (import + load + first request) and its peak
+memory are its own. Warm-up requests are dropped; then `iterations` requests go out from
+`concurrency` threads, each request a batch of `batch` ads. Per request the harness keeps the
+end-to-end latency and every stage's time; per scenario images/s over the timed wall clock,
+FLOPs per stage (torch's FLOP counter on meta tensors) and MFU against the device's peak.
+Every scenario is one JSON line with the machine, library versions, git commit, spec hash and
+raw samples. The `torch` backend is the baseline a user would otherwise pick (the same
+diffusers/transformers networks, eager, no export): the report states every other scenario
+as a ratio to it, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+PLACEMENTS = ("in-process",)  # the client loop and in-server placements join with the serving layer
+BASELINE_BACKEND = "torch"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    pipeline: str = "refadgen"
+    preset: str = "small"
+    backend: str = "onnxruntime"
+    placement: str = "in-process"
+    batch: int = 1  # requests per pipeline call
+    concurrency: int = 1  # callers in flight at once
+    steps: int = 30
+    iterations: int = 20
+    warmup: int = 2
+    threads: int | None = None  # intra-op threads for the backend
+
+    @property
+    def label(self) -> str:
+        return f"{self.pipeline}/{self.preset}/{self.backend}/{self.placement}/b{self.batch}/c{self.concurrency}"
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    a = np.asarray(samples, dtype=np.float64)
+    if a.size == 0:
+        return {}
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)),
+        "p99": float(np.percentile(a, 99)),
+        "mean": float(a.mean()),
+        "std": float(a.std()),
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": int(a.size),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    versions = {}
+    for lib in ("numpy", "onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "transformers", "tritonclient"):
+        try:
+            versions[lib] = version(lib)
+        except PackageNotFoundError:
+            pass
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "device": device_name(),
+        "versions": versions,
+    }
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_product(folder: Path, width: int, height: int) -> Path:
+    """The benchmark's product: the README's example sneaker drawn at the canvas size."""
+    from runtime.example_product import draw_product
+
+    path = folder / "product.png"
+    draw_product(width, height).save(path)
+    return path
+
+
+def run_scenario(scenario: Scenario, cache_dir: str | None = None) -> dict[str, Any]:
+    """Run one scenario in this process and return its record (call in a fresh process)."""
+    from runtime.api import load_pipeline
+    from runtime.presets import get_preset
+
+    if scenario.placement not in PLACEMENTS:
+        raise ValueError(f"placement {scenario.placement!r}: expected one of {PLACEMENTS}")
+    preset = get_preset(scenario.preset)
+    started = time.perf_counter()
+    loaded = load_pipeline(scenario.pipeline, scenario.preset, scenario.backend, cache_dir=cache_dir, threads=scenario.threads)
+    load_s = time.perf_counter() - started
+    definition = loaded.definition
+    with tempfile.TemporaryDirectory() as tmp:
+        product = write_product(Path(tmp), preset.default_width, preset.default_height)
+        options = {"product": product, **definition.example_options, "steps": scenario.steps}
+        prepared = [definition.prepare(preset, **options, seed=seed) for seed in range(scenario.batch)]
+
+        def one_request() -> tuple[float, dict]:
+            t0 = time.perf_counter()
+            results = definition.run_batch(loaded.runner, prepared)
+            return time.perf_counter() - t0, results[0].report["timings_s"]
+
+        first_s, _ = one_request()
+        cold_s = time.perf_counter() - started
+        for _ in range(max(0, scenario.warmup - 1)):
+            one_request()
+        latencies: list[float] = []
+        stages: dict[str, list[float]] = {}
+        lock = threading.Lock()
+
+        def timed(_: int) -> None:
+            latency, timings = one_request()
+            with lock:
+                latencies.append(latency)
+                for stage, value in timings.items():
+                    if isinstance(value, dict):
+                        stages.setdefault(stage, []).extend(value["samples"])
+                    else:
+                        stages.setdefault(stage, []).append(value)
+
+        wall_start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=scenario.concurrency) as pool:
+            list(pool.map(timed, range(scenario.iterations)))
+        wall_s = time.perf_counter() - wall_start
+
+    record: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "benchmark": "harness",
+        "label": scenario.label,
+        "scenario": asdict(scenario),
+        "latency_s": percentiles(latencies),
+        "stages_s": {stage: percentiles(values) for stage, values in stages.items()},
+        "images_per_s": scenario.iterations * scenario.batch / wall_s,
+        "wall_s": wall_s,
+        "load_s": load_s,
+        "first_request_s": first_s,
+        "cold_s": cold_s,
+        "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mb": peak_device_mb(),
+        "spec_hash": loaded.specs_hash,
+        "samples": {"latency_s": latencies, "stages_s": stages},
+    }
+    return record
+
+
+def peak_device_mb() -> float | None:
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+@dataclass
+class FlopReport:
+    per_call: dict[str, int]
+    per_stage: dict[str, int] = field(default_factory=dict)  # one request-batch's FLOPs per report stage
+
+
+def flops_for(scenario: Scenario) -> FlopReport | None:
+    """FLOPs per stage of one pipeline call of the scenario; None when torch is not installed."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    from runtime.pipelines import get_pipeline
+    from runtime.presets import get_preset
+
+    from .flops import component_flops
+
+    definition = get_pipeline(scenario.pipeline)
+    preset = get_preset(scenario.preset)
+    specs = definition.specs(preset)
+    plan = definition.call_plan(scenario.batch, scenario.steps)
+    envs = {name: specs[name].env_at("opt", B=plan[name].batch) for name in specs}
+    per_call = component_flops(scenario.pipeline, preset, specs, envs)
+    per_stage: dict[str, int] = {}
+    for name, call in plan.items():
+        per_stage[call.stage] = per_stage.get(call.stage, 0) + per_call[name] * call.calls
+    return FlopReport(per_call, per_stage)
+
+
+def add_mfu(record: dict[str, Any], flops: FlopReport | None, peak: float) -> None:
+    """Stage and end-to-end FLOPs and MFU (achieved FLOP/s over the device peak) from p50 times."""
+    if flops is None:
+        return
+    record["flops"] = {"per_call": flops.per_call, "per_stage": flops.per_stage, "total": sum(flops.per_stage.values())}
+    mfu = {}
+    steps = record["scenario"]["steps"]
+    for stage, total in flops.per_stage.items():
+        p50 = record["stages_s"].get(stage, {}).get("p50")
+        if p50:
+            per_sample = total / steps if stage == "denoise_step" else total
+            mfu[stage] = per_sample / p50 / peak
+    mfu["end_to_end"] = record["flops"]["total"] / record["latency_s"]["p50"] / peak
+    record["mfu"] = mfu
+    record["device_peak_flops"] = peak
+
+
+def ensure_graphs(scenario: Scenario, cache_dir: str | None) -> None:
+    """Export ONNX graphs before timing, so no scenario's cold time includes an export."""
+    if scenario.backend != "onnxruntime":
+        return
+    from runtime.backends.base import ModelSource
+    from runtime.backends.onnxruntime_backend import ensure_graphs as ensure
+    from runtime.pipelines import get_pipeline
+    from runtime.presets import get_preset
+
+    preset = get_preset(scenario.preset)
+    specs = get_pipeline(scenario.pipeline).specs(preset)
+    ensure(specs, ModelSource(scenario.pipeline, preset, cache_root=Path(cache_dir) if cache_dir else None))
+
+
+def run_in_subprocess(scenario: Scenario, cache_dir: str | None, timeout_s: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.harness", "--run-scenario", json.dumps(asdict(scenario))]
+    if cache_dir:
+        command += ["--cache-dir", cache_dir]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=root)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scenario {scenario.label} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def scenarios_from(args: argparse.Namespace) -> list[Scenario]:
+    return [
+        Scenario(args.pipeline, args.preset, backend, placement, batch, concurrency, args.steps, args.iterations,
+                 args.warmup, args.threads)
+        for placement in args.placement or ["in-process"]
+        for backend in args.backend or ["onnxruntime", BASELINE_BACKEND]
+        for batch in args.batch or [1]
+        for concurrency in args.concurrency or [1]
+    ]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", default="refadgen")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--backend", action="append", help="repeat to compare (default: onnxruntime and torch)")
+    parser.add_argument("--placement", action="append", choices=PLACEMENTS, help="repeat to compare (default in-process)")
+    parser.add_argument("--batch", action="append", type=int, help="requests per call; repeat for a sweep (default 1)")
+    parser.add_argument("--concurrency", action="append", type=int, help="callers at once; repeat for a sweep (default 1)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--iterations", type=int, default=20, help="timed requests per scenario")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed requests first (the first one is the cold one)")
+    parser.add_argument("--threads", type=int, help="intra-op threads for every backend")
+    parser.add_argument("--cache-dir", help="exported-graph cache (default $ADGEN_CACHE or ~/.cache/adgen)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per scenario before it is abandoned")
+    parser.add_argument("--out", type=Path, required=True, help="append one JSON line per scenario here")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def bench(args: argparse.Namespace) -> int:
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    from .flops import device_peak
+
+    scenarios = scenarios_from(args)
+    machine = machine_info()
+    peak, peak_source = device_peak(machine["device"])
+    commit = git_commit()
+    flop_cache: dict[tuple, FlopReport | None] = {}
+    records = []
+    for scenario in scenarios:
+        ensure_graphs(scenario, args.cache_dir)
+    for i, scenario in enumerate(scenarios, 1):
+        say(f"[{i}/{len(scenarios)}] {scenario.label}: running")
+        record = run_in_subprocess(scenario, args.cache_dir, args.timeout)
+        key = (scenario.pipeline, scenario.preset, scenario.batch, scenario.steps)
+        if key not in flop_cache:
+            flop_cache[key] = flops_for(scenario)
+        add_mfu(record, flop_cache[key], peak)
+        record.update(machine=machine, git_commit=commit, device_peak_source=peak_source, time=time.time())
+        records.append(record)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        lat = record["latency_s"]
+        say(f"[{i}/{len(scenarios)}] {scenario.label}: p50 {lat['p50']:.3f} s, p90 {lat['p90']:.3f} s, "
+            f"{record['images_per_s']:.2f} images/s, cold {record['cold_s']:.1f} s, "
+            f"peak RSS {record['peak_host_rss_mb']:.0f} MB")
+    print_summary(records)
+    return 0
+
+
+def print_summary(records: list[dict[str, Any]]) -> None:
+    base = {r["label"].replace(f"/{r['scenario']['backend']}/", "/"): r for r in records
+            if r["scenario"]["backend"] == BASELINE_BACKEND}
+    print(f"{'scenario':<48} {'p50 s':>8} {'p90 s':>8} {'step p50 ms':>12} {'img/s':>7} {'vs torch':>9}")
+    for r in records:
+        key = r["label"].replace(f"/{r['scenario']['backend']}/", "/")
+        ref = base.get(key)
+        ratio = f"{ref['latency_s']['p50'] / r['latency_s']['p50']:.2f}x" if ref else "-"
+        step = r["stages_s"].get("denoise_step", {}).get("p50")
+        step_ms = f"{1000 * step:.1f}" if step else "-"
+        print(f"{r['label']:<48} {r['latency_s']['p50']:8.3f} {r['latency_s']['p90']:8.3f} {step_ms:>12} "
+              f"{r['images_per_s']:7.2f} {ratio:>9}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-scenario", help=argparse.SUPPRESS)
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--run-scenario" in argv:
+        inner = argparse.ArgumentParser()
+        inner.add_argument("--run-scenario", required=True)
+        inner.add_argument("--cache-dir")
+        a = inner.parse_args(argv)
+        record = run_scenario(Scenario(**json.loads(a.run_scenario)), a.cache_dir)
+        print(json.dumps(record))
+        return 0
+    add_arguments(parser)
+    return bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The benchmark harness on tiny (fast, no timing assertions), the JSON lines' schema, and the
+report from a small hand-made fixture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import harness, report
+
+pytest.importorskip("torch")  # FLOP counting uses the torch networks on meta tensors
+
+STEPS, ITERATIONS = 2, 3
+
+
+@pytest.fixture(scope="module")
+def records(tiny_graphs, cache_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.jsonl"
+    code = harness.main([
+        "--pipeline", "refadgen", "--preset", "tiny", "--backend", "onnxruntime", "--backend", "torch",
+        "--steps", str(STEPS), "--iterations", str(ITERATIONS), "--warmup", "1",
+        "--cache-dir", str(cache_root), "--out", str(out), "--quiet",
+    ])
+    assert code == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_one_record_per_scenario_with_every_field(records):
+    assert [r["scenario"]["backend"] for r in records] == ["onnxruntime", "torch"]
+    for r in records:
+        assert set(report.REQUIRED) <= set(r)
+        assert r["scenario"]["placement"] == "in-process"
+        assert r["machine"]["versions"]["numpy"]
+        assert len(r["spec_hash"]) == 16
+
+
+def test_raw_samples_match_the_counts_and_percentiles(records):
+    for r in records:
+        latencies = r["samples"]["latency_s"]
+        assert len(latencies) == ITERATIONS == r["latency_s"]["n"]
+        assert len(r["samples"]["stages_s"]["denoise_step"]) == ITERATIONS * STEPS
+        lat = r["latency_s"]
+        assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert r["images_per_s"] > 0 and r["cold_s"] >= r["first_request_s"] > 0
+
+
+def test_flops_follow_the_call_plan(records):
+    flops = records[0]["flops"]
+    per_call, per_stage = flops["per_call"], flops["per_stage"]
+    assert per_stage["denoise_step"] == per_call["unet"] * STEPS
+    assert per_stage["reference_unet"] == per_call["reference_unet"] + per_call["afm_kv"]
+    assert flops["total"] == sum(per_stage.values())
+    assert records[0]["flops"] == records[1]["flops"]  # the same networks whatever the backend
+    assert 0 < records[0]["mfu"]["end_to_end"]
+
+
+def _record(backend: str, p50: float, concurrency: int = 1) -> dict:
+    scenario = harness.Scenario(preset="tiny", backend=backend, concurrency=concurrency, steps=2, iterations=2)
+    samples = [p50 * 0.9, p50 * 1.1]
+    return {
+        "schema": harness.SCHEMA_VERSION, "benchmark": "harness", "label": scenario.label,
+        "scenario": harness.asdict(scenario), "latency_s": harness.percentiles(samples) | {"p50": p50},
+        "stages_s": {"denoise_step": harness.percentiles([p50 / 4] * 4), "vae_decode": harness.percentiles([0.01, 0.01])},
+        "images_per_s": 1 / p50, "cold_s": 1.0, "peak_host_rss_mb": 100.0, "spec_hash": "0" * 16,
+        "samples": {"latency_s": samples, "stages_s": {}}, "git_commit": "abc",
+        "machine": {"device": "cpu", "platform": "test", "python": "3.11", "versions": {"numpy": "1.26"}},
+    }
+
+
+def test_report_states_speedup_over_the_torch_baseline(tmp_path):
+    results = tmp_path / "r.jsonl"
+    rows = [_record("onnxruntime", 0.5), _record("torch", 1.0), _record("onnxruntime", 0.8, 2), _record("torch", 2.0, 2)]
+    results.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert report.main([str(results), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    onnx_c1 = next(line for line in md.splitlines() if line.startswith("| refadgen/tiny/onnxruntime/in-process/b1/c1 |"))
+    onnx_c2 = next(line for line in md.splitlines() if line.startswith("| refadgen/tiny/onnxruntime/in-process/b1/c2 |"))
+    assert onnx_c1.rstrip(" |").endswith("2.00x") and onnx_c2.rstrip(" |").endswith("2.50x")
+    for name in ("stages.png", "concurrency.png", "backends.png"):
+        png = (tmp_path / "rep" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+
+def test_report_refuses_records_it_cannot_read(tmp_path, capsys):
+    bad = _record("torch", 1.0)
+    del bad["latency_s"]
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps(bad) + "\n")
+    assert report.main([str(results), "--out", str(tmp_path / "rep")]) == 2
+    assert "missing fields ['latency_s']" in capsys.readouterr().err
