@@ -84,7 +84,7 @@ class Counting(Component):
 
 
 def test_per_request_work_runs_once_and_guidance_is_one_batch(ort_pipeline, product_png):
-    counted = {name: Counting(c) for name, c in ort_pipeline.runner.c.items()}
+    counted = {name: Counting(c) for name, c in ort_pipeline.runner.components.items()}
     pipe = RefAdGenPipeline(counted, ort_pipeline.runner.preset, ort_pipeline.runner.tokenizer)
     pipe([_request(product_png), _request(product_png, seed=1)], steps=5)
     assert counted["unet"].calls == 5 and set(counted["unet"].batches) == {4}  # 2 requests x (cond + uncond)
@@ -96,7 +96,7 @@ def test_per_request_work_runs_once_and_guidance_is_one_batch(ort_pipeline, prod
 
 
 def test_guidance_one_skips_the_unconditional_half(ort_pipeline, product_png):
-    counted = {name: Counting(c) for name, c in ort_pipeline.runner.c.items()}
+    counted = {name: Counting(c) for name, c in ort_pipeline.runner.components.items()}
     pipe = RefAdGenPipeline(counted, ort_pipeline.runner.preset, ort_pipeline.runner.tokenizer)
     plain = pipe([_request(product_png, guidance=1.0)], steps=2).generated[0]
     guided = pipe([_request(product_png, guidance=7.5)], steps=2).generated[0]

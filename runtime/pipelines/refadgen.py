@@ -43,8 +43,9 @@ from ..weights import WeightsSource
 from .base import Call, GenerateResult, PipelineDefinition, StepCallback
 
 COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")
-DEFAULT_STEPS = 30
+DEFAULT_STEPS = 30  # RefAdGen's paper: 30 DDIM steps, guidance 7.5
 DEFAULT_GUIDANCE = 7.5
+DEFAULT_AFM_SCALE = 1.0
 MAX_STEPS = 500
 GUIDANCE_RANGE = (1.0, 30.0)
 AFM_SCALE_RANGE = (0.0, 4.0)
@@ -58,8 +59,8 @@ class RefAdGenRequest:
     prompt: str
     negative_prompt: str = ""
     seed: int = 0
-    guidance: float = 7.5
-    afm_scale: float = 1.0
+    guidance: float = DEFAULT_GUIDANCE
+    afm_scale: float = DEFAULT_AFM_SCALE
 
     def validate(self) -> None:
         check_prompt("prompt", self.prompt)
@@ -82,7 +83,7 @@ class RefAdGenPipeline:
         missing = [c for c in COMPONENTS if c not in components]
         if missing:
             raise InputError("components", f"RefAdGen needs {list(COMPONENTS)}", f"missing {missing}")
-        self.c = components
+        self.components = components
         self.preset = preset
         self.tokenizer = tokenizer
         self._zero_image_tokens: np.ndarray | None = None
@@ -90,7 +91,7 @@ class RefAdGenPipeline:
     def __call__(
         self,
         requests: Sequence[RefAdGenRequest],
-        steps: int = 30,
+        steps: int = DEFAULT_STEPS,
         scheduler: str = "ddim",
         on_step: StepCallback | None = None,
     ) -> RefAdGenOutput:
@@ -105,16 +106,16 @@ class RefAdGenPipeline:
         with timer.stage("total"):
             with timer.stage("text_encode"):
                 texts = [r.prompt for r in requests] + ([r.negative_prompt for r in requests] if cfg else [])
-                text_embeds = self.c["text_encoder"].run({"input_ids": self.tokenizer(texts)})["text_embeds"]
+                text_embeds = self.components["text_encoder"].run({"input_ids": self.tokenizer(texts)})["text_embeds"]
             with timer.stage("image_encode"):
                 image_tokens = self._image_tokens(requests, cfg)
             with timer.stage("vae_encode"):
-                product_latent = self.c["vae_encoder"].run({"image": self._reference_images(requests)})["latent"]
+                product_latent = self.components["vae_encoder"].run({"image": self._reference_images(requests)})["latent"]
             with timer.stage("reference_unet"):
-                states = self.c["reference_unet"].run(
+                states = self.components["reference_unet"].run(
                     {"product_latent": np.concatenate([product_latent] * halves), "image_tokens": image_tokens}
                 )
-                ref_kv = self.c["afm_kv"].run(states)
+                ref_kv = self.components["afm_kv"].run(states)
             h, w = product_latent.shape[-2:]
             mask = np.stack([resize_mask_nearest(r.product.mask, h, w)[None] for r in requests])  # (B, 1, h, w)
             latents = np.stack([self._noise(r.seed, h, w) for r in requests]) * np.float32(sched.init_noise_sigma)
@@ -127,7 +128,7 @@ class RefAdGenPipeline:
                 with timer.stage("denoise_step", repeated=True):
                     sample = np.concatenate([np.concatenate([latents, mask], axis=1)] * halves)  # (halves*B, 5, h, w)
                     timestep = np.full(halves * n, t, dtype=np.float32)
-                    eps = self.c["unet"].run({"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
+                    eps = self.components["unet"].run({"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
                     if cfg:
                         cond, uncond = eps[:n], eps[n:]
                         eps = uncond + guidance[:, None, None, None] * (cond - uncond)
@@ -135,7 +136,7 @@ class RefAdGenPipeline:
                 if on_step:
                     on_step(i + 1, steps)
             with timer.stage("vae_decode"):
-                generated = from_model_image(self.c["vae_decoder"].run({"latent": latents})["image"])
+                generated = from_model_image(self.components["vae_decoder"].run({"latent": latents})["image"])
             with timer.stage("compose"):
                 images = [compose(g, r.product) for g, r in zip(generated, requests)]
         return RefAdGenOutput(images=images, generated=generated, timings=timer.summary())
@@ -155,12 +156,12 @@ class RefAdGenPipeline:
     def _image_tokens(self, requests: Sequence[RefAdGenRequest], cfg: bool) -> np.ndarray:
         size = self.preset.image.image_size
         pixels = np.concatenate([clip_pixels(_product_only(r.product), size) for r in requests])
-        tokens = self.c["image_encoder"].run({"pixel_values": pixels})["image_tokens"]
+        tokens = self.components["image_encoder"].run({"pixel_values": pixels})["image_tokens"]
         if not cfg:
             return tokens
         if self._zero_image_tokens is None:  # the unconditional image embedding: same for every request
             zeros = np.zeros((1, 3, size, size), dtype=np.float32)
-            self._zero_image_tokens = self.c["image_encoder"].run({"pixel_values": zeros})["image_tokens"]
+            self._zero_image_tokens = self.components["image_encoder"].run({"pixel_values": zeros})["image_tokens"]
         return np.concatenate([tokens, np.repeat(self._zero_image_tokens, len(requests), axis=0)])
 
     def _reference_images(self, requests: Sequence[RefAdGenRequest]) -> np.ndarray:
@@ -236,7 +237,7 @@ class RefAdGenDefinition(PipelineDefinition):
         request = RefAdGenRequest(
             placed, prompt, negative_prompt, seed,
             DEFAULT_GUIDANCE if guidance is None else guidance,
-            1.0 if afm_scale is None else afm_scale,
+            DEFAULT_AFM_SCALE if afm_scale is None else afm_scale,
         )
         request.validate()
         return PreparedRequest(
