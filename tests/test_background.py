@@ -113,6 +113,28 @@ def test_spec_declares_the_branch_a_per_request_invariant(bg_specs, tiny):
     assert not unet.tensor("sample").invariant and not unet.tensor("timestep").invariant
 
 
+@pytest.mark.parametrize("preset_name", ["tiny", "small", "sd15"])
+def test_specs_validate_their_sample_inputs_at_every_preset(preset_name):
+    from runtime.presets import get_preset
+
+    for spec in background_specs(get_preset(preset_name)).values():
+        for point in ("min", "opt", "max"):
+            env = spec.env_at(point)
+            assert spec.validate_inputs(spec.sample_inputs(np.random.default_rng(0), env)) == env, (spec.name, point)
+
+
+def test_residual_layout_is_sd15_controlnets():
+    from runtime.presets import get_preset
+
+    sd15 = get_preset("sd15")
+    # diffusers' ControlNetModel on SD 1.5: conv_in, then per down block its resnets and downsampler, then mid
+    assert [c for _, c in style_residual_layout(sd15)] == [320] * 4 + [640] * 3 + [1280] * 6
+    assert [lvl for lvl, _ in style_residual_layout(sd15)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3]
+    spec = background_specs(sd15)["style_branch"]
+    env = spec.env_at("opt", latent_h=80, latent_w=64)
+    assert spec.shape("style_down_03", env) == (2, 320, 40, 32) and spec.shape("style_mid", env) == (2, 1280, 10, 8)
+
+
 def test_attention_forms_export_the_nodes_they_name(bg_graphs, bg_specs, bg_modules, tmp_path):
     onnx = pytest.importorskip("onnx")
     from export.onnx_export import check_parity, export_component
