@@ -407,3 +407,19 @@ def test_saved_weights_load_back_to_identical_outputs(tiny, bg_modules, bg_specs
     with pytest.raises(WeightsError, match="style_branch: keys do not match.*output_convs.3.weight"):
         build_background(tiny, WeightsSource(path=tmp_path / "w"))
     shutil.rmtree(tmp_path / "w")
+
+
+def test_the_background_runtime_does_not_import_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import json, sys\n"
+        "import runtime.pipelines.background, runtime.background_specs, runtime.categories, runtime.cli\n"
+        "runtime.cli.build_parser()\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
+    assert "torch" not in json.loads(result.stdout)
