@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     } for m in MODES]
 
     if args.requests_steps:
-        records += _requests(definition, components, preset, product, args.requests_steps, args.iterations, say)
+        records += _requests(definition, components, preset, product, args, say)
     if args.out:
         with open(args.out, "a") as f:
             for record in records:
@@ -138,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _requests(definition, components, preset, product, steps, iterations, say) -> list[dict]:
+def _requests(definition, components, preset, product, args, say) -> list[dict]:
     """Whole requests through the pipeline, with and without a reference, alternating."""
     import tempfile
+
+    steps = args.requests_steps
 
     runner = definition.create(components, preset, WeightsSource())
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,7 +152,7 @@ def _requests(definition, components, preset, product, steps, iterations, say) -
     category = get_category("sneakers")
     requests = {"without_reference": BackgroundRequest(product, category), "with_reference": BackgroundRequest(product, category, reference)}
     reports: dict[str, list[dict]] = {k: [] for k in requests}
-    rounds = max(2, iterations // 4)
+    rounds = max(2, args.iterations // 4)
     say(f"{rounds} rounds of whole {steps}-step requests")
     for i in range(rounds + 1):
         for key in requests if i % 2 == 0 else list(requests)[::-1]:
@@ -165,7 +167,7 @@ def _requests(definition, components, preset, product, steps, iterations, say) -
         total = float(np.median([r["total"] for r in runs]))
         print(f"{key:<36} {1000 * step:15.2f} {1000 * branch:16.2f} {1000 * total:10.1f}")
         records.append({"benchmark": "background_branch", "mode": f"request_{key}", "preset": preset.name, "steps": steps,
-                        "backend": type(components["background_unet"]).__name__,
+                        "backend": args.backend,
                         "denoise_step_p50_s": step, "style_branch_s": branch, "total_s": total, "timings": runs,
                         "git_commit": git_commit(), "machine": machine(), "time": time.time()})
     return records
