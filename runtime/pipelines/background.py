@@ -139,9 +139,10 @@ class BackgroundPipeline:
                     identifier_tokens = np.concatenate([identifier_tokens, np.zeros_like(identifier_tokens)])
                 text_embeds = self.c["text_encoder"].run({"input_ids": ids})["text_embeds"]
             with_reference = [i for i, r in enumerate(requests) if r.reference is not None]
+            refs = [r.reference for r in requests if r.reference is not None]
             with timer.stage("vae_encode"):
                 images = [to_model_image(_product_only(r.product)) for r in requests]
-                images += [to_model_image(requests[i].reference.rgb) for i in with_reference]  # type: ignore[union-attr]
+                images += [to_model_image(ref.rgb) for ref in refs]
                 latents_in = self.c["vae_encoder"].run({"image": np.concatenate(images)})["latent"]
                 product_latent, reference_latent = latents_in[:n], latents_in[n:]
             h, w = product_latent.shape[-2:]
@@ -149,10 +150,9 @@ class BackgroundPipeline:
             residuals = self._style_zeros(n, h, w)
             if with_reference:
                 with timer.stage("style_branch"):
-                    refs = [requests[i].reference for i in with_reference]
                     out = self.c["style_branch"].run({
                         "reference_latent": reference_latent,
-                        "reference_mask": np.stack([resize_mask_nearest(r.mask, h, w)[None] for r in refs]),  # type: ignore[union-attr]
+                        "reference_mask": np.stack([resize_mask_nearest(ref.mask, h, w)[None] for ref in refs]),
                         "product_mask": product_mask[with_reference],
                     })
                     for name in self.residual_names:
