@@ -30,7 +30,7 @@ from runtime.pipelines import get_pipeline
 from runtime.presets import PRESETS, get_preset
 from runtime.weights import WeightsSource
 
-STEP_COMPONENT = {"refadgen": "unet"}
+STEP_COMPONENT = {"refadgen": "unet", "background": "background_unet"}
 
 
 def git_commit() -> str:

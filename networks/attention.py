@@ -69,3 +69,30 @@ class CrossAttentionProcessor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         out = attend(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+class _OrtMultiHeadAttentionWithBias(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, heads: int):
+        return _merge(F.scaled_dot_product_attention(_split(q, heads), _split(k, heads), _split(v, heads), attn_mask=bias))
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, heads: int):
+        # MultiHeadAttention's inputs 3 (projection bias) and 4 (key padding mask) are absent;
+        # input 5 is the additive attention bias, (B or 1, heads or 1, N, L).
+        absent = g.op("prim::Constant")
+        absent.setType(torch._C.OptionalType.ofTensor())
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, absent, absent, bias, num_heads_i=heads)
+        out.setType(q.type())
+        return out
+
+
+def attend_biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """`attend` with an additive score bias: softmax(Q K^T / sqrt(D) + bias) V per head.
+
+    q (B, N, C), k and v (B, L, C), bias (B, 1, N, L) shared by every head -> (B, N, C). Exports
+    as the fused node's `attention_bias` input under AttentionKernel.ORT, else MatMul/Add/Softmax.
+    """
+    if torch.onnx.is_in_onnx_export() and _export_kernel is AttentionKernel.ORT:
+        return _OrtMultiHeadAttentionWithBias.apply(q, k, v, bias, heads)
+    return _merge(F.scaled_dot_product_attention(_split(q, heads), _split(k, heads), _split(v, heads), attn_mask=bias))

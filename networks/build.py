@@ -42,10 +42,16 @@ _TEXT_FILE = "model.safetensors"
 
 def build_modules(pipeline: str, preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
     """The torch modules of `pipeline`, keyed by component spec name."""
-    builders = {"refadgen": build_refadgen}
+    builders = {"refadgen": build_refadgen, "background": _build_background}
     if pipeline not in builders:
         raise WeightsError(f"no networks for pipeline {pipeline!r}; have {sorted(builders)}")
     return builders[pipeline](preset, weights)
+
+
+def _build_background(preset: Preset, weights: WeightsSource) -> dict[str, nn.Module]:
+    from .background import build_background  # imports this module's helpers
+
+    return build_background(preset, weights)
 
 
 def _seeded(seed: int, offset: int, make):

@@ -9,6 +9,7 @@ from .base import PipelineDefinition
 
 PIPELINES = {
     "refadgen": "runtime.pipelines.refadgen",
+    "background": "runtime.pipelines.background",
 }
 
 

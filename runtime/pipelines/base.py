@@ -34,6 +34,11 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "afm_scale": (("--afm-scale",), dict(type=float, help="RefAdGen: weight of the reference attention (default 1.0)")),
     "seed": (("--seed",), dict(type=int, default=0, help="noise seed; same seed, same image")),
     "scheduler": (("--scheduler",), dict(choices=("ddim", "dpm++"), help="sampler (default ddim)")),
+    "category": (("--category",), dict(help="background: product category (runtime/data/categories.json, or --categories)")),
+    "categories": (("--categories",), dict(type=Path, help="background: JSON file of more categories {name: {noun, identifier}}")),
+    "reference": (("--reference",), dict(type=Path, help="background: reference ad whose layout, colour and style to follow")),
+    "reference_mask": (("--reference-mask",), dict(type=Path, help="background: the reference's product mask (white = product)")),
+    "style_scale": (("--style-scale",), dict(type=float, help="background: weight of the reference's style (default 1.0)")),
 }
 
 

@@ -1,0 +1,375 @@
+"""The background pipeline (category-common + personalized style, arXiv 2312.13309), read top
+to bottom. Architecture and assumptions: networks/background.py.
+
+Per request, ONCE: the category prompt "a photo of C in the background of D" through the text
+encoder (with the negative prompt for guidance), the product on grey (and the reference ad with
+its own product greyed out) through the VAE encoder in one call, and, when there is a reference,
+the personalized style branch. Then `steps` calls of the category-common U-Net, one batch of 2B
+each (conditional first), taking the style residuals as invariant inputs; then the VAE decoder
+and compositing of the product through its mask (its pixels exact).
+
+Reference rules:
+- The reference must have the canvas's aspect ratio within 1% (it is then resized to the canvas,
+  Lanczos); any other size is refused with an error naming the canvas size.
+- `reference_mask` marks the reference's own product (white), must have the reference's size,
+  and may not cover all of it. Without it the whole reference is the style source (documented
+  fallback: a reference ad without a product, or one the user has not masked).
+- Without a reference the branch does not run: its residuals are zeros at style scale 0, and
+  the category-common generator alone sets the style.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..background_specs import background_specs, style_residual_names
+from ..backends.base import Component
+from ..categories import Category, get_category, prompt_tokens
+from ..errors import InputError
+from ..images import (
+    GREY,
+    MAX_IMAGE_PIXELS,
+    Placement,
+    Product,
+    compose,
+    from_model_image,
+    load_image,
+    load_product,
+    place_on_canvas,
+    resize_mask_nearest,
+    to_model_image,
+)
+from ..presets import Preset
+from ..schedulers import make_scheduler
+from ..specs import ComponentSpec, Precision
+from ..timing import StageTimer
+from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
+from ..weights import WeightsSource
+from .base import GenerateResult, PipelineDefinition, StepCallback
+from .refadgen import DEFAULT_GUIDANCE, DEFAULT_STEPS, GUIDANCE_RANGE, canvas_size, check_steps, placement_dict
+
+COMPONENTS = ("text_encoder", "vae_encoder", "style_branch", "background_unet", "vae_decoder")
+STYLE_SCALE_RANGE = (0.0, 4.0)
+ASPECT_TOLERANCE = 0.01
+_MASK_THRESHOLD = 128
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference ad at canvas size: `rgb` (H, W, 3) uint8 with its own product greyed out,
+    `mask` (H, W) bool on that product (all False when no mask was given); `size` (w, h) as loaded."""
+
+    rgb: np.ndarray
+    mask: np.ndarray
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BackgroundRequest:
+    """One ad: a product already placed on the canvas, its category, and optionally a reference."""
+
+    product: Product
+    category: Category
+    reference: Reference | None = None
+    negative_prompt: str = ""
+    seed: int = 0
+    guidance: float = DEFAULT_GUIDANCE
+    style_scale: float = 1.0
+
+    def validate(self) -> None:
+        check_prompt("negative_prompt", self.negative_prompt)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
+            raise InputError("seed", "expected an integer in [0, 2**63)", self.seed)
+        _check_range("guidance", self.guidance, *GUIDANCE_RANGE)
+        _check_range("style_scale", self.style_scale, *STYLE_SCALE_RANGE)
+        if self.reference is not None and self.reference.rgb.shape != self.product.rgb.shape:
+            raise InputError(
+                "reference", f"expected the canvas size {self.product.width}x{self.product.height}",
+                f"{self.reference.rgb.shape[1]}x{self.reference.rgb.shape[0]}",
+            )
+
+
+@dataclass
+class BackgroundOutput:
+    images: list[np.ndarray]  # (H, W, 3) uint8, product composited
+    generated: list[np.ndarray]  # (H, W, 3) uint8, the decoder's output before compositing
+    timings: dict[str, object]
+
+
+class BackgroundPipeline:
+    def __init__(self, components: Mapping[str, Component], preset: Preset, tokenizer: Tokenizer):
+        missing = [c for c in COMPONENTS if c not in components]
+        if missing:
+            raise InputError("components", f"the background pipeline needs {list(COMPONENTS)}", f"missing {missing}")
+        self.c = components
+        self.preset = preset
+        self.tokenizer = tokenizer
+        self.residual_names = style_residual_names(preset)
+
+    def __call__(
+        self,
+        requests: Sequence[BackgroundRequest],
+        steps: int = DEFAULT_STEPS,
+        scheduler: str = "ddim",
+        on_step: StepCallback | None = None,
+    ) -> BackgroundOutput:
+        self._check(requests, steps)
+        timer = StageTimer()
+        n = len(requests)
+        guidance = np.array([r.guidance for r in requests], dtype=np.float32)
+        cfg = bool((guidance > 1.0).any())  # at guidance 1 the unconditional half cancels out
+        halves = 2 if cfg else 1
+        sched = make_scheduler(scheduler)
+        sched.set_timesteps(steps)
+        with timer.stage("total"):
+            with timer.stage("text_encode"):
+                tokens = [prompt_tokens(self.tokenizer, r.category) for r in requests]
+                ids = np.stack([t.ids for t in tokens])
+                class_tokens = np.stack([t.class_tokens for t in tokens])
+                identifier_tokens = np.stack([t.identifier_tokens for t in tokens])
+                if cfg:  # the negative prompt carries no C or D: its attention is unmasked
+                    ids = np.concatenate([ids, self.tokenizer([r.negative_prompt for r in requests])])
+                    class_tokens = np.concatenate([class_tokens, np.zeros_like(class_tokens)])
+                    identifier_tokens = np.concatenate([identifier_tokens, np.zeros_like(identifier_tokens)])
+                text_embeds = self.c["text_encoder"].run({"input_ids": ids})["text_embeds"]
+            with_reference = [i for i, r in enumerate(requests) if r.reference is not None]
+            refs = [r.reference for r in requests if r.reference is not None]
+            with timer.stage("vae_encode"):
+                images = [to_model_image(_product_only(r.product)) for r in requests]
+                images += [to_model_image(ref.rgb) for ref in refs]
+                latents_in = self.c["vae_encoder"].run({"image": np.concatenate(images)})["latent"]
+                product_latent, reference_latent = latents_in[:n], latents_in[n:]
+            h, w = product_latent.shape[-2:]
+            product_mask = np.stack([resize_mask_nearest(r.product.mask, h, w)[None] for r in requests])  # (B, 1, h, w)
+            residuals = self._style_zeros(n, h, w)
+            if with_reference:
+                with timer.stage("style_branch"):
+                    out = self.c["style_branch"].run({
+                        "reference_latent": reference_latent,
+                        "reference_mask": np.stack([resize_mask_nearest(ref.mask, h, w)[None] for ref in refs]),
+                        "product_mask": product_mask[with_reference],
+                    })
+                    for name in self.residual_names:
+                        residuals[name][with_reference] = out[name]
+            style_scale = np.array([r.style_scale if r.reference is not None else 0.0 for r in requests], dtype=np.float32)
+            invariant = {
+                "product_latent": np.concatenate([product_latent] * halves),
+                "product_mask": np.concatenate([product_mask] * halves),
+                "text_embeds": text_embeds,
+                "class_tokens": class_tokens,
+                "identifier_tokens": identifier_tokens,
+                **{name: np.concatenate([r] * halves) for name, r in residuals.items()},
+                "style_scale": np.concatenate([style_scale] * halves),
+            }
+            latents = np.stack([self._noise(r.seed, h, w) for r in requests]) * np.float32(sched.init_noise_sigma)
+            for i, t in enumerate(sched.timesteps):
+                with timer.stage("denoise_step", repeated=True):
+                    sample = np.concatenate([latents] * halves)
+                    timestep = np.full(halves * n, t, dtype=np.float32)
+                    eps = self.c["background_unet"].run({"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
+                    if cfg:
+                        cond, uncond = eps[:n], eps[n:]
+                        eps = uncond + guidance[:, None, None, None] * (cond - uncond)
+                    latents = sched.step(eps, int(t), latents)
+                if on_step:
+                    on_step(i + 1, steps)
+            with timer.stage("vae_decode"):
+                generated = from_model_image(self.c["vae_decoder"].run({"latent": latents})["image"])
+            with timer.stage("compose"):
+                images_out = [compose(g, r.product) for g, r in zip(generated, requests)]
+        return BackgroundOutput(images=images_out, generated=generated, timings=timer.summary())
+
+    def _check(self, requests: Sequence[BackgroundRequest], steps: int) -> None:
+        if not requests:
+            raise InputError("requests", "expected at least one request")
+        if 2 * len(requests) > self.preset.max_batch:
+            raise InputError("requests", f"expected at most {self.preset.max_batch // 2} per batch", len(requests))
+        check_steps(steps)
+        for r in requests:
+            r.validate()
+        sizes = {(r.product.height, r.product.width) for r in requests}
+        if len(sizes) != 1:
+            raise InputError("requests", "expected one canvas size per batch", sorted(sizes))
+
+    def _style_zeros(self, n: int, h: int, w: int) -> dict[str, np.ndarray]:
+        """Zero residuals for every request; a request with a reference gets the branch's instead."""
+        spec = self.c["background_unet"].spec
+        env = spec.env_at("opt", B=n, latent_h=h, latent_w=w)
+        return {name: np.zeros(spec.shape(name, env), dtype=spec.tensor(name).dtype.numpy) for name in self.residual_names}
+
+    def _noise(self, seed: int, h: int, w: int) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64(seed))
+        return rng.standard_normal((self.preset.latent_channels, h, w), dtype=np.float32)
+
+
+def load_reference(
+    path: str | Path,
+    width: int,
+    height: int,
+    mask_path: str | Path | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> Reference:
+    """Load a reference ad for a width x height canvas (rules in the module docstring)."""
+    im = load_image(path, "reference", max_pixels)
+    rw, rh = im.size
+    if abs(rw * height - rh * width) > ASPECT_TOLERANCE * rh * width:
+        raise InputError(
+            "reference",
+            f"expected the canvas size {width}x{height} or the same aspect ratio (within {ASPECT_TOLERANCE:.0%}); "
+            "crop it, or choose the canvas with --width/--height",
+            f"{rw}x{rh}",
+        )
+    rgb = np.array(im.convert("RGB"), dtype=np.uint8)
+    if im.mode in ("RGBA", "LA"):  # transparent parts carry no style
+        rgb[np.asarray(im.getchannel("A")) < _MASK_THRESHOLD] = GREY
+    mask = np.zeros((rh, rw), dtype=bool)
+    if mask_path is not None:
+        m = load_image(mask_path, "reference_mask", max_pixels)
+        if m.size != im.size:
+            raise InputError("reference_mask", f"expected the reference's size {rw}x{rh}", f"{m.size[0]}x{m.size[1]}")
+        mask = _mask_values(m) >= _MASK_THRESHOLD
+    if (rw, rh) != (width, height):
+        rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.LANCZOS))
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.LANCZOS)) >= _MASK_THRESHOLD
+    if mask.all():
+        raise InputError("reference_mask", "covers the whole reference: no background left to take the style from")
+    rgb = rgb.copy()
+    rgb[mask] = GREY  # the reference's own product must not leak into the new background
+    return Reference(rgb=rgb, mask=mask, size=(rw, rh))
+
+
+def _mask_values(m: Image.Image) -> np.ndarray:
+    """Greyscale value of a mask image; transparent parts count as black."""
+    if m.mode in ("RGBA", "LA"):
+        value = np.asarray(m.convert("L"), dtype=np.uint16)
+        alpha = np.asarray(m.getchannel("A"), dtype=np.uint16)
+        return (value * alpha + 127) // 255
+    return np.asarray(m.convert("L"))
+
+
+def _product_only(product: Product) -> np.ndarray:
+    """The product on neutral grey: inpainting's masked image, with the background to fill grey."""
+    return np.where(product.mask[..., None], product.rgb, np.uint8(GREY))
+
+
+def _check_range(field: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not low <= float(value) <= high:
+        raise InputError(field, f"expected a number in [{low}, {high}]", value)
+
+
+@dataclass(frozen=True)
+class PreparedBackground:
+    """A validated request: product placed on its canvas, category resolved, reference loaded."""
+
+    request: BackgroundRequest
+    product_path: str
+    product_size: tuple[int, int]
+    placement: Placement
+    reference_path: str | None
+    reference_mask_path: str | None
+    steps: int
+    scheduler: str
+    seconds: float
+
+
+class BackgroundDefinition(PipelineDefinition):
+    name = "background"
+    options = ("product", "mask", "category", "categories", "reference", "reference_mask", "negative_prompt", "width",
+               "height", "steps", "guidance", "style_scale", "seed", "scheduler")
+    required = ("product", "category")
+
+    def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
+        return background_specs(preset, precision)
+
+    def prepare(
+        self,
+        preset: Preset,
+        product: str | Path,
+        category: str,
+        mask: str | Path | None = None,
+        categories: str | Path | None = None,
+        reference: str | Path | None = None,
+        reference_mask: str | Path | None = None,
+        negative_prompt: str = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        style_scale: float | None = None,
+        seed: int = 0,
+        scheduler: str | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+    ) -> PreparedBackground:
+        started = time.perf_counter()
+        steps = DEFAULT_STEPS if steps is None else steps
+        scheduler = scheduler or "ddim"
+        check_steps(steps)
+        make_scheduler(scheduler)
+        resolved = get_category(category, categories)
+        if reference_mask is not None and reference is None:
+            raise InputError("reference_mask", "is only read with --reference", str(reference_mask))
+        if style_scale is not None and reference is None:
+            raise InputError("style_scale", "is only read with --reference", style_scale)
+        item = load_product(product, mask, max_pixels=max_pixels)
+        width, height = canvas_size(item.width, item.height, width, height, preset)
+        placed, placement = place_on_canvas(item, width, height)
+        ref = None if reference is None else load_reference(reference, width, height, reference_mask, max_pixels)
+        request = BackgroundRequest(
+            placed, resolved, ref, negative_prompt, seed,
+            DEFAULT_GUIDANCE if guidance is None else guidance,
+            1.0 if style_scale is None else style_scale,
+        )
+        request.validate()
+        return PreparedBackground(
+            request, str(product), (item.width, item.height), placement,
+            None if reference is None else str(reference),
+            None if reference_mask is None else str(reference_mask),
+            steps, scheduler, time.perf_counter() - started,
+        )
+
+    def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> BackgroundPipeline:
+        return BackgroundPipeline(components, preset, load_tokenizer(preset, weights))
+
+    def run(self, runner: BackgroundPipeline, prepared: PreparedBackground, on_step: StepCallback | None = None) -> GenerateResult:
+        r = prepared.request
+        output = runner([r], steps=prepared.steps, scheduler=prepared.scheduler, on_step=on_step)
+        tokens = prompt_tokens(runner.tokenizer, r.category)
+        report = {
+            "seed": r.seed,
+            "category": {
+                "name": r.category.name,
+                "noun": r.category.noun,
+                "identifier": r.category.identifier,
+                "prompt": r.category.prompt,
+                "class_token_positions": np.flatnonzero(tokens.class_tokens).tolist(),
+                "identifier_token_positions": np.flatnonzero(tokens.identifier_tokens).tolist(),
+            },
+            "negative_prompt": r.negative_prompt,
+            "width": r.product.width,
+            "height": r.product.height,
+            "steps": prepared.steps,
+            "scheduler": prepared.scheduler,
+            "guidance": r.guidance,
+            "product": {
+                "path": prepared.product_path,
+                "size": list(prepared.product_size),
+                "placement": placement_dict(prepared.placement),
+            },
+            "reference": None if r.reference is None else {
+                "path": prepared.reference_path,
+                "size": list(r.reference.size),
+                "mask": prepared.reference_mask_path or "none: the whole reference is the style source",
+                "style_scale": r.style_scale,
+            },
+            "timings_s": {"load_inputs": round(prepared.seconds, 6), **output.timings},
+        }
+        return GenerateResult(output.images[0], report)
+
+
+DEFINITION = BackgroundDefinition()
