@@ -113,15 +113,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_product(folder: Path, width: int, height: int) -> Path:
-    """The benchmark's product: the README's example sneaker drawn at the canvas size."""
-    from runtime.example_product import draw_product
-
-    path = folder / "product.png"
-    draw_product(width, height).save(path)
-    return path
-
-
 def run_scenario(scenario: Scenario, cache_dir: str | None = None) -> dict[str, Any]:
     """Run one scenario in this process and return its record (call in a fresh process)."""
     from runtime.api import load_pipeline
@@ -135,8 +126,7 @@ def run_scenario(scenario: Scenario, cache_dir: str | None = None) -> dict[str, 
     load_s = time.perf_counter() - started
     definition = loaded.definition
     with tempfile.TemporaryDirectory() as tmp:
-        product = write_product(Path(tmp), preset.default_width, preset.default_height)
-        options = {"product": product, **definition.example_options, "steps": scenario.steps}
+        options = {**definition.example_options(Path(tmp), preset), "steps": scenario.steps}
         prepared = [definition.prepare(preset, **options, seed=seed) for seed in range(scenario.batch)]
 
         def one_request() -> tuple[float, dict]:

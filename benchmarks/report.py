@@ -20,8 +20,14 @@ from .harness import BASELINE_BACKEND, SCHEMA_VERSION
 
 REQUIRED = ("schema", "label", "scenario", "latency_s", "stages_s", "images_per_s", "cold_s", "peak_host_rss_mb",
             "spec_hash", "samples", "machine", "git_commit")
-STAGE_ORDER = ("load_inputs", "text_encode", "image_encode", "vae_encode", "reference_unet", "denoise_step",
-               "vae_decode", "compose")
+STAGE_ORDER = ("load_inputs", "text_encode", "image_encode", "vae_encode", "reference_unet", "style_branch",
+               "denoise_step", "vae_decode", "compose")
+
+
+def stages_of(records: list[dict[str, Any]]) -> list[str]:
+    """Stages present in the records, pipeline order first, unknown ones after."""
+    present = {stage for r in records for stage in r["stages_s"] if stage != "total"}
+    return [s for s in STAGE_ORDER if s in present] + sorted(present - set(STAGE_ORDER))
 
 
 class ReportError(ValueError):
@@ -88,11 +94,12 @@ def markdown(records: list[dict[str, Any]]) -> str:
             f"| {lat['std']:.3f} | {step_cell} | {r['images_per_s']:.2f} | {r['cold_s']:.1f} "
             f"| {r['peak_host_rss_mb']:.0f} | {mfu_cell} | {ratio_cell} |"
         )
-    lines += ["", "Per-stage p50 (s) and MFU:", "", "| scenario | " + " | ".join(STAGE_ORDER) + " |",
-              "|---|" + "---|" * len(STAGE_ORDER)]
+    stages = stages_of(records)
+    lines += ["", "Per-stage p50 (s) and MFU:", "", "| scenario | " + " | ".join(stages) + " |",
+              "|---|" + "---|" * len(stages)]
     for r in records:
         cells = []
-        for stage in STAGE_ORDER:
+        for stage in stages:
             p50 = r["stages_s"].get(stage, {}).get("p50")
             mfu = r.get("mfu", {}).get(stage)
             cell = "-" if p50 is None else f"{p50:.4f}"
@@ -116,7 +123,7 @@ def plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
     written = []
     fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(records)))
     left = [0.0] * len(records)
-    for stage in STAGE_ORDER:
+    for stage in stages_of(records):
         values = []
         for r in records:
             s = r["stages_s"].get(stage, {})

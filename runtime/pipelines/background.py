@@ -51,7 +51,7 @@ from ..specs import ComponentSpec, Precision
 from ..timing import StageTimer
 from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
 from ..weights import WeightsSource
-from .base import GenerateResult, PipelineDefinition, StepCallback
+from .base import Call, GenerateResult, PipelineDefinition, StepCallback
 from .refadgen import DEFAULT_GUIDANCE, DEFAULT_STEPS, GUIDANCE_RANGE, canvas_size, check_steps, placement_dict
 
 COMPONENTS = ("text_encoder", "vae_encoder", "style_branch", "background_unet", "vae_decoder")
@@ -336,11 +336,22 @@ class BackgroundDefinition(PipelineDefinition):
     def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> BackgroundPipeline:
         return BackgroundPipeline(components, preset, load_tokenizer(preset, weights))
 
-    def run(self, runner: BackgroundPipeline, prepared: PreparedBackground, on_step: StepCallback | None = None) -> GenerateResult:
+    def run_batch(
+        self, runner: BackgroundPipeline, prepared: list[PreparedBackground], on_step: StepCallback | None = None
+    ) -> list[GenerateResult]:
+        settings = {(p.steps, p.scheduler) for p in prepared}
+        if len(settings) != 1:
+            raise InputError("requests", "expected one step count and scheduler per batch", sorted(settings))
+        steps, scheduler = settings.pop()
+        output = runner([p.request for p in prepared], steps=steps, scheduler=scheduler, on_step=on_step)
+        return [GenerateResult(image, self._report(runner, p, steps, scheduler, len(prepared), output.timings))
+                for p, image in zip(prepared, output.images)]
+
+    def _report(self, runner: BackgroundPipeline, prepared: PreparedBackground, steps: int, scheduler: str,
+                batch: int, timings: dict) -> dict:
         r = prepared.request
-        output = runner([r], steps=prepared.steps, scheduler=prepared.scheduler, on_step=on_step)
         tokens = prompt_tokens(runner.tokenizer, r.category)
-        report = {
+        return {
             "seed": r.seed,
             "category": {
                 "name": r.category.name,
@@ -353,8 +364,8 @@ class BackgroundDefinition(PipelineDefinition):
             "negative_prompt": r.negative_prompt,
             "width": r.product.width,
             "height": r.product.height,
-            "steps": prepared.steps,
-            "scheduler": prepared.scheduler,
+            "steps": steps,
+            "scheduler": scheduler,
             "guidance": r.guidance,
             "product": {
                 "path": prepared.product_path,
@@ -367,9 +378,29 @@ class BackgroundDefinition(PipelineDefinition):
                 "mask": prepared.reference_mask_path or "none: the whole reference is the style source",
                 "style_scale": r.style_scale,
             },
-            "timings_s": {"load_inputs": round(prepared.seconds, 6), **output.timings},
+            "batch": batch,
+            "timings_s": {"load_inputs": round(prepared.seconds, 6), **timings},
         }
-        return GenerateResult(output.images[0], report)
+
+    def call_plan(self, requests: int, steps: int) -> dict[str, Call]:
+        """With a reference per request, as in `example_options` (without one the branch does not run)."""
+        guided = 2 * requests
+        return {
+            "text_encoder": Call("text_encode", guided, 1),
+            "vae_encoder": Call("vae_encode", 2 * requests, 1),  # products and references in one call
+            "style_branch": Call("style_branch", requests, 1),
+            "background_unet": Call("denoise_step", guided, steps),
+            "vae_decoder": Call("vae_decode", requests, 1),
+        }
+
+    def example_options(self, folder: Path, preset: Preset) -> dict:
+        from ..example_product import draw_reference
+
+        ad, mask = draw_reference(preset.default_width, preset.default_height)
+        ad.save(folder / "reference.png")
+        mask.save(folder / "reference_mask.png")
+        return {**super().example_options(folder, preset), "category": "sneakers",
+                "reference": folder / "reference.png", "reference_mask": folder / "reference_mask.png"}
 
 
 DEFINITION = BackgroundDefinition()

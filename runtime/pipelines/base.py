@@ -89,7 +89,13 @@ class PipelineDefinition(ABC):
     def call_plan(self, requests: int, steps: int) -> dict[str, Call]:
         """Per component: stage, network batch and calls for `requests` requests of `steps` steps."""
 
-    example_options: dict[str, Any] = {}  # request options (besides product) for demos and benchmarks
+    def example_options(self, folder: Path, preset: Preset) -> dict[str, Any]:
+        """Request options for demos and benchmarks, writing any input images they need into `folder`."""
+        from ..example_product import draw_product
+
+        product = folder / "product.png"
+        draw_product(preset.default_width, preset.default_height).save(product)
+        return {"product": product}
 
 
 def add_option_arguments(parser: argparse.ArgumentParser, names: set[str]) -> None:

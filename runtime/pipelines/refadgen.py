@@ -287,7 +287,8 @@ class RefAdGenDefinition(PipelineDefinition):
             "vae_decoder": Call("vae_decode", requests, 1),
         }
 
-    example_options = {"prompt": "a sneaker on a wooden table, soft light"}
+    def example_options(self, folder: Path, preset: Preset) -> dict:
+        return {**super().example_options(folder, preset), "prompt": "a sneaker on a wooden table, soft light"}
 
 
 def canvas_size(product_w: int, product_h: int, width: int | None, height: int | None, preset: Preset) -> tuple[int, int]:
