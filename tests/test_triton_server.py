@@ -102,6 +102,31 @@ def test_three_loop_placements_give_the_same_image(server, client_side, ort_pipe
     assert report["product"]["path"] == "request:product"
 
 
+@pytest.mark.parametrize("where", ["--server", "--url"])
+def test_cli_generates_through_the_server(server, ort_pipeline, product, tmp_path, where):
+    from PIL import Image
+
+    from runtime.api import generate
+    from runtime.cli import main
+
+    out = tmp_path / "ad.png"
+    placement = ["--server", server.grpc_url] if where == "--server" else ["--backend", "triton", "--url", f"http://{server.http_url}"]
+    code = main(["generate", "--pipeline", "refadgen", "--preset", "tiny", "--product", str(product), "--prompt", "studio",
+                 "--steps", str(STEPS), "--seed", "5", "--quiet", "--out", str(out), *placement])
+    assert code == 0
+    expected = generate(ort_pipeline, product=product, prompt="studio", steps=STEPS, seed=5).image
+    assert np.array_equal(np.asarray(Image.open(out)), expected)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["backend"] == ("triton-bls" if where == "--server" else "triton")
+
+
+def test_cli_refuses_a_url_without_the_triton_backend(product, tmp_path, capsys):
+    from runtime.cli import main
+
+    code = main(["generate", "--product", str(product), "--prompt", "x", "--out", str(tmp_path / "a.png"), "--url", "127.0.0.1:1"])
+    assert code == 2 and "url: --backend triton needs --url" in capsys.readouterr().err
+
+
 def _unet_stats(server):
     with urllib.request.urlopen(f"http://{server.http_url}/v2/models/refadgen_unet/stats") as response:
         stats = json.load(response)["model_stats"][0]

@@ -106,7 +106,9 @@ class TritonServer:
             server.grpc_url, server.http_url
 
     Models are loaded at start (`--model-control-mode explicit --load-model=*`), so they can
-    be unloaded and loaded again through the repository API later.
+    be unloaded and loaded again through the repository API later. The server gets SIGTERM when
+    the thread that started it ends (PR_SET_PDEATHSIG follows the thread): start it from one that
+    lives as long as the server.
     """
 
     def __init__(
