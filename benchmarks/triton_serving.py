@@ -33,8 +33,9 @@ from benchmarks.step_latency import git_commit, machine
 from runtime.api import LoadedPipeline, generate, load_pipeline
 from runtime.backends import load_components
 from runtime.backends.base import ModelSource
-from runtime.pipelines import get_pipeline
+from runtime.pipelines import PIPELINES, get_pipeline
 from runtime.presets import PRESETS, get_preset
+from runtime.serving.protocol import model_name
 from runtime.serving.remote import PipelineClient
 from runtime.serving.repository import RepositoryOptions
 from runtime.serving.serve import start_server
@@ -81,13 +82,13 @@ def overhead(args: argparse.Namespace, records: list[dict]) -> None:
         for r in range(args.warmup + args.rounds):
             order = MODES[r % 3:] + MODES[:r % 3]
             for mode in order:
-                before = _unet_stats(server)
+                before = _unet_stats(server, args.pipeline)
                 report = run[mode]()
                 if r >= args.warmup:
                     samples[mode] += report["timings_s"]["denoise_step"]["samples"]
                     totals[mode].append(report["timings_s"]["total"])
                     if mode in unet:
-                        for k, v in _unet_stats(server).items():
+                        for k, v in _unet_stats(server, args.pipeline).items():
                             unet[mode][k] = unet[mode].get(k, 0) + v - before[k]
     finally:
         for closable in (local, client, remote):
@@ -135,12 +136,12 @@ def throughput(args: argparse.Namespace, records: list[dict]) -> None:
             for clients in args.clients:
                 for batching in ((True, False) if r % 2 == 0 else (False, True)):
                     count = args.requests_per_client * clients
-                    before = _unet_stats(servers[batching])
+                    before = _unet_stats(servers[batching], args.pipeline)
                     started = time.perf_counter()
                     with ThreadPoolExecutor(clients) as pool:
                         list(pool.map(lambda i: request(batching, i), range(count)))
                     wall = time.perf_counter() - started
-                    stats = {k: v - before[k] for k, v in _unet_stats(servers[batching]).items()}
+                    stats = {k: v - before[k] for k, v in _unet_stats(servers[batching], args.pipeline).items()}
                     samples.setdefault((batching, clients), []).append(count / wall)
                     say(f"round {r}, step batching {'on ' if batching else 'off'}, {clients} clients: "
                         f"{count} images in {wall:.1f} s, unet {stats}")
@@ -160,10 +161,12 @@ def throughput(args: argparse.Namespace, records: list[dict]) -> None:
         print(f"{clients:>8} {on:12.3f} {off:13.3f} {on / off:7.2f}")
 
 
-def _unet_stats(server) -> dict[str, int]:
+def _unet_stats(server, pipeline: str) -> dict[str, int]:
+    """Triton's statistics of the pipeline's (first) per-step model."""
     import urllib.request
 
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/refadgen_unet/stats") as response:
+    model = model_name(pipeline, get_pipeline(pipeline).step_components[0])
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as response:
         stats = json.load(response)["model_stats"][0]
     inference = stats["inference_stats"]
     return {"requests": int(inference["success"]["count"]), "executions": int(stats["execution_count"]),
@@ -173,7 +176,7 @@ def _unet_stats(server) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", default="refadgen", choices=("refadgen",))
+    parser.add_argument("--pipeline", default="refadgen", choices=tuple(PIPELINES))
     parser.add_argument("--preset", default="small", choices=tuple(PRESETS))
     parser.add_argument("--product", type=Path, default=Path("examples/shoe.png"))
     parser.add_argument("--steps", type=int, default=10)

@@ -48,7 +48,11 @@ def server(tiny_graphs, cache_root):
     try:
         yield started
     finally:
-        started.stop()
+        code = started.stop()
+    # 0 only if every client closed its connections: an idle HTTP keep-alive makes 2.51 wait out
+    # --exit-timeout-secs and exit 1.
+    assert code == 0, f"tritonserver exit code {code}"
+    assert not started.leftover_regions()
 
 
 @pytest.fixture(scope="module")
@@ -317,9 +321,13 @@ def test_serve_stops_cleanly_and_dies_with_its_parent(tiny_graphs, cache_root, p
         assert lines and lines[-1].startswith("Ctrl-C")
         server_pid = int(lines[0].split("pid")[1])
         stubs = _stubs_of(server_pid)
+        arguments = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode().split("\0")
+        prefix = next(a.split("shm-region-prefix-name=")[1] for a in arguments if "shm-region-prefix-name=" in a)
+        assert _regions(prefix)
         proc.kill()  # SIGKILL: no chance to stop the server itself
         proc.wait()
         assert not _wait_gone([server_pid, *stubs]), "server outlived its killed parent"
+        assert not _regions(prefix), "the server, stopped by SIGTERM from the kernel, left regions behind"
     finally:
         if proc.poll() is None:
             proc.kill()

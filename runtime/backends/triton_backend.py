@@ -61,7 +61,11 @@ class Endpoint:
         try:
             return ipaddress.ip_address(host).is_loopback
         except ValueError:
-            return socket.gethostbyname(host).startswith("127.")
+            pass
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False  # unresolvable here: send tensors in the request
 
 
 class _Region:

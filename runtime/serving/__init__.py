@@ -4,7 +4,7 @@
 model-config schema); `triton_models` holds the Python-backend models that repository points at
 (one per component, hosting its ONNX Runtime session, and one BLS model per pipeline running
 the same orchestrator as the in-process runtime); `server` starts and stops the real
-`tritonserver`; `remote` calls a pipeline model from a client; `protocol` declares, once, the
+`tritonserver` and `serve` prepares what it serves; `remote` calls a pipeline model from a client; `protocol` declares, once, the
 tensors of a pipeline model's request and response.
 
 Nothing here is imported by `import runtime`: it needs tritonclient (the `triton` extra).
