@@ -32,7 +32,7 @@ from runtime.pipelines.refadgen import RefAdGenRequest  # noqa: E402
 from runtime.serving.remote import PipelineClient  # noqa: E402
 from runtime.serving.repository import RepositoryOptions  # noqa: E402
 from runtime.serving.serve import start_server  # noqa: E402
-from runtime.serving.server import SHM_DIR  # noqa: E402
+from runtime.serving.server import SHM_DIR, remove_stale_workdirs  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -324,10 +324,12 @@ def test_serve_stops_cleanly_and_dies_with_its_parent(tiny_graphs, cache_root, p
         arguments = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode().split("\0")
         prefix = next(a.split("shm-region-prefix-name=")[1] for a in arguments if "shm-region-prefix-name=" in a)
         assert _regions(prefix)
+        repository = Path(next(a.split("=", 1)[1] for a in arguments if a.startswith("--model-repository=")))
         proc.kill()  # SIGKILL: no chance to stop the server itself
         proc.wait()
         assert not _wait_gone([server_pid, *stubs]), "server outlived its killed parent"
         assert not _regions(prefix), "the server, stopped by SIGTERM from the kernel, left regions behind"
+        assert repository.parent in remove_stale_workdirs(repository.parent.parent)  # what the next start sweeps
     finally:
         if proc.poll() is None:
             proc.kill()

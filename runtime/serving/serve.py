@@ -8,6 +8,8 @@ parameters filled: the graph folder of each pipeline, the folder `runtime` is im
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,7 +19,7 @@ from ..pipelines import get_pipeline
 from ..presets import get_preset
 from ..weights import WeightsSource
 from .repository import RepositoryOptions, write_repository
-from .server import Installation, Ports, TritonServer, bundled_installation, given_installation
+from .server import WORKDIR_PREFIX, Installation, Ports, TritonServer, bundled_installation, given_installation
 
 RUNTIME_ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,13 +73,13 @@ def start_server(
 ) -> TritonServer:
     """A started, ready server for `pipelines` at `preset`; stop it with `.stop()`."""
     installation: Installation = given_installation(tritonserver) if tritonserver else bundled_installation()
-    server = TritonServer(Path("."), installation, host=host, ports=ports)
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
     try:
-        server.repository = server.workdir / "repository"
-        write_runtime_repository(
-            server.repository, pipelines, preset, weights, init_seed, cache_dir, graphs_dir, options, progress
+        repository = write_runtime_repository(
+            workdir / "repository", pipelines, preset, weights, init_seed, cache_dir, graphs_dir, options, progress
         )
-        return server.start(timeout_s, progress)
     except BaseException:
-        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
         raise
+    server = TritonServer(repository, installation, host=host, ports=ports, workdir=workdir, remove_workdir=True)
+    return server.start(timeout_s, progress)  # stops the server and removes workdir if it fails

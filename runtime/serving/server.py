@@ -34,6 +34,8 @@ from ..errors import BackendError
 PR_SET_PDEATHSIG = 1
 SHM_DIR = Path("/dev/shm")
 EXIT_TIMEOUT_S = 10
+WORKDIR_PREFIX = "adgen-triton-"
+OWNER_FILE = "owner.pid"
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,21 @@ def given_installation(binary: Path) -> Installation:
     return Installation(binary=binary, backends=None, caches=None, library_path=None, stub=None)
 
 
+def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
+    """Remove work folders of servers whose owning process is gone (killed before it could clean
+    up; the server itself died with it). Returns what was removed."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or still being written
+        if not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -120,6 +137,7 @@ class TritonServer:
         model_config_name: str | None = None,
         shm_default_bytes: int = 4 * 1024 * 1024,
         workdir: Path | None = None,
+        remove_workdir: bool | None = None,
     ):
         self.repository = Path(repository)
         self.installation = installation or bundled_installation()
@@ -128,8 +146,8 @@ class TritonServer:
         self.model_config_name = model_config_name
         self.shm_default_bytes = shm_default_bytes
         self.shm_prefix = f"adgen_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
-        self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="adgen-triton-"))
+        self._remove_workdir = workdir is None if remove_workdir is None else remove_workdir
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
         self.log_path = self.workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
 
@@ -203,6 +221,8 @@ class TritonServer:
     def start(self, timeout_s: float = 300.0, progress: Callable[[str], None] | None = None) -> "TritonServer":
         if self.process is not None:
             raise BackendError("server already started")
+        remove_stale_workdirs()
+        (self.workdir / OWNER_FILE).write_text(str(os.getpid()))
         self._prepare_backends()
         log = open(self.log_path, "wb")
         try:
@@ -263,7 +283,7 @@ class TritonServer:
             self._wait_for_stubs()
         for region in self.leftover_regions():
             region.unlink(missing_ok=True)
-        if self._own_workdir:
+        if self._remove_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return code
 
