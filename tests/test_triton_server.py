@@ -158,14 +158,22 @@ def test_steps_of_concurrent_in_server_requests_share_unet_executions(server, pr
         assert np.array_equal(a, b)
 
 
-def test_client_side_loops_batch_in_the_server_too(server, client_side, product):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_client_side_loops_batch_in_the_server_too(server, client_side, product, protocol):
     requests = [RefAdGenRequest(load_product(product), p, seed=s) for p, s in [("studio", 1), ("beach", 2), ("forest", 3)]]
-    runner = client_side.runner
-    alone = [runner([r], steps=STEPS).generated[0] for r in requests]
-    before = _unet_stats(server)
-    with ThreadPoolExecutor(len(requests)) as pool:
-        together = list(pool.map(lambda r: runner([r], steps=STEPS).generated[0], requests))
-    d = _delta(_unet_stats(server), before)
+    loaded = client_side if protocol == "grpc" else load_pipeline(
+        "refadgen", preset="tiny", backend="triton", server_url=f"http://{server.http_url}"
+    )
+    try:
+        runner = loaded.runner
+        alone = [runner([r], steps=STEPS).generated[0] for r in requests]
+        before = _unet_stats(server)
+        with ThreadPoolExecutor(len(requests)) as pool:  # HTTP: one client and one set of regions per thread
+            together = list(pool.map(lambda r: runner([r], steps=STEPS).generated[0], requests))
+        d = _delta(_unet_stats(server), before)
+    finally:
+        if loaded is not client_side:
+            loaded.close()
     assert d["requests"] == len(requests) * STEPS
     assert d["executions"] < d["requests"], d
     for a, b in zip(alone, together):
