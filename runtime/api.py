@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,16 @@ class LoadedPipeline:
     source: ModelSource
     specs_hash: str
     load_seconds: float
+    components: dict = field(default_factory=dict)  # name -> Component, for close()
 
     @property
     def name(self) -> str:
         return self.definition.name
+
+    def close(self) -> None:
+        """Release what the backend holds (a server backend's connection and shared memory)."""
+        for component in self.components.values():
+            component.close()
 
 
 def load_pipeline(
@@ -49,6 +55,7 @@ def load_pipeline(
     graphs_dir: str | Path | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
+    server_url: str | None = None,
 ) -> LoadedPipeline:
     """Open every component of `pipeline` on `backend` (exporting ONNX graphs on a cache miss)."""
     definition = get_pipeline(pipeline)
@@ -61,11 +68,12 @@ def load_pipeline(
         cache_root=Path(cache_dir) if cache_dir else None,
         graphs_dir=Path(graphs_dir) if graphs_dir else None,
         threads=threads,
+        server_url=server_url,
     )
     specs = definition.specs(size, source.precision)
     components = load_components(backend, specs, source, progress)
     runner = definition.create(components, size, source.weights)
-    return LoadedPipeline(definition, backend, runner, source, specs_hash(specs), time.perf_counter() - started)
+    return LoadedPipeline(definition, backend, runner, source, specs_hash(specs), time.perf_counter() - started, components)
 
 
 def prepare(loaded: LoadedPipeline, **options: Any) -> Any:

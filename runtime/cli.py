@@ -2,6 +2,7 @@
 
     adgen generate --pipeline refadgen --product shoe.png --prompt "a sneaker on a wooden table" --out ad.png
     adgen export --pipeline refadgen --preset tiny --out build/
+    adgen serve --pipeline refadgen --preset tiny       # tritonserver; then generate ... --server HOST:PORT
 
 Errors a user can cause print one line naming the field and the rule, and exit non-zero.
 """
@@ -18,7 +19,7 @@ from .pipelines import PIPELINES, get_pipeline
 from .pipelines.base import OPTIONS, PipelineDefinition, add_option_arguments
 from .presets import PRESETS, get_preset
 
-BACKEND_CHOICES = ("onnxruntime", "torch")
+BACKEND_CHOICES = ("onnxruntime", "torch", "triton")
 
 
 class TerminalProgress:
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
     gen.add_argument("--graphs", type=Path, default=None, help="use this folder from `adgen export` instead of the cache")
     gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
+    gen.add_argument("--url", default=None, help="--backend triton: the server (host:port gRPC, or http://host:port)")
+    gen.add_argument("--server", default=None, help="run the whole pipeline in this Triton server (host:port gRPC, or http://...)")
     options = set().union(*(get_pipeline(name).options for name in PIPELINES))
     add_option_arguments(gen.add_argument_group("request (each pipeline reads some of these)"), options)
 
@@ -79,7 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_arguments = None
     if add_bench_arguments:
         add_bench_arguments(bench)
+
+    srv = sub.add_parser("serve", help="serve pipelines with tritonserver until Ctrl-C")
+    _serve_arguments(srv)
     return parser
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", action="append", choices=tuple(PIPELINES), help="repeat; default: every pipeline")
+    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS), help="network sizes (default tiny)")
+    parser.add_argument("--weights", type=Path, default=None, help="local weights folder (safetensors); default: random init")
+    parser.add_argument("--init-seed", type=int, default=0, help="seed of the random initialisation (no --weights)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="exported-graph cache (default $ADGEN_CACHE or ~/.cache/adgen)")
+    parser.add_argument("--graphs", type=Path, default=None, help="use this folder from `adgen export` (one pipeline)")
+    parser.add_argument("--tritonserver", type=Path, default=None, help="server binary (default: the one in nvidia-pytriton)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    for kind in ("http", "grpc", "metrics"):
+        parser.add_argument(f"--{kind}-port", type=int, default=0, help=f"{kind} port (default: a free one)")
+    parser.add_argument("--instances", type=int, default=4, help="requests each pipeline model runs at once (default 4)")
+    parser.add_argument("--no-step-batching", dest="step_batching", action="store_false",
+                        help="do not batch denoising steps of concurrent requests")
+    parser.add_argument("--step-queue-delay-us", type=int, default=1000, help="how long a step waits for others (default 1000)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per component model (default: its own)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to be ready")
+    parser.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
 
 
 def request_options(definition: PipelineDefinition, args: argparse.Namespace) -> dict:
@@ -99,13 +125,27 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
     from .api import load_pipeline, run, save_result
 
     definition = get_pipeline(args.pipeline)
-    prepared = definition.prepare(get_preset(args.preset), **request_options(definition, args))
-    loaded = load_pipeline(
-        pipeline=args.pipeline, preset=args.preset, backend=args.backend, weights=args.weights,
-        init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, threads=args.threads,
-        progress=progress.message,
-    )
-    result = run(loaded, prepared, on_step=progress.step)
+    options = request_options(definition, args)
+    prepared = definition.prepare(get_preset(args.preset), **options)
+    if args.server is not None:
+        if args.url is not None:
+            raise InputError("server", "--server runs the whole pipeline in the server; --url is for --backend triton")
+        from .serving.remote import PipelineClient
+
+        with PipelineClient(args.server) as client:
+            result = client.generate(definition, options)
+    else:
+        if (args.backend == "triton") != (args.url is not None):
+            raise InputError("url", "--backend triton needs --url host:port, and --url needs --backend triton")
+        loaded = load_pipeline(
+            pipeline=args.pipeline, preset=args.preset, backend=args.backend, weights=args.weights,
+            init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, threads=args.threads,
+            progress=progress.message, server_url=args.url,
+        )
+        try:
+            result = run(loaded, prepared, on_step=progress.step)
+        finally:
+            loaded.close()
     image_path, report_path = save_result(result, args.out)
     timings = result.report["timings_s"]
     summary = f"wrote {image_path} and {report_path}: {timings['total']:.2f} s total"
@@ -143,11 +183,64 @@ def _bench(args: argparse.Namespace, progress: TerminalProgress) -> int:
     return bench(args)
 
 
+def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
+    import signal
+    import time
+
+    from .serving.repository import RepositoryOptions
+    from .serving.serve import start_server
+    from .serving.server import Ports
+
+    pipelines = args.pipeline or list(PIPELINES)
+    if args.graphs is not None and len(pipelines) != 1:
+        raise InputError("graphs", "--graphs holds one pipeline's graphs: name it with --pipeline")
+    if args.instances < 1:
+        raise InputError("instances", "expected at least 1", args.instances)
+    options = RepositoryOptions(
+        pipeline_instances=args.instances, step_batching=args.step_batching,
+        step_queue_delay_us=args.step_queue_delay_us, threads=args.threads,
+    )
+    ports = None
+    if args.http_port or args.grpc_port or args.metrics_port:
+        from .serving.server import free_ports
+
+        free = iter(free_ports("127.0.0.1"))
+        ports = Ports(*(getattr(args, f"{k}_port") or next(free) for k in ("http", "grpc", "metrics")))
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
+    server = start_server(
+        pipelines, args.preset, weights=args.weights, init_seed=args.init_seed, cache_dir=args.cache_dir,
+        graphs_dir=args.graphs, options=options, tritonserver=args.tritonserver, host=args.host, ports=ports,
+        timeout_s=args.timeout, progress=progress.message,
+    )
+    try:
+        print(f"serving {', '.join(pipelines)} ({args.preset}) with tritonserver pid {server.process.pid}", flush=True)
+        print(f"  gRPC     {server.grpc_url}", flush=True)
+        print(f"  HTTP     http://{server.http_url}", flush=True)
+        print(f"  metrics  {server.metrics_url}", flush=True)
+        print(f"  adgen generate --pipeline {pipelines[0]} --preset {args.preset} --product P --prompt T --out ad.png "
+              f"--server {server.grpc_url}", flush=True)
+        print("Ctrl-C stops it.", flush=True)
+        while server.alive():
+            time.sleep(0.5)
+        raise AdgenError(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        progress.message("stopping tritonserver")
+    finally:
+        code = server.stop()
+        progress.message(f"tritonserver stopped (exit code {code})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = TerminalProgress(quiet=args.quiet)
     try:
-        return {"generate": _generate, "export": _export, "bench": _bench}[args.command](args, progress)
+        return {"generate": _generate, "export": _export, "bench": _bench, "serve": _serve}[args.command](args, progress)
     except AdgenError as e:
         print(f"adgen: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -35,6 +35,7 @@ class ModelSource:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int | None = None  # intra-op threads; None = the library's default
     spin: bool = True  # let idle ONNX Runtime pool threads busy-wait (lower latency when alone on the cores)
+    server_url: str | None = None  # triton backend: host:port (gRPC), grpc://host:port or http://host:port
 
 
 class Component(ABC):
@@ -50,6 +51,9 @@ class Component(ABC):
         outputs = self._run(feed)
         self.spec.validate_outputs(outputs, env)
         return outputs
+
+    def close(self) -> None:
+        """Release what the backend holds for this component (connections, shared memory)."""
 
     @abstractmethod
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -283,6 +283,7 @@ class BackgroundDefinition(PipelineDefinition):
     options = ("product", "mask", "category", "categories", "reference", "reference_mask", "negative_prompt", "width",
                "height", "steps", "guidance", "style_scale", "seed", "scheduler")
     required = ("product", "category")
+    step_components = ("background_unet",)
 
     def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
         return background_specs(preset, precision)

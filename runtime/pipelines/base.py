@@ -64,6 +64,8 @@ class PipelineDefinition(ABC):
     name: str
     options: tuple[str, ...]  # keys of OPTIONS this pipeline reads
     required: tuple[str, ...] = ()  # of those, the ones without a default
+    # Components called every denoising step: a server batches their calls across requests.
+    step_components: tuple[str, ...] = ()
 
     @abstractmethod
     def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:

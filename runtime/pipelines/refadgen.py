@@ -206,6 +206,7 @@ class RefAdGenDefinition(PipelineDefinition):
     options = ("product", "mask", "prompt", "negative_prompt", "width", "height", "steps", "guidance",
                "afm_scale", "seed", "scheduler")
     required = ("product", "prompt")
+    step_components = ("unet",)
 
     def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
         return refadgen_specs(preset, precision)

@@ -1,0 +1,85 @@
+"""`adgen serve`: export (or find) each pipeline's graphs, write the run-time repository, start
+the server.
+
+The run-time repository is the committed one (same generator, same specs) with the run-time
+parameters filled: the graph folder of each pipeline, the folder `runtime` is imported from
+(this process's, so the server runs the code the client runs) and the weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..backends.base import ModelSource
+from ..pipelines import get_pipeline
+from ..presets import get_preset
+from ..weights import WeightsSource
+from .repository import RepositoryOptions, write_repository
+from .server import WORKDIR_PREFIX, Installation, Ports, TritonServer, bundled_installation, given_installation
+
+RUNTIME_ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_runtime_repository(
+    out: Path,
+    pipelines: Sequence[str],
+    preset: str,
+    weights: Path | None = None,
+    init_seed: int = 0,
+    cache_dir: Path | None = None,
+    graphs_dir: Path | None = None,
+    options: RepositoryOptions = RepositoryOptions(),
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    from ..backends.onnxruntime_backend import ensure_graphs
+
+    size = get_preset(preset)
+    source_weights = WeightsSource(seed=init_seed, path=weights)
+    for name in pipelines:
+        definition = get_pipeline(name)
+        source = ModelSource(
+            pipeline=name, preset=size, weights=source_weights, precision=options.precision,
+            cache_root=cache_dir, graphs_dir=graphs_dir,
+        )
+        folder = ensure_graphs(definition.specs(size, options.precision), source, progress)
+        filled = replace(
+            options,
+            graphs_dir=str(Path(folder).resolve()),
+            runtime_root=str(RUNTIME_ROOT),
+            weights=str(weights.resolve()) if weights else "",
+            init_seed=init_seed,
+        )
+        write_repository(out, size, [name], filled)
+    return out
+
+
+def start_server(
+    pipelines: Sequence[str],
+    preset: str,
+    weights: Path | None = None,
+    init_seed: int = 0,
+    cache_dir: Path | None = None,
+    graphs_dir: Path | None = None,
+    options: RepositoryOptions = RepositoryOptions(),
+    tritonserver: Path | None = None,
+    host: str = "127.0.0.1",
+    ports: Ports | None = None,
+    timeout_s: float = 600.0,
+    progress: Callable[[str], None] | None = None,
+) -> TritonServer:
+    """A started, ready server for `pipelines` at `preset`; stop it with `.stop()`."""
+    installation: Installation = given_installation(tritonserver) if tritonserver else bundled_installation()
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+    try:
+        repository = write_runtime_repository(
+            workdir / "repository", pipelines, preset, weights, init_seed, cache_dir, graphs_dir, options, progress
+        )
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    server = TritonServer(repository, installation, host=host, ports=ports, workdir=workdir, remove_workdir=True)
+    return server.start(timeout_s, progress)  # stops the server and removes workdir if it fails

@@ -1,0 +1,344 @@
+"""Against the real tritonserver (the one bundled in nvidia-pytriton), tiny preset, loopback,
+free ports; every server a test starts is stopped, also when the test fails.
+
+Tolerance of the three placements: none. In-process, client-side and in-server runs use the same
+exported graphs on the same ONNX Runtime CPU kernels with the same batch per call and the same
+numpy orchestrator, so the images are bit-identical; any difference is a bug in transport.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("pytriton")
+
+from runtime.api import load_pipeline  # noqa: E402
+from runtime.images import load_product  # noqa: E402
+from runtime.pipelines import get_pipeline  # noqa: E402
+from runtime.pipelines.refadgen import RefAdGenRequest  # noqa: E402
+from runtime.serving.remote import PipelineClient  # noqa: E402
+from runtime.serving.repository import RepositoryOptions  # noqa: E402
+from runtime.serving.serve import start_server  # noqa: E402
+from runtime.serving.server import SHM_DIR, remove_stale_workdirs  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+STEPS = 3
+CONCURRENT = 3
+
+
+@pytest.fixture(scope="module")
+def server(tiny_graphs, cache_root):
+    started = start_server(
+        ["refadgen"], "tiny", cache_dir=cache_root, options=RepositoryOptions(pipeline_instances=CONCURRENT), timeout_s=300
+    )
+    try:
+        yield started
+    finally:
+        code = started.stop()
+    # 0 only if every client closed its connections: an idle HTTP keep-alive makes 2.51 wait out
+    # --exit-timeout-secs and exit 1.
+    assert code == 0, f"tritonserver exit code {code}"
+    assert not started.leftover_regions()
+
+
+@pytest.fixture(scope="module")
+def product(tmp_path_factory):
+    from PIL import Image
+
+    h, w = 160, 128
+    rng = np.random.default_rng(7)
+    rgba = np.zeros((h, w, 4), dtype=np.uint8)
+    rgba[..., :3] = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    rgba[40:120, 30:100, 3] = 255
+    path = tmp_path_factory.mktemp("triton-product") / "product.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def client_side(server):
+    loaded = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=server.grpc_url)
+    try:
+        yield loaded
+    finally:
+        loaded.close()
+
+
+def _generate_in_server(url, product, prompt="a sneaker on a wooden table", seed=0):
+    with PipelineClient(url) as client:
+        return client.generate(get_pipeline("refadgen"), {"product": product, "prompt": prompt, "seed": seed, "steps": STEPS})
+
+
+def test_three_loop_placements_give_the_same_image(server, client_side, ort_pipeline, product):
+    from runtime.api import generate
+
+    options = dict(product=product, prompt="a sneaker on a wooden table", steps=STEPS, seed=4)
+    in_process = generate(ort_pipeline, **options).image
+    client_grpc = generate(client_side, **options).image
+    http = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=f"http://{server.http_url}")
+    try:
+        client_http = generate(http, **options).image
+    finally:
+        http.close()
+    in_server = _generate_in_server(server.grpc_url, product, seed=4)
+    in_server_http = _generate_in_server(f"http://{server.http_url}", product, seed=4)
+    for name, image in [("client gRPC", client_grpc), ("client HTTP", client_http),
+                        ("in-server", in_server.image), ("in-server HTTP", in_server_http.image)]:
+        assert np.array_equal(image, in_process), name
+    report = in_server.report
+    assert report["backend"] == "triton-bls" and len(report["timings_s"]["denoise_step"]["samples"]) == STEPS
+    # the server's Python models import the runtime this test imports, not another checkout
+    assert report["server"]["runtime_root"] == str(Path(__file__).resolve().parents[1])
+    assert report["product"]["path"] == "request:product"
+
+
+@pytest.mark.parametrize("where", ["--server", "--url"])
+def test_cli_generates_through_the_server(server, ort_pipeline, product, tmp_path, where):
+    from PIL import Image
+
+    from runtime.api import generate
+    from runtime.cli import main
+
+    out = tmp_path / "ad.png"
+    placement = ["--server", server.grpc_url] if where == "--server" else ["--backend", "triton", "--url", f"http://{server.http_url}"]
+    code = main(["generate", "--pipeline", "refadgen", "--preset", "tiny", "--product", str(product), "--prompt", "studio",
+                 "--steps", str(STEPS), "--seed", "5", "--quiet", "--out", str(out), *placement])
+    assert code == 0
+    expected = generate(ort_pipeline, product=product, prompt="studio", steps=STEPS, seed=5).image
+    assert np.array_equal(np.asarray(Image.open(out)), expected)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["backend"] == ("triton-bls" if where == "--server" else "triton")
+
+
+def test_cli_refuses_a_url_without_the_triton_backend(product, tmp_path, capsys):
+    from runtime.cli import main
+
+    code = main(["generate", "--product", str(product), "--prompt", "x", "--out", str(tmp_path / "a.png"), "--url", "127.0.0.1:1"])
+    assert code == 2 and "url: --backend triton needs --url" in capsys.readouterr().err
+
+
+def _unet_stats(server):
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/refadgen_unet/stats") as response:
+        stats = json.load(response)["model_stats"][0]
+    return {
+        "requests": int(stats["inference_stats"]["success"]["count"]),
+        "inferences": int(stats["inference_count"]),
+        "executions": int(stats["execution_count"]),
+    }
+
+
+def _delta(after, before):
+    return {k: after[k] - before[k] for k in after}
+
+
+def test_steps_of_concurrent_in_server_requests_share_unet_executions(server, product):
+    prompts = [("studio", 1), ("beach", 2), ("forest", 3)][:CONCURRENT]
+    alone = [_generate_in_server(server.grpc_url, product, p, s).image for p, s in prompts]
+    before = _unet_stats(server)
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        together = list(pool.map(lambda ps: _generate_in_server(server.grpc_url, product, *ps).image, prompts))
+    d = _delta(_unet_stats(server), before)
+    assert d["requests"] == CONCURRENT * STEPS and d["inferences"] == 2 * d["requests"]  # batch 2: guidance
+    assert d["executions"] < d["requests"], d  # some executions ran steps of several requests
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_client_side_loops_batch_in_the_server_too(server, client_side, product, protocol):
+    requests = [RefAdGenRequest(load_product(product), p, seed=s) for p, s in [("studio", 1), ("beach", 2), ("forest", 3)]]
+    loaded = client_side if protocol == "grpc" else load_pipeline(
+        "refadgen", preset="tiny", backend="triton", server_url=f"http://{server.http_url}"
+    )
+    try:
+        runner = loaded.runner
+        alone = [runner([r], steps=STEPS).generated[0] for r in requests]
+        before = _unet_stats(server)
+        with ThreadPoolExecutor(len(requests)) as pool:  # HTTP: one client and one set of regions per thread
+            together = list(pool.map(lambda r: runner([r], steps=STEPS).generated[0], requests))
+        d = _delta(_unet_stats(server), before)
+    finally:
+        if loaded is not client_side:
+            loaded.close()
+    assert d["requests"] == len(requests) * STEPS
+    assert d["executions"] < d["requests"], d
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b)
+
+
+def _post(server, model, body):
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/{model}/infer", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _json_inputs(feed, spec, overrides=None):
+    from runtime.serving.protocol import to_wire
+
+    datatypes = {"float32": "FP32", "float64": "FP64", "int64": "INT64"}
+    feed = {**to_wire(spec, feed), **(overrides or {})}
+    return {"inputs": [
+        {"name": n, "datatype": datatypes[str(a.dtype)], "shape": list(a.shape), "data": a.ravel().tolist()}
+        for n, a in feed.items()
+    ]}
+
+
+def test_malformed_requests_get_400_naming_the_tensor(server, tiny_specs, product):
+    unet = tiny_specs["unet"]
+    rng = np.random.default_rng(0)
+    good = unet.sample_inputs(rng, unet.env_at("min"))
+    code, body = _post(server, "refadgen_unet", _json_inputs(good, unet))
+    assert code == 200 and {o["name"] for o in body["outputs"]} == {"noise_pred"}
+
+    too_small = unet.sample_inputs(rng, unet.env_at("min", latent_h=4))
+    code, body = _post(server, "refadgen_unet", _json_inputs(too_small, unet))
+    assert code == 400 and "unet.sample" in body["error"] and "latent_h in [8, 64]" in body["error"], body
+
+    nan = dict(good, sample=np.full_like(good["sample"], np.nan))
+    code, body = _post(server, "refadgen_unet", _json_inputs(nan, unet))
+    assert code == 400 and "unet.sample: expected finite values" in body["error"], body
+
+    code, body = _post(server, "refadgen_unet", _json_inputs(good, unet, {"sample": good["sample"].astype(np.float64)}))
+    assert code == 400 and "sample" in body["error"], body
+
+    def pipeline_request(**values):
+        inputs = []
+        for name, value in values.items():
+            if isinstance(value, str):
+                inputs.append({"name": name, "datatype": "BYTES", "shape": [1], "data": [value]})
+            else:
+                inputs.append({"name": name, "datatype": "INT64", "shape": [1], "data": [value]})
+        return {"inputs": inputs}
+
+    code, body = _post(server, "refadgen", pipeline_request(product="not an image", prompt="x"))
+    assert code == 400 and body["error"].startswith("product: is not a recognized image file"), body
+    code, body = _post(server, "refadgen", pipeline_request(product="not an image"))
+    assert code == 400 and "prompt" in body["error"], body
+    with PipelineClient(server.grpc_url) as client:
+        from runtime.errors import BackendError
+
+        with pytest.raises(BackendError, match=r"steps: expected an integer in \[1, 500\].*INVALID_ARGUMENT"):
+            client.generate(get_pipeline("refadgen"), {"product": product, "prompt": "x", "steps": 0})
+
+    code, body = _post(server, "no_such_model", {"inputs": []})
+    assert code == 404, body
+
+
+def _regions(prefix):
+    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def _wait_gone(pids, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
+
+
+def _serve(cache_root, extra=()):
+    env = {**os.environ, "ADGEN_CACHE": str(cache_root), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "serve", "--pipeline", "refadgen", "--preset", "tiny", "--instances", "1", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
+    )
+    lines = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            break
+    return proc, lines
+
+
+def _stubs_of(server_pid):
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text().split()
+            except OSError:
+                continue
+            if int(stat[3]) == server_pid:
+                found.append(int(proc.name))
+    return found
+
+
+def test_serve_stops_cleanly_and_dies_with_its_parent(tiny_graphs, cache_root, product):
+    proc, lines = _serve(cache_root)
+    try:
+        assert lines and lines[-1].startswith("Ctrl-C"), "".join(lines) + (proc.stderr.read() if proc.poll() is not None else "")
+        server_pid = int(lines[0].split("pid")[1])
+        grpc_url = next(line.split()[1] for line in lines if line.strip().startswith("gRPC"))
+        stubs = _stubs_of(server_pid)
+        assert stubs, "no Python backend stubs under the server"
+        arguments = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode().split("\0")
+        prefix = next(a.split("shm-region-prefix-name=")[1] for a in arguments if "shm-region-prefix-name=" in a)
+        client = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=grpc_url)
+        from runtime.api import generate
+
+        generate(client, product=product, prompt="studio", steps=1)
+        connection = client.components["unet"].connection
+        client_regions = connection.region_names()
+        assert client_regions and set(client_regions) <= {p.name for p in SHM_DIR.iterdir()}, "large tensors go through shm"
+        client.close()
+        assert not set(client_regions) & {p.name for p in SHM_DIR.iterdir()}
+        assert _regions(prefix)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, proc.stderr.read()
+        assert not _wait_gone([server_pid, *stubs]), "server or stubs outlived `adgen serve`"
+        assert not _regions(prefix)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    proc, lines = _serve(cache_root)
+    try:
+        assert lines and lines[-1].startswith("Ctrl-C")
+        server_pid = int(lines[0].split("pid")[1])
+        stubs = _stubs_of(server_pid)
+        arguments = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode().split("\0")
+        prefix = next(a.split("shm-region-prefix-name=")[1] for a in arguments if "shm-region-prefix-name=" in a)
+        assert _regions(prefix)
+        repository = Path(next(a.split("=", 1)[1] for a in arguments if a.startswith("--model-repository=")))
+        proc.kill()  # SIGKILL: no chance to stop the server itself
+        proc.wait()
+        assert not _wait_gone([server_pid, *stubs]), "server outlived its killed parent"
+        assert not _regions(prefix), "the server, stopped by SIGTERM from the kernel, left regions behind"
+        assert repository.parent in remove_stale_workdirs(repository.parent.parent)  # what the next start sweeps
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
