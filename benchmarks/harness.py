@@ -3,7 +3,12 @@
     adgen bench --pipeline refadgen --preset small --backend onnxruntime --backend torch --iterations 20 --out results.jsonl
     python -m benchmarks.report results.jsonl --out report/
 
-A scenario is pipeline x preset x backend x placement x batch x concurrency. Each scenario runs
+A scenario is pipeline x preset x backend x placement x batch x concurrency. Placements:
+`in-process` (the loop and the networks in the scenario's process), `client-loop` (the loop in
+the scenario's process, every component call a Triton request), `in-server` (each request sent
+whole to the pipeline's BLS model); the served placements run against one real tritonserver per
+pipeline and preset that the harness starts and stops, whose components run ONNX Runtime. Each
+scenario runs
 in a fresh Python process, so its cold time (import + load + first request) and its peak
 memory are its own. Warm-up requests are dropped; then `iterations` requests go out from
 `concurrency` threads, each request a batch of `batch` ads. Per request the harness keeps the
@@ -28,7 +33,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,8 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
-PLACEMENTS = ("in-process",)  # the client loop and in-server placements join with the serving layer
+PLACEMENTS = ("in-process", "client-loop", "in-server")
+SERVED = ("client-loop", "in-server")  # placements that talk to a tritonserver the harness starts
 BASELINE_BACKEND = "torch"
 
 
@@ -52,6 +58,7 @@ class Scenario:
     iterations: int = 20
     warmup: int = 2
     threads: int | None = None  # intra-op threads for the backend
+    server_url: str | None = None  # set by the harness for the served placements; not part of the label
 
     @property
     def label(self) -> str:
@@ -115,49 +122,49 @@ def git_commit() -> str:
 
 def run_scenario(scenario: Scenario, cache_dir: str | None = None) -> dict[str, Any]:
     """Run one scenario in this process and return its record (call in a fresh process)."""
-    from runtime.api import load_pipeline
+    from runtime.pipelines import get_pipeline
     from runtime.presets import get_preset
 
     if scenario.placement not in PLACEMENTS:
         raise ValueError(f"placement {scenario.placement!r}: expected one of {PLACEMENTS}")
+    if scenario.placement in SERVED and scenario.server_url is None:
+        raise ValueError(f"placement {scenario.placement} needs a server_url")
+    if scenario.placement == "in-server" and scenario.batch != 1:
+        raise ValueError("in-server requests carry one ad each: use --concurrency, not --batch")
     preset = get_preset(scenario.preset)
+    definition = get_pipeline(scenario.pipeline)
     started = time.perf_counter()
-    loaded = load_pipeline(scenario.pipeline, scenario.preset, scenario.backend, cache_dir=cache_dir, threads=scenario.threads)
-    load_s = time.perf_counter() - started
-    definition = loaded.definition
     with tempfile.TemporaryDirectory() as tmp:
         options = {**definition.example_options(Path(tmp), preset), "steps": scenario.steps}
-        prepared = [definition.prepare(preset, **options, seed=seed) for seed in range(scenario.batch)]
+        request, spec_hash, close = _requester(scenario, definition, preset, options, cache_dir)
+        load_s = time.perf_counter() - started
+        try:
+            first_s, _ = request()
+            cold_s = time.perf_counter() - started
+            for _ in range(max(0, scenario.warmup - 1)):
+                request()
+            latencies: list[float] = []
+            stages: dict[str, list[float]] = {}
+            lock = threading.Lock()
 
-        def one_request() -> tuple[float, dict]:
-            t0 = time.perf_counter()
-            results = definition.run_batch(loaded.runner, prepared)
-            return time.perf_counter() - t0, results[0].report["timings_s"]
+            def timed(_: int) -> None:
+                latency, timings = request()
+                with lock:
+                    latencies.append(latency)
+                    for stage, value in timings.items():
+                        if isinstance(value, dict):
+                            stages.setdefault(stage, []).extend(value["samples"])
+                        else:
+                            stages.setdefault(stage, []).append(value)
 
-        first_s, _ = one_request()
-        cold_s = time.perf_counter() - started
-        for _ in range(max(0, scenario.warmup - 1)):
-            one_request()
-        latencies: list[float] = []
-        stages: dict[str, list[float]] = {}
-        lock = threading.Lock()
+            wall_start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=scenario.concurrency) as pool:
+                list(pool.map(timed, range(scenario.iterations)))
+            wall_s = time.perf_counter() - wall_start
+        finally:
+            close()
 
-        def timed(_: int) -> None:
-            latency, timings = one_request()
-            with lock:
-                latencies.append(latency)
-                for stage, value in timings.items():
-                    if isinstance(value, dict):
-                        stages.setdefault(stage, []).extend(value["samples"])
-                    else:
-                        stages.setdefault(stage, []).append(value)
-
-        wall_start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=scenario.concurrency) as pool:
-            list(pool.map(timed, range(scenario.iterations)))
-        wall_s = time.perf_counter() - wall_start
-
-    record: dict[str, Any] = {
+    return {
         "schema": SCHEMA_VERSION,
         "benchmark": "harness",
         "label": scenario.label,
@@ -169,12 +176,62 @@ def run_scenario(scenario: Scenario, cache_dir: str | None = None) -> dict[str, 
         "load_s": load_s,
         "first_request_s": first_s,
         "cold_s": cold_s,
-        "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_host_rss_mb": own_peak_rss_mb(),
         "peak_device_mb": peak_device_mb(),
-        "spec_hash": loaded.specs_hash,
+        "spec_hash": spec_hash,
         "samples": {"latency_s": latencies, "stages_s": stages},
     }
-    return record
+
+
+def _requester(scenario: Scenario, definition, preset, options: dict, cache_dir: str | None):
+    """(request() -> (latency, stage timings), spec hash, close()) for the scenario's placement."""
+    from runtime.specs import specs_hash
+
+    if scenario.placement == "in-server":
+        from runtime.serving.remote import PipelineClient
+
+        local = threading.local()
+        clients: list[PipelineClient] = []
+
+        def request() -> tuple[float, dict]:
+            if not hasattr(local, "client"):  # one connection per caller thread
+                local.client = PipelineClient(scenario.server_url)
+                clients.append(local.client)
+            t0 = time.perf_counter()
+            result = local.client.generate(definition, {**options, "seed": 0})
+            return time.perf_counter() - t0, result.report["timings_s"]
+
+        def close() -> None:
+            for client in clients:
+                client.close()
+
+        return request, specs_hash(definition.specs(preset)), close
+
+    from runtime.api import load_pipeline
+
+    backend = "triton" if scenario.placement == "client-loop" else scenario.backend
+    loaded = load_pipeline(scenario.pipeline, scenario.preset, backend, cache_dir=cache_dir, threads=scenario.threads,
+                           server_url=scenario.server_url)
+    prepared = [definition.prepare(preset, **options, seed=seed) for seed in range(scenario.batch)]
+
+    def request() -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        results = definition.run_batch(loaded.runner, prepared)
+        return time.perf_counter() - t0, results[0].report["timings_s"]
+
+    return request, loaded.specs_hash, loaded.close
+
+
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space, which exec replaces;
+    getrusage's ru_maxrss would carry the parent's peak over from fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_device_mb() -> float | None:
@@ -247,6 +304,26 @@ def ensure_graphs(scenario: Scenario, cache_dir: str | None) -> None:
     ensure(specs, ModelSource(scenario.pipeline, preset, cache_root=Path(cache_dir) if cache_dir else None))
 
 
+def server_peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory (VmHWM) of a server and its Python-backend stubs, from /proc."""
+    total, pending, seen = 0, [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024 if total else None
+
+
 def run_in_subprocess(scenario: Scenario, cache_dir: str | None, timeout_s: float) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.harness", "--run-scenario", json.dumps(asdict(scenario))]
     if cache_dir:
@@ -259,6 +336,7 @@ def run_in_subprocess(scenario: Scenario, cache_dir: str | None, timeout_s: floa
 
 
 def scenarios_from(args: argparse.Namespace) -> list[Scenario]:
+    """Every combination; served placements only with onnxruntime (what the server's models run)."""
     return [
         Scenario(args.pipeline, args.preset, backend, placement, batch, concurrency, args.steps, args.iterations,
                  args.warmup, args.threads)
@@ -266,6 +344,7 @@ def scenarios_from(args: argparse.Namespace) -> list[Scenario]:
         for backend in args.backend or ["onnxruntime", BASELINE_BACKEND]
         for batch in args.batch or [1]
         for concurrency in args.concurrency or [1]
+        if placement == "in-process" or (backend == "onnxruntime" and (placement != "in-server" or batch == 1))
     ]
 
 
@@ -291,6 +370,8 @@ def bench(args: argparse.Namespace) -> int:
     from .flops import device_peak
 
     scenarios = scenarios_from(args)
+    if not scenarios:
+        raise SystemExit("no scenario: served placements run the onnxruntime backend, in-server at batch 1")
     machine = machine_info()
     peak, peak_source = device_peak(machine["device"])
     commit = git_commit()
@@ -298,37 +379,51 @@ def bench(args: argparse.Namespace) -> int:
     records = []
     for scenario in scenarios:
         ensure_graphs(scenario, args.cache_dir)
-    for i, scenario in enumerate(scenarios, 1):
-        say(f"[{i}/{len(scenarios)}] {scenario.label}: running")
-        record = run_in_subprocess(scenario, args.cache_dir, args.timeout)
-        key = (scenario.pipeline, scenario.preset, scenario.batch, scenario.steps)
-        if key not in flop_cache:
-            flop_cache[key] = flops_for(scenario)
-        add_mfu(record, flop_cache[key], peak)
-        record.update(machine=machine, git_commit=commit, device_peak_source=peak_source, time=time.time())
-        records.append(record)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        lat = record["latency_s"]
-        say(f"[{i}/{len(scenarios)}] {scenario.label}: p50 {lat['p50']:.3f} s, p90 {lat['p90']:.3f} s, "
-            f"{record['images_per_s']:.2f} images/s, cold {record['cold_s']:.1f} s, "
-            f"peak RSS {record['peak_host_rss_mb']:.0f} MB")
+    server = None
+    try:
+        if any(s.placement in SERVED for s in scenarios):
+            from runtime.serving.serve import start_server
+
+            say(f"starting tritonserver for {args.pipeline} ({args.preset})")
+            server = start_server([args.pipeline], args.preset, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                                  progress=None if args.quiet else say)
+        for i, scenario in enumerate(scenarios, 1):
+            if scenario.placement in SERVED:
+                scenario = replace(scenario, server_url=server.grpc_url)
+            say(f"[{i}/{len(scenarios)}] {scenario.label}: running")
+            record = run_in_subprocess(scenario, args.cache_dir, args.timeout)
+            key = (scenario.pipeline, scenario.preset, scenario.batch, scenario.steps)
+            if key not in flop_cache:
+                flop_cache[key] = flops_for(scenario)
+            add_mfu(record, flop_cache[key], peak)
+            if scenario.placement in SERVED:
+                record["peak_server_rss_mb"] = server_peak_rss_mb(server.process.pid)  # since the server started
+            record.update(machine=machine, git_commit=commit, device_peak_source=peak_source, time=time.time())
+            records.append(record)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            lat = record["latency_s"]
+            say(f"[{i}/{len(scenarios)}] {scenario.label}: p50 {lat['p50']:.3f} s, p90 {lat['p90']:.3f} s, "
+                f"{record['images_per_s']:.2f} images/s, cold {record['cold_s']:.1f} s, "
+                f"peak RSS {record['peak_host_rss_mb']:.0f} MB")
+    finally:
+        if server is not None:
+            server.stop()
     print_summary(records)
     return 0
 
 
 def print_summary(records: list[dict[str, Any]]) -> None:
-    base = {r["label"].replace(f"/{r['scenario']['backend']}/", "/"): r for r in records
-            if r["scenario"]["backend"] == BASELINE_BACKEND}
-    print(f"{'scenario':<48} {'p50 s':>8} {'p90 s':>8} {'step p50 ms':>12} {'img/s':>7} {'vs torch':>9}")
+    from .report import speedups
+
+    ratio = speedups(records)
+    print(f"{'scenario':<52} {'p50 s':>8} {'p90 s':>8} {'step p50 ms':>12} {'img/s':>7} {'vs torch':>9}")
     for r in records:
-        key = r["label"].replace(f"/{r['scenario']['backend']}/", "/")
-        ref = base.get(key)
-        ratio = f"{ref['latency_s']['p50'] / r['latency_s']['p50']:.2f}x" if ref else "-"
         step = r["stages_s"].get("denoise_step", {}).get("p50")
         step_ms = f"{1000 * step:.1f}" if step else "-"
-        print(f"{r['label']:<48} {r['latency_s']['p50']:8.3f} {r['latency_s']['p90']:8.3f} {step_ms:>12} "
-              f"{r['images_per_s']:7.2f} {ratio:>9}")
+        speedup = f"{ratio[r['label']]:.2f}x" if r["label"] in ratio else "-"
+        print(f"{r['label']:<52} {r['latency_s']['p50']:8.3f} {r['latency_s']['p90']:8.3f} {step_ms:>12} "
+              f"{r['images_per_s']:7.2f} {speedup:>9}")
 
 
 def main(argv: list[str] | None = None) -> int:

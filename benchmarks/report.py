@@ -56,15 +56,20 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _peer_key(record: dict[str, Any]) -> tuple:
+def peer_key(record: dict[str, Any]) -> tuple:
+    """The axes a scenario shares with its baseline: all but backend and placement."""
     s = record["scenario"]
-    return (s["pipeline"], s["preset"], s["placement"], s["batch"], s["concurrency"], s["steps"])
+    return (s["pipeline"], s["preset"], s["batch"], s["concurrency"], s["steps"])
+
+
+def is_baseline(record: dict[str, Any]) -> bool:
+    return record["scenario"]["backend"] == BASELINE_BACKEND and record["scenario"]["placement"] == "in-process"
 
 
 def speedups(records: list[dict[str, Any]]) -> dict[str, float]:
-    """p50 of the torch-eager baseline over p50 of each scenario with the same other axes."""
-    base = {_peer_key(r): r["latency_s"]["p50"] for r in records if r["scenario"]["backend"] == BASELINE_BACKEND}
-    return {r["label"]: base[_peer_key(r)] / r["latency_s"]["p50"] for r in records if _peer_key(r) in base}
+    """p50 of the in-process torch-eager baseline over p50 of each scenario with the same other axes."""
+    base = {peer_key(r): r["latency_s"]["p50"] for r in records if is_baseline(r)}
+    return {r["label"]: base[peer_key(r)] / r["latency_s"]["p50"] for r in records if peer_key(r) in base}
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
@@ -89,10 +94,13 @@ def markdown(records: list[dict[str, Any]]) -> str:
         step_cell = f"{1000 * step:.1f}" if step else "-"
         mfu_cell = f"{100 * mfu:.1f}%" if mfu is not None else "-"
         ratio_cell = f"{ratio[r['label']]:.2f}x" if r["label"] in ratio else "-"
+        rss_cell = f"{r['peak_host_rss_mb']:.0f}"
+        if r.get("peak_server_rss_mb"):
+            rss_cell += f" + server {r['peak_server_rss_mb']:.0f}"
         lines.append(
             f"| {r['label']} | {lat['p50']:.3f} | {lat['p90']:.3f} | {lat['p99']:.3f} | {lat['mean']:.3f} "
             f"| {lat['std']:.3f} | {step_cell} | {r['images_per_s']:.2f} | {r['cold_s']:.1f} "
-            f"| {r['peak_host_rss_mb']:.0f} | {mfu_cell} | {ratio_cell} |"
+            f"| {rss_cell} | {mfu_cell} | {ratio_cell} |"
         )
     stages = stages_of(records)
     lines += ["", "Per-stage p50 (s) and MFU:", "", "| scenario | " + " | ".join(stages) + " |",

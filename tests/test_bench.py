@@ -89,3 +89,22 @@ def test_report_refuses_records_it_cannot_read(tmp_path, capsys):
     results.write_text(json.dumps(bad) + "\n")
     assert report.main([str(results), "--out", str(tmp_path / "rep")]) == 2
     assert "missing fields ['latency_s']" in capsys.readouterr().err
+
+
+@pytest.mark.triton
+def test_served_placements_run_against_the_real_server(tiny_graphs, cache_root, tmp_path):
+    pytest.importorskip("tritonclient")
+    out = tmp_path / "served.jsonl"
+    code = harness.main([
+        "--pipeline", "refadgen", "--preset", "tiny", "--backend", "onnxruntime",
+        "--placement", "client-loop", "--placement", "in-server",
+        "--steps", str(STEPS), "--iterations", "2", "--warmup", "1",
+        "--cache-dir", str(cache_root), "--out", str(out), "--quiet",
+    ])
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["scenario"]["placement"] for r in records] == ["client-loop", "in-server"]
+    for r in records:
+        assert len(r["samples"]["stages_s"]["denoise_step"]) == 2 * STEPS  # the server's own stage timings
+        assert r["peak_server_rss_mb"] > 0 and r["scenario"]["server_url"]
+    assert not list(harness.Path("/dev/shm").glob("adgen_*"))  # the server stopped and cleaned up
