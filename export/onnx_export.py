@@ -1,15 +1,19 @@
 """torch -> ONNX for every component of a pipeline, with a parity check and a manifest.
 
-`export_pipeline` writes `<component>.onnx` for each spec, `parity.json` (per output: max
-absolute error, max relative error, cosine similarity against torch, pass/fail) and
-`manifest.json` (the cache key, spec hashes, graph sizes, library versions). It writes into a
+`export_pipeline` writes `<component>.onnx` (plus `<component>.onnx.data` past 1.8 GB of
+weights) for each spec, `parity.json` (per output: max absolute error, max relative error,
+cosine similarity against the float32 torch module, pass/fail at the precision's tolerance)
+and `manifest.json` (the cache key, spec hashes, graph sizes, export times, peak memory,
+library versions). It writes into a
 temporary folder renamed into place only when every component passed parity.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
+import resource
 import shutil
 import tempfile
 import time
@@ -25,12 +29,25 @@ from torch import nn
 
 from networks.attention import export_attention_as
 from networks.runner import run_module
+from export.graph_passes import (
+    EXTERNAL_DATA_THRESHOLD,
+    FP32_OPS,
+    Cleanup,
+    check_io_dtypes,
+    load_graph,
+    remove_folder,
+    save_graph,
+    scratch_folder,
+    to_float16,
+)
+from export.graph_passes import cleanup as apply_cleanup
 from runtime.artifacts import MANIFEST, PARITY, GraphKey, graph_bytes, graph_path
 from runtime.errors import ExportError, ParityError
 from runtime.specs import AttentionKernel, ComponentSpec, Dim, Precision
 
 Progress = Callable[[str], None]
-LIBRARIES = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "numpy")
+LIBRARIES = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "numpy", "onnxslim")
+DEFAULT_CLEANUP = Cleanup.NONE
 
 
 @dataclass(frozen=True)
@@ -95,7 +112,10 @@ def export_component(
 def check_parity(
     module: nn.Module, spec: ComponentSpec, path: Path, precision: Precision, envs: list[Mapping[str, int]] | None = None
 ) -> ComponentParity:
-    """Compare the graph at `path` with `module` on random inputs at each env (default: opt, and B=1 at min)."""
+    """Compare the graph at `path` with `module` on random inputs at each env (default: opt, and B=1 at min).
+
+    The reference is always the float32 module; an fp16 graph is held to the fp16 tolerance.
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -103,9 +123,11 @@ def check_parity(
     tol = precision.tolerance
     worst: dict[str, OutputParity] = {}
     shapes: dict[str, list[int]] = {}
+    reference = spec.at_float32()
     for i, env in enumerate(envs):
         feed = spec.sample_inputs(np.random.default_rng(1 + i), env)
-        expected = run_module(module, spec, feed)
+        # The float32 module sees the very values the graph sees (float16 inputs widened).
+        expected = run_module(module, reference, reference.cast_inputs(feed))
         got = dict(zip(spec.output_names, session.run(list(spec.output_names), feed)))
         for name in spec.output_names:
             a, b = got[name].astype(np.float64), expected[name].astype(np.float64)
@@ -140,10 +162,16 @@ def export_pipeline(
     key: GraphKey,
     out_dir: Path,
     progress: Progress | None = None,
+    cleanup: Cleanup = DEFAULT_CLEANUP,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> Path:
-    """Export every spec'd component into `out_dir` (created; must not exist yet) and return it."""
-    if key.precision is not Precision.FP32:
-        raise ExportError(f"precision {key.precision.value}: only fp32 export is implemented so far")
+    """Export every spec'd component into `out_dir` (created; must not exist yet) and return it.
+
+    One component at a time: trace the float32 module, clean the graph up, convert it to
+    `key.precision`, save it (external data past `external_data_threshold` bytes), check parity,
+    and drop the graph before the next. `modules` may be a lazy mapping (`networks.build.
+    LazyModules`) so only one full-size network is in memory at once.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ExportError(f"{out_dir} already exists; remove it or choose another folder")
@@ -153,25 +181,31 @@ def export_pipeline(
     try:
         components, parity = {}, {}
         for i, (name, spec) in enumerate(specs.items(), 1):
-            say(f"[{i}/{len(specs)}] {name}: exporting")
+            say(f"[{i}/{len(specs)}] {name}: exporting ({key.precision.value})")
             started = time.perf_counter()
             path = graph_path(tmp, name)
-            try:
-                export_component(modules[name], spec, path, key.opset, key.attention)
-            except Exception as e:  # the exporter raises many types; name the component
-                raise ExportError(f"{name}: ONNX export failed: {e}") from e
+            module = modules[name]
+            external = write_graph(module, spec, path, key, cleanup, external_data_threshold)
             exported = time.perf_counter() - started
-            result = check_parity(modules[name], spec, path, key.precision)
+            started = time.perf_counter()
+            result = check_parity(module, spec, path, key.precision)
+            checked = time.perf_counter() - started
+            del module
+            gc.collect()
             worst = result.worst()
             say(
-                f"[{i}/{len(specs)}] {name}: {exported:.1f} s, {graph_bytes(path) / 1e6:.1f} MB, "
-                f"parity max abs {worst.max_abs:.2e} ({worst.output}) {'ok' if result.passed else 'FAILED'}"
+                f"[{i}/{len(specs)}] {name}: {exported:.1f} s, {graph_bytes(path) / 1e6:.1f} MB"
+                f"{' (external data)' if external else ''}, parity max abs {worst.max_abs:.2e} "
+                f"cosine {min(o.cosine for o in result.outputs):.6f} ({worst.output}) {'ok' if result.passed else 'FAILED'}"
             )
             parity[name] = asdict(result) | {"passed": result.passed}
             components[name] = {
                 "spec_hash": spec.spec_hash(),
                 "bytes": graph_bytes(path),
+                "external_data": external,
                 "export_seconds": round(exported, 3),
+                "parity_seconds": round(checked, 3),
+                "peak_rss_bytes": peak_rss_bytes(),
                 "spec": spec.to_dict(),
             }
             if not result.passed:
@@ -181,10 +215,48 @@ def export_pipeline(
                     f"{worst.bound:.3e} for {key.precision.value}"
                 )
         (tmp / PARITY).write_text(json.dumps(parity, indent=2))
-        manifest = {"key": key.to_dict(), "components": components, "versions": library_versions(), "created": time.time()}
+        manifest = {
+            "key": key.to_dict(), "components": components, "versions": library_versions(),
+            "cleanup": cleanup.value, "fp32_ops": list(FP32_OPS) if key.precision is Precision.FP16 else [],
+            "created": time.time(),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_graph(
+    module: nn.Module,
+    spec: ComponentSpec,
+    path: Path,
+    key: GraphKey,
+    cleanup: Cleanup = DEFAULT_CLEANUP,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> bool:
+    """Trace `module` at float32, clean up, convert to `key.precision`, save to `path`.
+    Returns whether the weights went to `<path>.data`."""
+    scratch = scratch_folder(path.parent, spec.name)
+    try:
+        traced = scratch / "traced.onnx"  # past 2 GB the exporter scatters one file per weight here
+        try:
+            export_component(module, spec.at_float32(), traced, key.opset, key.attention)
+        except Exception as e:  # the exporter raises many types; name the component
+            raise ExportError(f"{spec.name}: ONNX export failed: {e}") from e
+        model = load_graph(traced)
+        remove_folder(scratch)
+        scratch.mkdir()
+        model = apply_cleanup(model, cleanup, scratch)
+        if key.precision is Precision.FP16:
+            model = to_float16(model, spec, scratch)
+        check_io_dtypes(model, spec)
+        return save_graph(model, path, external_data_threshold)
+    finally:
+        remove_folder(scratch)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -17,6 +17,7 @@ from .errors import AdgenError, InputError
 from .pipelines import PIPELINES, get_pipeline
 from .pipelines.base import OPTIONS, PipelineDefinition, add_option_arguments
 from .presets import PRESETS, get_preset
+from .specs import Precision
 
 BACKEND_CHOICES = ("onnxruntime", "torch")
 
@@ -67,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export a pipeline's components to ONNX with a parity report")
     _model_arguments(exp)
     exp.add_argument("--out", type=Path, required=True, help="new folder for the graphs, parity.json and manifest.json")
-    exp.add_argument("--precision", default="fp32", choices=("fp32",))
+    exp.add_argument("--precision", default="fp32", choices=tuple(p.value for p in Precision),
+                     help="fp16: float16 weights and ops, normalizations and softmax kept float32")
+    exp.add_argument("--cleanup", default=None, choices=("none", "ort-basic", "onnxslim"),
+                     help="graph clean-up before saving (default: the exporter's, see README)")
     exp.add_argument(
         "--attention", default="ort", choices=("ort", "onnx"),
         help="ort: fused com.microsoft.MultiHeadAttention (ONNX Runtime); onnx: portable MatMul/Softmax (TensorRT, others)",
@@ -110,12 +114,13 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
 
 def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
     try:
-        from export.onnx_export import export_pipeline
-        from networks.build import build_modules
+        from export.graph_passes import Cleanup
+        from export.onnx_export import DEFAULT_CLEANUP, export_pipeline
+        from networks.build import LazyModules
     except ImportError as e:
         raise AdgenError(f"export needs torch ({e.name} missing): pip install 'adgen[export]'") from e
     from .artifacts import GraphKey
-    from .specs import AttentionKernel, Precision
+    from .specs import AttentionKernel
     from .weights import WeightsSource
 
     preset = get_preset(args.preset)
@@ -125,7 +130,9 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
     key = GraphKey.of(
         args.pipeline, preset.name, precision, specs, weights.fingerprint(preset.name), AttentionKernel(args.attention)
     )
-    folder = export_pipeline(build_modules(args.pipeline, preset, weights), specs, key, args.out, progress.message)
+    cleanup = Cleanup(args.cleanup) if args.cleanup else DEFAULT_CLEANUP
+    modules = LazyModules(args.pipeline, preset, weights)  # one full-size network in memory at a time
+    folder = export_pipeline(modules, specs, key, args.out, progress.message, cleanup=cleanup)
     progress.message(f"wrote {folder} (parity.json, manifest.json)")
     return 0
 

@@ -75,7 +75,7 @@ def ensure_graphs(specs: Mapping[str, ComponentSpec], source: ModelSource, progr
             shutil.rmtree(folder)
     try:
         from export.onnx_export import export_pipeline
-        from networks.build import build_modules
+        from networks.build import LazyModules
     except ImportError as e:
         raise BackendError(
             f"no exported graphs for {key.dirname} under {root}, and exporting needs torch "
@@ -83,7 +83,7 @@ def ensure_graphs(specs: Mapping[str, ComponentSpec], source: ModelSource, progr
         ) from e
     if progress:
         progress(f"exporting {source.pipeline} ({source.preset.name}) to ONNX once; cached in {root / key.dirname}")
-    modules = build_modules(source.pipeline, source.preset, source.weights)
+    modules = LazyModules(source.pipeline, source.preset, source.weights)
     try:
         return export_pipeline(modules, specs, key, folder, progress)
     except (ExportError, OSError):
