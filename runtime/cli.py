@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
     gen.add_argument("--graphs", type=Path, default=None, help="use this folder from `adgen export` instead of the cache")
     gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
+    gen.add_argument("--precision", default="fp32", choices=tuple(p.value for p in Precision),
+                     help="graphs' precision (fp16: float16 graphs from `adgen export --precision fp16`)")
+    gen.add_argument("--device", default="cpu", choices=("cpu", "cuda", "tensorrt"),
+                     help="cpu (default); cuda: ONNX Runtime's CUDA provider with IO binding, or torch on cuda; "
+                          "tensorrt: ONNX Runtime's TensorRT provider")
     options = set().union(*(get_pipeline(name).options for name in PIPELINES))
     add_option_arguments(gen.add_argument_group("request (each pipeline reads some of these)"), options)
 
@@ -100,7 +105,7 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
     loaded = load_pipeline(
         pipeline=args.pipeline, preset=args.preset, backend=args.backend, weights=args.weights,
         init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, threads=args.threads,
-        progress=progress.message,
+        progress=progress.message, precision=args.precision, device=args.device,
     )
     result = run(loaded, prepared, on_step=progress.step)
     image_path, report_path = save_result(result, args.out)

@@ -17,6 +17,7 @@ import numpy as np
 from ..presets import Preset
 from ..specs import AttentionKernel, ComponentSpec, Precision
 from ..weights import WeightsSource
+from .devices import Device
 
 Progress = Callable[[str], None]
 
@@ -32,9 +33,15 @@ class ModelSource:
     attention: AttentionKernel = AttentionKernel.ORT  # how exported graphs write attention
     cache_root: Path | None = None  # exported-graph cache (default: runtime.artifacts.default_cache_root())
     graphs_dir: Path | None = None  # an explicit exported folder, checked against its manifest
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    device: Device = Device.CPU
+    providers: tuple[str, ...] | None = None  # ONNX Runtime providers; None = the device's (Device.providers)
     threads: int | None = None  # intra-op threads; None = the library's default
     spin: bool = True  # let idle ONNX Runtime pool threads busy-wait (lower latency when alone on the cores)
+
+
+    @property
+    def ort_providers(self) -> tuple[str, ...]:
+        return self.providers if self.providers is not None else self.device.providers
 
 
 class Component(ABC):

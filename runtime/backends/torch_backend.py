@@ -1,4 +1,5 @@
-"""The torch reference backend: the networks themselves, eager, float32."""
+"""The torch reference backend: the networks themselves, eager; float32 on the CPU, the
+source's precision on CUDA."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from torch import nn
 from networks.build import build_modules
 from networks.runner import run_module
 
-from ..specs import ComponentSpec
+from ..errors import BackendError
+from ..specs import ComponentSpec, Precision
 from .base import Component, ModelSource, Progress
 
 
@@ -33,5 +35,16 @@ def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Prog
     if progress:
         progress(f"building {source.pipeline} networks ({source.preset.name}, {source.weights.describe()})")
     modules = build_modules(source.pipeline, source.preset, source.weights)
+    device = source.device.torch_device
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendError(f"torch backend on {source.device.value}: torch {torch.__version__} sees no CUDA device")
+        # fp16 on the GPU is the comparison that matters there; on the CPU the reference stays
+        # float32 (half-precision CPU kernels are slow or missing), with float16 I/O cast.
+        dtype = torch.float16 if source.precision is Precision.FP16 else torch.float32
+        for module in modules.values():
+            module.to(device=device, dtype=dtype)
     # afm_kv shares parameters (not call state) with unet; one lock per module is enough.
     return {name: TorchComponent(spec, modules[name], threading.Lock()) for name, spec in specs.items()}

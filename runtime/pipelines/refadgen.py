@@ -105,16 +105,17 @@ class RefAdGenPipeline:
         with timer.stage("total"):
             with timer.stage("text_encode"):
                 texts = [r.prompt for r in requests] + ([r.negative_prompt for r in requests] if cfg else [])
-                text_embeds = self.c["text_encoder"].run({"input_ids": self.tokenizer(texts)})["text_embeds"]
+                text_embeds = _run(self.c["text_encoder"], {"input_ids": self.tokenizer(texts)})["text_embeds"]
             with timer.stage("image_encode"):
                 image_tokens = self._image_tokens(requests, cfg)
             with timer.stage("vae_encode"):
-                product_latent = self.c["vae_encoder"].run({"image": self._reference_images(requests)})["latent"]
+                product_latent = _run(self.c["vae_encoder"], {"image": self._reference_images(requests)})["latent"]
             with timer.stage("reference_unet"):
-                states = self.c["reference_unet"].run(
-                    {"product_latent": np.concatenate([product_latent] * halves), "image_tokens": image_tokens}
+                states = _run(
+                    self.c["reference_unet"],
+                    {"product_latent": np.concatenate([product_latent] * halves), "image_tokens": image_tokens},
                 )
-                ref_kv = self.c["afm_kv"].run(states)
+                ref_kv = _run(self.c["afm_kv"], states)
             h, w = product_latent.shape[-2:]
             mask = np.stack([resize_mask_nearest(r.product.mask, h, w)[None] for r in requests])  # (B, 1, h, w)
             latents = np.stack([self._noise(r.seed, h, w) for r in requests]) * np.float32(sched.init_noise_sigma)
@@ -127,7 +128,8 @@ class RefAdGenPipeline:
                 with timer.stage("denoise_step", repeated=True):
                     sample = np.concatenate([np.concatenate([latents, mask], axis=1)] * halves)  # (halves*B, 5, h, w)
                     timestep = np.full(halves * n, t, dtype=np.float32)
-                    eps = self.c["unet"].run({"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
+                    eps = _run(self.c["unet"], {"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
+                    eps = eps.astype(np.float32, copy=False)  # guidance and scheduler maths in float32
                     if cfg:
                         cond, uncond = eps[:n], eps[n:]
                         eps = uncond + guidance[:, None, None, None] * (cond - uncond)
@@ -135,7 +137,8 @@ class RefAdGenPipeline:
                 if on_step:
                     on_step(i + 1, steps)
             with timer.stage("vae_decode"):
-                generated = from_model_image(self.c["vae_decoder"].run({"latent": latents})["image"])
+                decoded = _run(self.c["vae_decoder"], {"latent": latents})["image"]
+                generated = from_model_image(decoded.astype(np.float32, copy=False))
             with timer.stage("compose"):
                 images = [compose(g, r.product) for g, r in zip(generated, requests)]
         return RefAdGenOutput(images=images, generated=generated, timings=timer.summary())
@@ -155,12 +158,12 @@ class RefAdGenPipeline:
     def _image_tokens(self, requests: Sequence[RefAdGenRequest], cfg: bool) -> np.ndarray:
         size = self.preset.image.image_size
         pixels = np.concatenate([clip_pixels(_product_only(r.product), size) for r in requests])
-        tokens = self.c["image_encoder"].run({"pixel_values": pixels})["image_tokens"]
+        tokens = _run(self.c["image_encoder"], {"pixel_values": pixels})["image_tokens"]
         if not cfg:
             return tokens
         if self._zero_image_tokens is None:  # the unconditional image embedding: same for every request
             zeros = np.zeros((1, 3, size, size), dtype=np.float32)
-            self._zero_image_tokens = self.c["image_encoder"].run({"pixel_values": zeros})["image_tokens"]
+            self._zero_image_tokens = _run(self.c["image_encoder"], {"pixel_values": zeros})["image_tokens"]
         return np.concatenate([tokens, np.repeat(self._zero_image_tokens, len(requests), axis=0)])
 
     def _reference_images(self, requests: Sequence[RefAdGenRequest]) -> np.ndarray:
@@ -169,6 +172,11 @@ class RefAdGenPipeline:
     def _noise(self, seed: int, h: int, w: int) -> np.ndarray:
         rng = np.random.Generator(np.random.PCG64(seed))
         return rng.standard_normal((self.preset.latent_channels, h, w), dtype=np.float32)
+
+
+def _run(component: Component, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with float inputs in the dtypes the component's spec declares (float16 graphs)."""
+    return component.run(component.spec.cast_inputs(feed))
 
 
 def check_steps(steps: int) -> None:
