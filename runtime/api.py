@@ -53,6 +53,8 @@ def load_pipeline(
     progress: Progress | None = None,
     precision: str | Precision = Precision.FP32,
     device: str | Device = Device.CPU,
+    engines_dir: str | Path | None = None,
+    cuda_graphs: bool = False,
 ) -> LoadedPipeline:
     """Open every component of `pipeline` on `backend` (exporting ONNX graphs on a cache miss).
 
@@ -70,6 +72,8 @@ def load_pipeline(
         threads=threads,
         precision=_enum(Precision, precision, "precision"),
         device=_enum(Device, device, "device"),
+        engines_dir=Path(engines_dir) if engines_dir else None,
+        cuda_graphs=cuda_graphs,
     )
     specs = definition.specs(size, source.precision)
     components = load_components(backend, specs, source, progress)

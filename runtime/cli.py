@@ -2,6 +2,7 @@
 
     adgen generate --pipeline refadgen --product shoe.png --prompt "a sneaker on a wooden table" --out ad.png
     adgen export --pipeline refadgen --preset tiny --out build/
+    adgen engines --onnx build/ --out engines/        # where TensorRT is installed
 
 Errors a user can cause print one line naming the field and the rule, and exit non-zero.
 """
@@ -9,6 +10,7 @@ Errors a user can cause print one line naming the field and the rule, and exit n
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +21,7 @@ from .pipelines.base import OPTIONS, PipelineDefinition, add_option_arguments
 from .presets import PRESETS, get_preset
 from .specs import Precision
 
-BACKEND_CHOICES = ("onnxruntime", "torch")
+BACKEND_CHOICES = ("onnxruntime", "torch", "tensorrt")
 
 
 class TerminalProgress:
@@ -61,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, required=True, help="output PNG; the report goes beside it as .json")
     gen.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
     gen.add_argument("--graphs", type=Path, default=None, help="use this folder from `adgen export` instead of the cache")
+    gen.add_argument("--engines", type=Path, default=None, help="tensorrt backend: a folder made by `adgen engines`")
+    gen.add_argument("--cuda-graphs", action="store_true", default=False,
+                     help="tensorrt backend: replay each step shape from a captured CUDA graph")
     gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
     gen.add_argument("--precision", default="fp32", choices=tuple(p.value for p in Precision),
                      help="graphs' precision (fp16: float16 graphs from `adgen export --precision fp16`)")
@@ -81,7 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention", default="ort", choices=("ort", "onnx"),
         help="ort: fused com.microsoft.MultiHeadAttention (ONNX Runtime); onnx: portable MatMul/Softmax (TensorRT, others)",
     )
+
+    eng = sub.add_parser("engines", help="build TensorRT engines from an `adgen export --attention onnx` folder")
+    eng.add_argument("--onnx", type=Path, required=True, help="folder made by `adgen export --attention onnx`")
+    eng.add_argument("--out", type=Path, required=True, help="engines folder (engines are keyed per GPU; existing ones are kept)")
+    eng.add_argument("--sizes", default=None,
+                     help="fixed ad canvases WxH[,WxH...]: one static-size profile each (default: the specs' dynamic range)")
+    eng.add_argument("--fp16-tactics", action="store_true", default=False,
+                     help="fp32 graphs: let TensorRT choose fp16 kernels (fp16 graphs are built strongly typed)")
+    eng.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
     return parser
+
+
+def parse_sizes(text: str | None) -> list[tuple[int, int]]:
+    """`512x640,768x768` -> [(512, 640), (768, 768)] (width, height)."""
+    if not text:
+        return []
+    sizes = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)x(\d+)\s*", item)
+        if not match:
+            raise InputError("sizes", "expected WxH[,WxH...] such as 512x640", repr(item))
+        sizes.append((int(match[1]), int(match[2])))
+    return sizes
 
 
 def request_options(definition: PipelineDefinition, args: argparse.Namespace) -> dict:
@@ -106,6 +133,7 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
         pipeline=args.pipeline, preset=args.preset, backend=args.backend, weights=args.weights,
         init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, threads=args.threads,
         progress=progress.message, precision=args.precision, device=args.device,
+        engines_dir=args.engines, cuda_graphs=args.cuda_graphs,
     )
     result = run(loaded, prepared, on_step=progress.step)
     image_path, report_path = save_result(result, args.out)
@@ -142,11 +170,36 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
     return 0
 
 
+def _engines(args: argparse.Namespace, progress: TerminalProgress) -> int:
+    from .artifacts import read_manifest
+    from .components import canvas_env
+    from .errors import BackendError
+
+    sizes = parse_sizes(args.sizes)
+    try:
+        manifest = read_manifest(args.onnx)
+    except BackendError as e:
+        raise InputError("onnx", "expected a folder made by `adgen export`", str(e)) from None
+    preset = get_preset(manifest.get("key", {}).get("preset", "?"))
+    canvases = [canvas_env(preset, w, h) for w, h in sizes]
+    try:
+        from export.tensorrt_build import build_engines
+    except ImportError as e:
+        raise AdgenError(f"engines needs the export extra ({e.name} missing): pip install 'adgen[export,tensorrt]'") from e
+
+    def specs_for(pipeline: str, preset_name: str, precision: Precision):
+        return get_pipeline(pipeline).specs(get_preset(preset_name), precision)
+
+    folder = build_engines(args.onnx, args.out, specs_for, canvases, args.fp16_tactics, progress.message)
+    progress.message(f"wrote engines and engines.json to {folder}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = TerminalProgress(quiet=args.quiet)
     try:
-        return {"generate": _generate, "export": _export}[args.command](args, progress)
+        return {"generate": _generate, "export": _export, "engines": _engines}[args.command](args, progress)
     except AdgenError as e:
         print(f"adgen: error: {e}", file=sys.stderr)
         return e.exit_code

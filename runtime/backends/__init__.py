@@ -12,6 +12,7 @@ from .base import Component, ModelSource, Progress
 BACKENDS = {
     "onnxruntime": "runtime.backends.onnxruntime_backend",
     "torch": "runtime.backends.torch_backend",
+    "tensorrt": "runtime.backends.tensorrt_backend",
 }
 
 
@@ -31,6 +32,7 @@ def load_components(
 INSTALL_HINTS = {
     "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu)",
     "torch": "pip install 'adgen[export]'",
+    "tensorrt": "pip install 'adgen[tensorrt]' on a machine with an NVIDIA GPU and CUDA",
 }
 
 __all__ = ["BACKENDS", "Component", "ModelSource", "load_components"]

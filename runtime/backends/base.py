@@ -35,6 +35,8 @@ class ModelSource:
     graphs_dir: Path | None = None  # an explicit exported folder, checked against its manifest
     device: Device = Device.CPU
     providers: tuple[str, ...] | None = None  # ONNX Runtime providers; None = the device's (Device.providers)
+    engines_dir: Path | None = None  # TensorRT engines made by `adgen engines` (tensorrt backend)
+    cuda_graphs: bool = False  # tensorrt backend: replay each step shape from a captured CUDA graph
     threads: int | None = None  # intra-op threads; None = the library's default
     spin: bool = True  # let idle ONNX Runtime pool threads busy-wait (lower latency when alone on the cores)
 
