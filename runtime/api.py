@@ -55,6 +55,7 @@ def load_pipeline(
     device: str | Device = Device.CPU,
     engines_dir: str | Path | None = None,
     cuda_graphs: bool = False,
+    fused_step: bool = False,
 ) -> LoadedPipeline:
     """Open every component of `pipeline` on `backend` (exporting ONNX graphs on a cache miss).
 
@@ -75,7 +76,8 @@ def load_pipeline(
         engines_dir=Path(engines_dir) if engines_dir else None,
         cuda_graphs=cuda_graphs,
     )
-    specs = definition.specs(size, source.precision)
+    # fused_step: the per-step component as one guided-step graph (runtime/guided.py)
+    specs = definition.fused_specs(size, source.precision) if fused_step else definition.specs(size, source.precision)
     components = load_components(backend, specs, source, progress)
     runner = definition.create(components, size, source.weights)
     return LoadedPipeline(definition, backend, runner, source, specs_hash(specs), time.perf_counter() - started)

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
     gen.add_argument("--graphs", type=Path, default=None, help="use this folder from `adgen export` instead of the cache")
     gen.add_argument("--engines", type=Path, default=None, help="tensorrt backend: a folder made by `adgen engines`")
+    gen.add_argument("--fused-step", action="store_true", default=False,
+                     help="run each denoising step as one guided-step graph (both guidance halves inside)")
     gen.add_argument("--cuda-graphs", action="store_true", default=False,
                      help="tensorrt backend: replay each step shape from a captured CUDA graph")
     gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, required=True, help="new folder for the graphs, parity.json and manifest.json")
     exp.add_argument("--precision", default="fp32", choices=tuple(p.value for p in Precision),
                      help="fp16: float16 weights and ops, normalizations and softmax kept float32")
+    exp.add_argument("--fused-step", action="store_true", default=False,
+                     help="export the per-step component as one guided-step graph (2B batch and guidance inside)")
     exp.add_argument("--cleanup", default=None, choices=("none", "ort-basic", "onnxslim"),
                      help="graph clean-up before saving (default: the exporter's, see README)")
     exp.add_argument(
@@ -133,7 +137,7 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
         pipeline=args.pipeline, preset=args.preset, backend=args.backend, weights=args.weights,
         init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, threads=args.threads,
         progress=progress.message, precision=args.precision, device=args.device,
-        engines_dir=args.engines, cuda_graphs=args.cuda_graphs,
+        engines_dir=args.engines, cuda_graphs=args.cuda_graphs, fused_step=args.fused_step,
     )
     result = run(loaded, prepared, on_step=progress.step)
     image_path, report_path = save_result(result, args.out)
@@ -150,6 +154,7 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
         from export.graph_passes import Cleanup
         from export.onnx_export import DEFAULT_CLEANUP, export_pipeline
         from networks.build import LazyModules
+        from networks.guided import WithGuidedSteps
     except ImportError as e:
         raise AdgenError(f"export needs torch ({e.name} missing): pip install 'adgen[export]'") from e
     from .artifacts import GraphKey
@@ -159,12 +164,14 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
     preset = get_preset(args.preset)
     precision = Precision(args.precision)
     weights = WeightsSource(seed=args.init_seed, path=args.weights)
-    specs = get_pipeline(args.pipeline).specs(preset, precision)
+    definition = get_pipeline(args.pipeline)
+    specs = definition.fused_specs(preset, precision) if args.fused_step else definition.specs(preset, precision)
     key = GraphKey.of(
         args.pipeline, preset.name, precision, specs, weights.fingerprint(preset.name), AttentionKernel(args.attention)
     )
     cleanup = Cleanup(args.cleanup) if args.cleanup else DEFAULT_CLEANUP
-    modules = LazyModules(args.pipeline, preset, weights)  # one full-size network in memory at a time
+    # one full-size network in memory at a time; guided-step graphs wrap their step module
+    modules = WithGuidedSteps(LazyModules(args.pipeline, preset, weights), specs)
     folder = export_pipeline(modules, specs, key, args.out, progress.message, cleanup=cleanup)
     progress.message(f"wrote {folder} (parity.json, manifest.json)")
     return 0

@@ -108,6 +108,7 @@ def ensure_graphs(specs: Mapping[str, ComponentSpec], source: ModelSource, progr
     try:
         from export.onnx_export import export_pipeline
         from networks.build import LazyModules
+        from networks.guided import WithGuidedSteps
     except ImportError as e:
         raise BackendError(
             f"no exported graphs for {key.dirname} under {root}, and exporting needs torch "
@@ -115,7 +116,7 @@ def ensure_graphs(specs: Mapping[str, ComponentSpec], source: ModelSource, progr
         ) from e
     if progress:
         progress(f"exporting {source.pipeline} ({source.preset.name}) to ONNX once; cached in {root / key.dirname}")
-    modules = LazyModules(source.pipeline, source.preset, source.weights)
+    modules = WithGuidedSteps(LazyModules(source.pipeline, source.preset, source.weights), specs)
     try:
         return export_pipeline(modules, specs, key, folder, progress)
     except (ExportError, OSError):

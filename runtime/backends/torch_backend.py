@@ -10,6 +10,7 @@ import numpy as np
 from torch import nn
 
 from networks.build import build_modules
+from networks.guided import WithGuidedSteps
 from networks.runner import run_module
 
 from ..errors import BackendError
@@ -34,7 +35,8 @@ class TorchComponent(Component):
 def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Progress | None = None) -> dict[str, Component]:
     if progress:
         progress(f"building {source.pipeline} networks ({source.preset.name}, {source.weights.describe()})")
-    modules = build_modules(source.pipeline, source.preset, source.weights)
+    built = WithGuidedSteps(build_modules(source.pipeline, source.preset, source.weights), specs)
+    modules = {name: built[name] for name in specs}
     device = source.device.torch_device
     if device != "cpu":
         import torch

@@ -42,6 +42,7 @@ from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
 from ..weights import WeightsSource
 from .base import GenerateResult, PipelineDefinition, StepCallback
 
+GUIDED_STEP = "guided_unet"
 COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
@@ -78,10 +79,15 @@ class RefAdGenOutput:
 
 
 class RefAdGenPipeline:
+    """With a `guided_unet` component (the fused guided-step graph) in place of `unet`, each
+    step is one call that runs both guidance halves and combines them inside the graph."""
+
     def __init__(self, components: Mapping[str, Component], preset: Preset, tokenizer: Tokenizer):
-        missing = [c for c in COMPONENTS if c not in components]
+        self.guided = components.get(GUIDED_STEP)
+        needed = [c for c in COMPONENTS if not (c == "unet" and self.guided is not None)]
+        missing = [c for c in needed if c not in components]
         if missing:
-            raise InputError("components", f"RefAdGen needs {list(COMPONENTS)}", f"missing {missing}")
+            raise InputError("components", f"RefAdGen needs {list(COMPONENTS)} (or {GUIDED_STEP} for unet)", f"missing {missing}")
         self.c = components
         self.preset = preset
         self.tokenizer = tokenizer
@@ -98,7 +104,8 @@ class RefAdGenPipeline:
         timer = StageTimer()
         n = len(requests)
         guidance = np.array([r.guidance for r in requests], dtype=np.float32)
-        cfg = bool((guidance > 1.0).any())  # at guidance 1 the unconditional half cancels out
+        # At guidance 1 the unconditional half cancels out; the fused graph always runs both.
+        cfg = bool((guidance > 1.0).any()) or self.guided is not None
         halves = 2 if cfg else 1
         sched = make_scheduler(scheduler)
         sched.set_timesteps(steps)
@@ -126,13 +133,22 @@ class RefAdGenPipeline:
             }
             for i, t in enumerate(sched.timesteps):
                 with timer.stage("denoise_step", repeated=True):
-                    sample = np.concatenate([np.concatenate([latents, mask], axis=1)] * halves)  # (halves*B, 5, h, w)
-                    timestep = np.full(halves * n, t, dtype=np.float32)
-                    eps = _run(self.c["unet"], {"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
-                    eps = eps.astype(np.float32, copy=False)  # guidance and scheduler maths in float32
-                    if cfg:
-                        cond, uncond = eps[:n], eps[n:]
-                        eps = uncond + guidance[:, None, None, None] * (cond - uncond)
+                    if self.guided is not None:  # one call: both halves and the combination in the graph
+                        eps = _run(self.guided, {
+                            **invariant,
+                            "sample": np.concatenate([latents, mask], axis=1),  # (B, 5, h, w)
+                            "timestep": np.full(n, t, dtype=np.float32),
+                            "afm_scale": invariant["afm_scale"][:n],
+                            "guidance": guidance,
+                        })["noise_pred"].astype(np.float32, copy=False)
+                    else:
+                        sample = np.concatenate([np.concatenate([latents, mask], axis=1)] * halves)  # (halves*B, 5, h, w)
+                        timestep = np.full(halves * n, t, dtype=np.float32)
+                        eps = _run(self.c["unet"], {"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
+                        eps = eps.astype(np.float32, copy=False)  # guidance and scheduler maths in float32
+                        if cfg:
+                            cond, uncond = eps[:n], eps[n:]
+                            eps = uncond + guidance[:, None, None, None] * (cond - uncond)
                     latents = sched.step(eps, int(t), latents)
                 if on_step:
                     on_step(i + 1, steps)
@@ -213,6 +229,7 @@ class RefAdGenDefinition(PipelineDefinition):
     options = ("product", "mask", "prompt", "negative_prompt", "width", "height", "steps", "guidance",
                "afm_scale", "seed", "scheduler")
     required = ("product", "prompt")
+    guided_step = ("unet", ("sample", "timestep", "afm_scale"))
 
     def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
         return refadgen_specs(preset, precision)
