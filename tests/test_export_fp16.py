@@ -29,11 +29,14 @@ def tiny_fp16_specs(tiny):
 
 
 @pytest.fixture(scope="session")
-def tiny_fp16_graphs(tiny, tiny_fp16_specs, tiny_modules, cache_root):
-    from export.onnx_export import export_pipeline
+def tiny_fp16_graphs(tiny, tiny_fp16_specs, cache_root):
+    """Exported through the CLI (`adgen export --precision fp16`) into the session's cache."""
+    from runtime.cli import main
 
     key = GraphKey.of("refadgen", tiny.name, Precision.FP16, tiny_fp16_specs, WeightsSource(seed=0).fingerprint(tiny.name))
-    return export_pipeline(tiny_modules, tiny_fp16_specs, key, cache_root / key.dirname)
+    folder = cache_root / key.dirname
+    assert main(["export", "--preset", "tiny", "--precision", "fp16", "--out", str(folder), "--quiet"]) == 0
+    return folder
 
 
 def _key(specs, precision, seed=0):
