@@ -136,7 +136,26 @@ def to_float16(model: onnx.ModelProto, spec: ComponentSpec, scratch: Path) -> on
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS),
         disable_shape_infer=True,
     )
+    _merge_duplicate_nodes(converted.graph)
     return converted
+
+
+def _merge_duplicate_nodes(graph: onnx.GraphProto) -> None:
+    """Drop repeated copies of a node. The converter inserts one Cast per float32 consumer of a
+    value, all with the same name and output: a value feeding several LayerNorms (the
+    resampler's input, at every depth) would otherwise give an invalid graph."""
+    seen: dict[str, onnx.NodeProto] = {}
+    keep = []
+    for node in graph.node:
+        first = seen.get(node.name) if node.name else None
+        if first is None:
+            seen[node.name] = node
+            keep.append(node)
+        elif first.SerializeToString() != node.SerializeToString():
+            raise ExportError(f"fp16 conversion produced two different nodes named {node.name!r}")
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
 
 
 def check_io_dtypes(model: onnx.ModelProto, spec: ComponentSpec) -> None:

@@ -118,7 +118,10 @@ def check_parity(
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own types; name the component and graph
+        raise ExportError(f"{spec.name}: ONNX Runtime cannot load the exported graph {path}: {e}") from e
     envs = envs or [spec.env_at("opt"), spec.env_at("min", B=1)]
     tol = precision.tolerance
     worst: dict[str, OutputParity] = {}

@@ -200,3 +200,41 @@ def test_cuda_provider_with_io_binding_matches_cpu(tiny_fp16_graphs, tiny_fp16_s
     tol = Precision.FP16.tolerance
     assert np.abs(a - b).max() <= tol.bound(float(np.abs(a).max()))
     np.testing.assert_array_equal(b, again)
+
+
+def test_fp16_conversion_of_a_value_feeding_several_norms_gives_a_valid_graph(tmp_path):
+    """The resampler's input feeds one LayerNorm per depth; the converter casts it once per consumer."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from export.graph_passes import to_float16
+    from runtime.specs import ComponentSpec, Dim, TensorSpec
+
+    c = 8
+    weight = numpy_helper_from(np.ones(c, np.float32), "w")
+    bias = numpy_helper_from(np.zeros(c, np.float32), "b")
+    nodes = [
+        helper.make_node("Add", ["x", "x"], ["h"], name="add"),
+        helper.make_node("LayerNormalization", ["h", "w", "b"], ["n1"], name="ln1", axis=-1),
+        helper.make_node("LayerNormalization", ["h", "w", "b"], ["n2"], name="ln2", axis=-1),
+        helper.make_node("Add", ["n1", "n2"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", c])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", c])], [weight, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    spec = ComponentSpec("two_norms", (TensorSpec("x", DType.FLOAT16, ("B", c)),),
+                         (TensorSpec("y", DType.FLOAT16, ("B", c)),), (Dim("B", 1, 1, 4),))
+    converted = to_float16(model, spec, tmp_path)
+    names = [n.name for n in converted.graph.node]
+    assert len(names) == len(set(names))
+    x = np.random.default_rng(0).standard_normal((2, c)).astype(np.float16)
+    (y,) = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert y.dtype == np.float16 and np.isfinite(y).all()
+
+
+def numpy_helper_from(array, name):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(array, name)
