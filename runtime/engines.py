@@ -77,11 +77,14 @@ class EngineKey:
 
     @property
     def filename(self) -> str:
-        """Readable parts first (component, GPU, TensorRT, precision), then a digest of every
-        field, so no two keys share a file."""
+        """Component, GPU, compute capability, TensorRT, precision, profile and weights hashes,
+        then a digest of every field (spec and source graphs too), so no two keys share a file."""
         cc = self.compute_capability.replace(".", "")
-        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-        return f"{self.component}-{_slug(self.gpu_name)}-sm{cc}-trt{self.tensorrt}-{self.precision.value}-{digest}{ENGINE_SUFFIX}"
+        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        return (
+            f"{self.component}-{_slug(self.gpu_name)}-sm{cc}-trt{self.tensorrt}-{self.precision.value}"
+            f"-p{self.profile_hash}-w{self.weights}-{digest}{ENGINE_SUFFIX}"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self) | {"precision": self.precision.value}
