@@ -109,6 +109,28 @@ def export_component(
         )
 
 
+@dataclass(frozen=True)
+class ParityCase:
+    """One parity input: the env, the feed (in the graph's dtypes) and the torch outputs."""
+
+    env: dict[str, int]
+    feed: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+
+
+def reference_cases(module: nn.Module, spec: ComponentSpec, envs: list[Mapping[str, int]] | None = None) -> list[ParityCase]:
+    """The float32 module's outputs on random inputs at each env (default: opt, and B=1 at min).
+    Computed before the graph is converted, so the module can be freed first."""
+    envs = envs or [spec.env_at("opt"), spec.env_at("min", B=1)]
+    reference = spec.at_float32()
+    cases = []
+    for i, env in enumerate(envs):
+        feed = spec.sample_inputs(np.random.default_rng(1 + i), env)
+        # The float32 module sees the very values the graph sees (float16 inputs widened).
+        cases.append(ParityCase(dict(env), feed, run_module(module, reference, reference.cast_inputs(feed))))
+    return cases
+
+
 def check_parity(
     module: nn.Module, spec: ComponentSpec, path: Path, precision: Precision, envs: list[Mapping[str, int]] | None = None
 ) -> ComponentParity:
@@ -116,26 +138,26 @@ def check_parity(
 
     The reference is always the float32 module; an fp16 graph is held to the fp16 tolerance.
     """
+    return compare_graph(spec, path, precision, reference_cases(module, spec, envs))
+
+
+def compare_graph(spec: ComponentSpec, path: Path, precision: Precision, cases: list[ParityCase]) -> ComponentParity:
+    """Run the graph at `path` on each case's feed and judge it against the case's outputs."""
     import onnxruntime as ort
 
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own types; name the component and graph
         raise ExportError(f"{spec.name}: ONNX Runtime cannot load the exported graph {path}: {e}") from e
-    envs = envs or [spec.env_at("opt"), spec.env_at("min", B=1)]
     tol = precision.tolerance
     worst: dict[str, OutputParity] = {}
     shapes: dict[str, list[int]] = {}
-    reference = spec.at_float32()
-    for i, env in enumerate(envs):
-        feed = spec.sample_inputs(np.random.default_rng(1 + i), env)
-        # The float32 module sees the very values the graph sees (float16 inputs widened).
-        expected = run_module(module, reference, reference.cast_inputs(feed))
-        got = dict(zip(spec.output_names, session.run(list(spec.output_names), feed)))
+    for i, case in enumerate(cases):
+        got = dict(zip(spec.output_names, session.run(list(spec.output_names), case.feed)))
         for name in spec.output_names:
-            a, b = got[name].astype(np.float64), expected[name].astype(np.float64)
+            a, b = got[name].astype(np.float64), case.expected[name].astype(np.float64)
             if a.shape != b.shape:
-                raise ParityError(f"{spec.name}.{name}: ONNX shape {a.shape} != torch shape {b.shape} at {dict(env)}")
+                raise ParityError(f"{spec.name}.{name}: ONNX shape {a.shape} != torch shape {b.shape} at {case.env}")
             scale = float(np.abs(b).max()) if b.size else 0.0
             max_abs = float(np.abs(a - b).max()) if b.size else 0.0
             denom = float(np.linalg.norm(a) * np.linalg.norm(b))
@@ -145,7 +167,7 @@ def check_parity(
             previous = worst.get(name)
             if previous is None or result.max_abs / result.bound > previous.max_abs / previous.bound:
                 worst[name] = result
-        shapes[f"env{i}"] = [env[d.name] for d in spec.dims if isinstance(d, Dim)]
+        shapes[f"env{i}"] = [case.env[d.name] for d in spec.dims if isinstance(d, Dim)]
     return ComponentParity(spec.name, precision.value, shapes, [worst[n] for n in spec.output_names])
 
 
@@ -187,14 +209,29 @@ def export_pipeline(
             say(f"[{i}/{len(specs)}] {name}: exporting ({key.precision.value})")
             started = time.perf_counter()
             path = graph_path(tmp, name)
-            module = modules[name]
-            external = write_graph(module, spec, path, key, cleanup, external_data_threshold)
-            exported = time.perf_counter() - started
+            scratch = scratch_folder(tmp, name)
+            try:
+                module = modules[name]
+                traced = trace_graph(module, spec, key, scratch)
+                started_ref = time.perf_counter()
+                cases = reference_cases(module, spec)
+                reference_s = time.perf_counter() - started_ref
+                # Only the traced graph and the reference outputs go on: the network is freed
+                # before conversion and the ONNX Runtime session (full-size graphs, bounded RAM).
+                del module
+                if hasattr(modules, "release"):
+                    modules.release()
+                gc.collect()
+                external = finish_graph(traced, spec, path, key, scratch, cleanup, external_data_threshold)
+                del traced
+                gc.collect()
+            finally:
+                remove_folder(scratch)
+            exported = time.perf_counter() - started - reference_s
             started = time.perf_counter()
-            result = check_parity(module, spec, path, key.precision)
-            checked = time.perf_counter() - started
-            del module
-            gc.collect()
+            result = compare_graph(spec, path, key.precision, cases)
+            checked = time.perf_counter() - started + reference_s
+            del cases
             worst = result.worst()
             say(
                 f"[{i}/{len(specs)}] {name}: {exported:.1f} s, {graph_bytes(path) / 1e6:.1f} MB"
@@ -243,21 +280,44 @@ def write_graph(
     Returns whether the weights went to `<path>.data`."""
     scratch = scratch_folder(path.parent, spec.name)
     try:
-        traced = scratch / "traced.onnx"  # past 2 GB the exporter scatters one file per weight here
-        try:
-            export_component(module, spec.at_float32(), traced, key.opset, key.attention)
-        except Exception as e:  # the exporter raises many types; name the component
-            raise ExportError(f"{spec.name}: ONNX export failed: {e}") from e
-        model = load_graph(traced)
-        remove_folder(scratch)
-        scratch.mkdir()
-        model = apply_cleanup(model, cleanup, scratch)
-        if key.precision is Precision.FP16:
-            model = to_float16(model, spec, scratch)
-        check_io_dtypes(model, spec)
-        return save_graph(model, path, external_data_threshold)
+        return finish_graph(trace_graph(module, spec, key, scratch), spec, path, key, scratch, cleanup, external_data_threshold)
     finally:
         remove_folder(scratch)
+
+
+def trace_graph(module: nn.Module, spec: ComponentSpec, key: GraphKey, scratch: Path):
+    """The float32 ONNX graph of `module`, loaded (with its weights) from a trace in `scratch`."""
+    traced = scratch / "traced" / "traced.onnx"  # past 2 GB the exporter scatters one file per weight here
+    traced.parent.mkdir()
+    try:
+        export_component(module, spec.at_float32(), traced, key.opset, key.attention)
+    except Exception as e:  # the exporter raises many types; name the component
+        raise ExportError(f"{spec.name}: ONNX export failed: {e}") from e
+    model = load_graph(traced)
+    remove_folder(traced.parent)
+    return model
+
+
+def finish_graph(
+    model,
+    spec: ComponentSpec,
+    path: Path,
+    key: GraphKey,
+    scratch: Path,
+    cleanup: Cleanup = DEFAULT_CLEANUP,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> bool:
+    """Clean up, convert to `key.precision`, check I/O dtypes and save `model` to `path`."""
+    model = apply_cleanup(model, cleanup, _empty(scratch / "cleanup"))
+    if key.precision is Precision.FP16:
+        model = to_float16(model, spec, _empty(scratch / "fp16"))
+    check_io_dtypes(model, spec)
+    return save_graph(model, path, external_data_threshold)
+
+
+def _empty(folder: Path) -> Path:
+    folder.mkdir()
+    return folder
 
 
 def peak_rss_bytes() -> int:

@@ -52,3 +52,9 @@ class WithGuidedSteps(Mapping[str, nn.Module]):
 
     def __len__(self) -> int:
         return len(self.modules) + len(self.guided)
+
+    def release(self) -> None:
+        """Free the held network of a lazy mapping (networks.build.LazyModules)."""
+        release = getattr(self.modules, "release", None)
+        if release is not None:
+            release()

@@ -259,3 +259,34 @@ def test_io_binding_path_matches_plain_run_and_uploads_invariants_once(tiny_fp16
     fresh = {name: feed[name].copy() for name in held}  # next request: new arrays are uploaded again
     bound.run(dict(feed, **fresh))
     assert all(bound._on_device[name][1] is not value for name, value in held.items())
+
+
+def test_export_frees_each_network_before_converting_its_graph(tmp_path, tiny, tiny_specs, tiny_modules, monkeypatch):
+    """A lazy module mapping is released after tracing and the reference outputs, before the
+    conversion and the ONNX Runtime session: one full-size network at most in memory."""
+    from collections.abc import Mapping
+
+    import export.onnx_export as onnx_export
+
+    events = []
+
+    class Tracked(Mapping):
+        def __getitem__(self, name):
+            events.append(("get", name))
+            return tiny_modules[name]
+
+        def __iter__(self):
+            return iter(tiny_modules)
+
+        def __len__(self):
+            return len(tiny_modules)
+
+        def release(self):
+            events.append(("release", None))
+
+    finish = onnx_export.finish_graph
+    monkeypatch.setattr(onnx_export, "finish_graph", lambda *a, **k: (events.append(("finish", None)), finish(*a, **k))[1])
+    specs = {name: tiny_specs[name] for name in ("afm_kv", "vae_decoder")}
+    onnx_export.export_pipeline(Tracked(), specs, _key(specs, Precision.FP32), tmp_path / "g")
+    assert events == [("get", "afm_kv"), ("release", None), ("finish", None),
+                      ("get", "vae_decoder"), ("release", None), ("finish", None)]
