@@ -192,10 +192,10 @@ def export_pipeline(
 ) -> Path:
     """Export every spec'd component into `out_dir` (created; must not exist yet) and return it.
 
-    One component at a time: trace the float32 module, clean the graph up, convert it to
-    `key.precision`, save it (external data past `external_data_threshold` bytes), check parity,
-    and drop the graph before the next. `modules` may be a lazy mapping (`networks.build.
-    LazyModules`) so only one full-size network is in memory at once.
+    One component at a time: trace the float32 module and compute its reference outputs, free
+    the network (`modules.release()` where the mapping has it, as `networks.build.LazyModules`
+    does), clean the graph up, convert it to `key.precision`, save it (external data past
+    `external_data_threshold` bytes), check parity, and drop the graph before the next.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
