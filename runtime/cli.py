@@ -194,8 +194,13 @@ def _engines(args: argparse.Namespace, progress: TerminalProgress) -> int:
     except ImportError as e:
         raise AdgenError(f"engines needs the export extra ({e.name} missing): pip install 'adgen[export,tensorrt]'") from e
 
+    # A folder exported with --fused-step holds a guided-step graph in place of the step.
+    fused = any("guided_step_of" in c.get("spec", {}).get("constants", {}) for c in manifest.get("components", {}).values())
+
     def specs_for(pipeline: str, preset_name: str, precision: Precision):
-        return get_pipeline(pipeline).specs(get_preset(preset_name), precision)
+        definition = get_pipeline(pipeline)
+        size = get_preset(preset_name)
+        return definition.fused_specs(size, precision) if fused else definition.specs(size, precision)
 
     folder = build_engines(args.onnx, args.out, specs_for, canvases, args.fp16_tactics, progress.message)
     progress.message(f"wrote engines and engines.json to {folder}")
