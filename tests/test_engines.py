@@ -13,7 +13,6 @@ import pytest
 from runtime.artifacts import GraphKey
 from runtime.components import canvas_env, refadgen_specs
 from runtime.engines import (
-    EngineKey,
     GpuIdentity,
     check_engine,
     engine_keys,

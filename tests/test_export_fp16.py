@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from export.graph_passes import FP32_OPS, load_graph, save_graph  # noqa: E402
-from export.onnx_export import export_component, write_graph  # noqa: E402
+from export.onnx_export import write_graph  # noqa: E402
 from runtime.artifacts import MANIFEST, PARITY, GraphKey, check_manifest, graph_bytes, graph_path  # noqa: E402
 from runtime.backends.devices import CPU_EP, CUDA_EP, TENSORRT_EP, Device, resolve_providers  # noqa: E402
 from runtime.components import refadgen_specs  # noqa: E402
