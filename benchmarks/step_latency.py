@@ -26,8 +26,11 @@ import numpy as np
 
 from runtime.backends import load_components
 from runtime.backends.base import ModelSource
+from runtime.backends.devices import Device
+from runtime.guided import guided_name
 from runtime.pipelines import get_pipeline
 from runtime.presets import PRESETS, get_preset
+from runtime.specs import Precision
 from runtime.weights import WeightsSource
 
 STEP_COMPONENT = {"refadgen": "unet", "background": "background_unet"}
@@ -61,13 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", default="refadgen", choices=tuple(STEP_COMPONENT))
     parser.add_argument("--preset", default="small", choices=tuple(PRESETS))
-    parser.add_argument("--backend", action="append", choices=("onnxruntime", "torch"), help="repeat to compare")
+    parser.add_argument("--backend", action="append", choices=("onnxruntime", "torch", "tensorrt"), help="repeat to compare")
+    parser.add_argument("--engines", type=Path, help="tensorrt backend: a folder made by `adgen engines`")
     parser.add_argument("--requests", type=int, default=1, help="requests per step (network batch = 2 x requests)")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, help="intra-op threads for every backend (default: each library's)")
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--spin", action="store_true", help="let ONNX Runtime threads busy-wait (unfair when interleaved)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                        help="fp16: float16 graphs (onnxruntime) / half module on cuda (torch)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "tensorrt"),
+                        help="cuda: ONNX Runtime CUDA provider with IO binding, torch on cuda")
+    parser.add_argument("--fused-step", action="store_true", help="time the fused guided-step graph (one call per step)")
     parser.add_argument("--out", type=Path, help="append JSON lines here")
     args = parser.parse_args(argv)
     backends = args.backend or ["onnxruntime", "torch"]
@@ -77,27 +86,30 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     preset = get_preset(args.preset)
-    specs = get_pipeline(args.pipeline).specs(preset)
-    name = STEP_COMPONENT[args.pipeline]
+    precision = Precision(args.precision)
+    definition = get_pipeline(args.pipeline)
+    specs = definition.fused_specs(preset, precision) if args.fused_step else definition.specs(preset, precision)
+    name = guided_name(STEP_COMPONENT[args.pipeline]) if args.fused_step else STEP_COMPONENT[args.pipeline]
     spec = specs[name]
     source = ModelSource(
-        args.pipeline, preset, WeightsSource(), cache_root=args.cache_dir, threads=args.threads, spin=args.spin
+        args.pipeline, preset, WeightsSource(), cache_root=args.cache_dir, threads=args.threads, spin=args.spin,
+        precision=precision, device=Device(args.device), engines_dir=args.engines,
     )
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     runners = {b: load_components(b, specs, source, say)[name] for b in backends}
 
-    env = spec.env_at("opt", B=2 * args.requests)
+    env = spec.env_at("opt", B=args.requests if args.fused_step else 2 * args.requests)
     feed = spec.sample_inputs(np.random.default_rng(0), env)
     samples: dict[str, list[float]] = {b: [] for b in backends}
     for i in range(args.warmup + args.iterations):
         for b in backends if i % 2 == 0 else backends[::-1]:  # neither backend always runs second
             started = time.perf_counter()
-            runners[b].run(feed)
+            runners[b].run(feed)  # returns host arrays: any device work has finished
             if i >= args.warmup:
                 samples[b].append(time.perf_counter() - started)
 
     base = float(np.median(samples[backends[0]]))
-    print(f"{args.pipeline} {name} step, preset {preset.name}, batch {env['B']}, latent {env['latent_h']}x{env['latent_w']}, "
+    print(f"{args.pipeline} {name} step ({precision.value}, {args.device}), preset {preset.name}, batch {env['B']}, latent {env['latent_h']}x{env['latent_w']}, "
           f"{args.iterations} iterations after {args.warmup} warm-up")
     print(f"{'backend':<12} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'speed vs ' + backends[0]:>16}")
     records = []
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{b:<12} {1000 * p50:9.2f} {1000 * np.percentile(s, 90):9.2f} {1000 * s.min():9.2f} {base / p50:15.2f}x")
         records.append({
             "benchmark": "step_latency", "pipeline": args.pipeline, "component": name, "preset": preset.name,
-            "backend": b, "batch": env["B"], "latent": [env["latent_h"], env["latent_w"]], "threads": args.threads,
+            "backend": b, "precision": precision.value, "device": args.device, "fused_step": args.fused_step, "batch": env["B"], "latent": [env["latent_h"], env["latent_w"]], "threads": args.threads,
             "p50_s": p50, "p90_s": float(np.percentile(s, 90)), "samples_s": s.tolist(),
             "spec_hash": spec.spec_hash(), "git_commit": git_commit(), "machine": machine(), "time": time.time(),
         })

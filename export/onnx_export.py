@@ -1,15 +1,19 @@
 """torch -> ONNX for every component of a pipeline, with a parity check and a manifest.
 
-`export_pipeline` writes `<component>.onnx` for each spec, `parity.json` (per output: max
-absolute error, max relative error, cosine similarity against torch, pass/fail) and
-`manifest.json` (the cache key, spec hashes, graph sizes, library versions). It writes into a
+`export_pipeline` writes `<component>.onnx` (plus `<component>.onnx.data` past 1.8 GB of
+weights) for each spec, `parity.json` (per output: max absolute error, max relative error,
+cosine similarity against the float32 torch module, pass/fail at the precision's tolerance)
+and `manifest.json` (the cache key, spec hashes, graph sizes, export times, peak memory,
+library versions). It writes into a
 temporary folder renamed into place only when every component passed parity.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
+import resource
 import shutil
 import tempfile
 import time
@@ -25,12 +29,25 @@ from torch import nn
 
 from networks.attention import export_attention_as
 from networks.runner import run_module
+from export.graph_passes import (
+    EXTERNAL_DATA_THRESHOLD,
+    FP32_OPS,
+    Cleanup,
+    check_io_dtypes,
+    load_graph,
+    remove_folder,
+    save_graph,
+    scratch_folder,
+    to_float16,
+)
+from export.graph_passes import cleanup as apply_cleanup
 from runtime.artifacts import MANIFEST, PARITY, GraphKey, graph_bytes, graph_path
 from runtime.errors import ExportError, ParityError
 from runtime.specs import AttentionKernel, ComponentSpec, Dim, Precision
 
 Progress = Callable[[str], None]
-LIBRARIES = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "numpy")
+LIBRARIES = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "numpy", "onnxslim")
+DEFAULT_CLEANUP = Cleanup.NONE
 
 
 @dataclass(frozen=True)
@@ -92,25 +109,55 @@ def export_component(
         )
 
 
+@dataclass(frozen=True)
+class ParityCase:
+    """One parity input: the env, the feed (in the graph's dtypes) and the torch outputs."""
+
+    env: dict[str, int]
+    feed: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+
+
+def reference_cases(module: nn.Module, spec: ComponentSpec, envs: list[Mapping[str, int]] | None = None) -> list[ParityCase]:
+    """The float32 module's outputs on random inputs at each env (default: opt, and B=1 at min).
+    Computed before the graph is converted, so the module can be freed first."""
+    envs = envs or [spec.env_at("opt"), spec.env_at("min", B=1)]
+    reference = spec.at_float32()
+    cases = []
+    for i, env in enumerate(envs):
+        feed = spec.sample_inputs(np.random.default_rng(1 + i), env)
+        # The float32 module sees the very values the graph sees (float16 inputs widened).
+        cases.append(ParityCase(dict(env), feed, run_module(module, reference, reference.cast_inputs(feed))))
+    return cases
+
+
 def check_parity(
     module: nn.Module, spec: ComponentSpec, path: Path, precision: Precision, envs: list[Mapping[str, int]] | None = None
 ) -> ComponentParity:
-    """Compare the graph at `path` with `module` on random inputs at each env (default: opt, and B=1 at min)."""
+    """Compare the graph at `path` with `module` on random inputs at each env (default: opt, and B=1 at min).
+
+    The reference is always the float32 module; an fp16 graph is held to the fp16 tolerance.
+    """
+    return compare_graph(spec, path, precision, reference_cases(module, spec, envs))
+
+
+def compare_graph(spec: ComponentSpec, path: Path, precision: Precision, cases: list[ParityCase]) -> ComponentParity:
+    """Run the graph at `path` on each case's feed and judge it against the case's outputs."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    envs = envs or [spec.env_at("opt"), spec.env_at("min", B=1)]
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own types; name the component and graph
+        raise ExportError(f"{spec.name}: ONNX Runtime cannot load the exported graph {path}: {e}") from e
     tol = precision.tolerance
     worst: dict[str, OutputParity] = {}
     shapes: dict[str, list[int]] = {}
-    for i, env in enumerate(envs):
-        feed = spec.sample_inputs(np.random.default_rng(1 + i), env)
-        expected = run_module(module, spec, feed)
-        got = dict(zip(spec.output_names, session.run(list(spec.output_names), feed)))
+    for i, case in enumerate(cases):
+        got = dict(zip(spec.output_names, session.run(list(spec.output_names), case.feed)))
         for name in spec.output_names:
-            a, b = got[name].astype(np.float64), expected[name].astype(np.float64)
+            a, b = got[name].astype(np.float64), case.expected[name].astype(np.float64)
             if a.shape != b.shape:
-                raise ParityError(f"{spec.name}.{name}: ONNX shape {a.shape} != torch shape {b.shape} at {dict(env)}")
+                raise ParityError(f"{spec.name}.{name}: ONNX shape {a.shape} != torch shape {b.shape} at {case.env}")
             scale = float(np.abs(b).max()) if b.size else 0.0
             max_abs = float(np.abs(a - b).max()) if b.size else 0.0
             denom = float(np.linalg.norm(a) * np.linalg.norm(b))
@@ -120,7 +167,7 @@ def check_parity(
             previous = worst.get(name)
             if previous is None or result.max_abs / result.bound > previous.max_abs / previous.bound:
                 worst[name] = result
-        shapes[f"env{i}"] = [env[d.name] for d in spec.dims if isinstance(d, Dim)]
+        shapes[f"env{i}"] = [case.env[d.name] for d in spec.dims if isinstance(d, Dim)]
     return ComponentParity(spec.name, precision.value, shapes, [worst[n] for n in spec.output_names])
 
 
@@ -140,10 +187,16 @@ def export_pipeline(
     key: GraphKey,
     out_dir: Path,
     progress: Progress | None = None,
+    cleanup: Cleanup = DEFAULT_CLEANUP,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> Path:
-    """Export every spec'd component into `out_dir` (created; must not exist yet) and return it."""
-    if key.precision is not Precision.FP32:
-        raise ExportError(f"precision {key.precision.value}: only fp32 export is implemented so far")
+    """Export every spec'd component into `out_dir` (created; must not exist yet) and return it.
+
+    One component at a time: trace the float32 module and compute its reference outputs, free
+    the network (`modules.release()` where the mapping has it, as `networks.build.LazyModules`
+    does), clean the graph up, convert it to `key.precision`, save it (external data past
+    `external_data_threshold` bytes), check parity, and drop the graph before the next.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ExportError(f"{out_dir} already exists; remove it or choose another folder")
@@ -153,25 +206,46 @@ def export_pipeline(
     try:
         components, parity = {}, {}
         for i, (name, spec) in enumerate(specs.items(), 1):
-            say(f"[{i}/{len(specs)}] {name}: exporting")
+            say(f"[{i}/{len(specs)}] {name}: exporting ({key.precision.value})")
             started = time.perf_counter()
             path = graph_path(tmp, name)
+            scratch = scratch_folder(tmp, name)
             try:
-                export_component(modules[name], spec, path, key.opset, key.attention)
-            except Exception as e:  # the exporter raises many types; name the component
-                raise ExportError(f"{name}: ONNX export failed: {e}") from e
-            exported = time.perf_counter() - started
-            result = check_parity(modules[name], spec, path, key.precision)
+                module = modules[name]
+                traced = trace_graph(module, spec, key, scratch)
+                started_ref = time.perf_counter()
+                cases = reference_cases(module, spec)
+                reference_s = time.perf_counter() - started_ref
+                # Only the traced graph and the reference outputs go on: the network is freed
+                # before conversion and the ONNX Runtime session (full-size graphs, bounded RAM).
+                del module
+                if hasattr(modules, "release"):
+                    modules.release()
+                gc.collect()
+                external = finish_graph(traced, spec, path, key, scratch, cleanup, external_data_threshold)
+                del traced
+                gc.collect()
+            finally:
+                remove_folder(scratch)
+            exported = time.perf_counter() - started - reference_s
+            started = time.perf_counter()
+            result = compare_graph(spec, path, key.precision, cases)
+            checked = time.perf_counter() - started + reference_s
+            del cases
             worst = result.worst()
             say(
-                f"[{i}/{len(specs)}] {name}: {exported:.1f} s, {graph_bytes(path) / 1e6:.1f} MB, "
-                f"parity max abs {worst.max_abs:.2e} ({worst.output}) {'ok' if result.passed else 'FAILED'}"
+                f"[{i}/{len(specs)}] {name}: {exported:.1f} s, {graph_bytes(path) / 1e6:.1f} MB"
+                f"{' (external data)' if external else ''}, parity max abs {worst.max_abs:.2e} "
+                f"cosine {min(o.cosine for o in result.outputs):.6f} ({worst.output}) {'ok' if result.passed else 'FAILED'}"
             )
             parity[name] = asdict(result) | {"passed": result.passed}
             components[name] = {
                 "spec_hash": spec.spec_hash(),
                 "bytes": graph_bytes(path),
+                "external_data": external,
                 "export_seconds": round(exported, 3),
+                "parity_seconds": round(checked, 3),
+                "peak_rss_bytes": peak_rss_bytes(),
                 "spec": spec.to_dict(),
             }
             if not result.passed:
@@ -181,10 +255,71 @@ def export_pipeline(
                     f"{worst.bound:.3e} for {key.precision.value}"
                 )
         (tmp / PARITY).write_text(json.dumps(parity, indent=2))
-        manifest = {"key": key.to_dict(), "components": components, "versions": library_versions(), "created": time.time()}
+        manifest = {
+            "key": key.to_dict(), "components": components, "versions": library_versions(),
+            "cleanup": cleanup.value, "fp32_ops": list(FP32_OPS) if key.precision is Precision.FP16 else [],
+            "created": time.time(),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_graph(
+    module: nn.Module,
+    spec: ComponentSpec,
+    path: Path,
+    key: GraphKey,
+    cleanup: Cleanup = DEFAULT_CLEANUP,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> bool:
+    """Trace `module` at float32, clean up, convert to `key.precision`, save to `path`.
+    Returns whether the weights went to `<path>.data`."""
+    scratch = scratch_folder(path.parent, spec.name)
+    try:
+        return finish_graph(trace_graph(module, spec, key, scratch), spec, path, key, scratch, cleanup, external_data_threshold)
+    finally:
+        remove_folder(scratch)
+
+
+def trace_graph(module: nn.Module, spec: ComponentSpec, key: GraphKey, scratch: Path):
+    """The float32 ONNX graph of `module`, loaded (with its weights) from a trace in `scratch`."""
+    traced = scratch / "traced" / "traced.onnx"  # past 2 GB the exporter scatters one file per weight here
+    traced.parent.mkdir()
+    try:
+        export_component(module, spec.at_float32(), traced, key.opset, key.attention)
+    except Exception as e:  # the exporter raises many types; name the component
+        raise ExportError(f"{spec.name}: ONNX export failed: {e}") from e
+    model = load_graph(traced)
+    remove_folder(traced.parent)
+    return model
+
+
+def finish_graph(
+    model,
+    spec: ComponentSpec,
+    path: Path,
+    key: GraphKey,
+    scratch: Path,
+    cleanup: Cleanup = DEFAULT_CLEANUP,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> bool:
+    """Clean up, convert to `key.precision`, check I/O dtypes and save `model` to `path`."""
+    model = apply_cleanup(model, cleanup, _empty(scratch / "cleanup"))
+    if key.precision is Precision.FP16:
+        model = to_float16(model, spec, _empty(scratch / "fp16"))
+    check_io_dtypes(model, spec)
+    return save_graph(model, path, external_data_threshold)
+
+
+def _empty(folder: Path) -> Path:
+    folder.mkdir()
+    return folder
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

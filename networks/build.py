@@ -10,11 +10,14 @@ Layout of a weights folder (see runtime/weights.py):
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from diffusers import AutoencoderKL
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionModel
@@ -61,46 +64,98 @@ def _seeded(seed: int, offset: int, make):
 
 def build_refadgen(preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
     """The seven RefAdGen components as eval-mode float32 modules, keyed by spec name."""
+    parts = {part: _refadgen_part(preset, weights, part) for part in _REFADGEN_BUILD_ORDER}
+    modules = {name: wrap(parts[part]) for name, (part, wrap) in _REFADGEN_COMPONENTS.items()}
+    for module in modules.values():
+        module.eval().requires_grad_(False)
+    return modules
+
+
+def _refadgen_part(preset: Preset, weights: WeightsSource, part: str) -> nn.Module:
+    """One network of RefAdGen (the VAE and the generation U-Net each serve two components)."""
     if weights.path is None:
-        text = _seeded(weights.seed, 0, lambda: CLIPTextModel(text_config(preset)))
-        vae = _seeded(weights.seed, 1, lambda: AutoencoderKL(**vae_config(preset)))
-        parts = {
-            "unet": _seeded(weights.seed, 2, lambda: GenerationUNet(preset)),
-            "reference_unet": _seeded(weights.seed, 3, lambda: ReferenceUNet(preset)),
-            "image_encoder": _seeded(
-                weights.seed, 4, lambda: ImageEncoder(CLIPVisionModel(vision_config(preset)), build_resampler(preset))
-            ),
+        makers = {
+            "text": lambda: CLIPTextModel(text_config(preset)),
+            "vae": lambda: AutoencoderKL(**vae_config(preset)),
+            "unet": lambda: GenerationUNet(preset),
+            "reference_unet": lambda: ReferenceUNet(preset),
+            "image_encoder": lambda: ImageEncoder(CLIPVisionModel(vision_config(preset)), build_resampler(preset)),
         }
+        module = _seeded(weights.seed, _REFADGEN_SEED_OFFSETS[part], makers[part])
     else:
         root = Path(weights.path)
         weight_files(root)  # refuses pickled checkpoints before anything is read
-        text = _load_text_encoder(root / "text_encoder")
-        vae = _load_vae(root / "vae")
-        parts = {
-            "unet": GenerationUNet(preset),
-            "reference_unet": ReferenceUNet(preset),
-            "image_encoder": ImageEncoder(CLIPVisionModel(vision_config(preset)), build_resampler(preset)),
-        }
-        state = _read_safetensors(root / REFADGEN_FILE)
-        for name, module in parts.items():
-            prefix = f"{name}."
-            load_strict(module, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, f"{REFADGEN_FILE}:{name}")
-        unknown = sorted(k for k in state if k.split(".", 1)[0] not in REFADGEN_PARTS)
-        if unknown:
-            raise WeightsError(f"{REFADGEN_FILE}: unexpected keys {unknown[:5]} (expected prefixes {REFADGEN_PARTS})")
-    modules = {
-        "text_encoder": TextEncoder(text),
-        "image_encoder": parts["image_encoder"],
-        "vae_encoder": VAEEncoder(vae),
-        "reference_unet": parts["reference_unet"],
-        "afm_kv": AFMKeyValue(parts["unet"]),
-        "unet": parts["unet"],
-        "vae_decoder": VAEDecoder(vae),
-    }
-    for module in modules.values():
-        module.eval().requires_grad_(False)
-    _check_sizes(preset, text, vae)
-    return modules
+        if part == "text":
+            module = _load_text_encoder(root / "text_encoder")
+        elif part == "vae":
+            module = _load_vae(root / "vae")
+        else:
+            module = {
+                "unet": lambda: GenerationUNet(preset),
+                "reference_unet": lambda: ReferenceUNet(preset),
+                "image_encoder": lambda: ImageEncoder(CLIPVisionModel(vision_config(preset)), build_resampler(preset)),
+            }[part]()
+            load_strict(module, _read_prefixed(root / REFADGEN_FILE, f"{part}."), f"{REFADGEN_FILE}:{part}")
+    if part == "text":
+        _check_text_size(preset, module)
+    elif part == "vae":
+        _check_vae_size(preset, module)
+    return module
+
+
+# Random init draws each network from its own seed offset, so building one alone gives the
+# same weights as building all of them.
+_REFADGEN_SEED_OFFSETS = {"text": 0, "vae": 1, "unet": 2, "reference_unet": 3, "image_encoder": 4}
+_REFADGEN_BUILD_ORDER = ("text", "vae", "unet", "reference_unet", "image_encoder")
+_REFADGEN_COMPONENTS = {
+    "text_encoder": ("text", TextEncoder),
+    "image_encoder": ("image_encoder", lambda m: m),
+    "vae_encoder": ("vae", VAEEncoder),
+    "reference_unet": ("reference_unet", lambda m: m),
+    "afm_kv": ("unet", AFMKeyValue),
+    "unet": ("unet", lambda m: m),
+    "vae_decoder": ("vae", VAEDecoder),
+}
+
+
+class LazyModules(Mapping[str, nn.Module]):
+    """The modules of a pipeline built one network at a time, for exporting full-size graphs in
+    bounded memory: only the network behind the last requested component is kept (the VAE
+    serves both VAE components and the generation U-Net both `afm_kv` and `unet`)."""
+
+    def __init__(self, pipeline: str, preset: Preset, weights: WeightsSource = WeightsSource()):
+        self.preset = preset
+        self.weights = weights
+        self._held: tuple[str, nn.Module] | None = None
+        self._eager: dict[str, nn.Module] | None = None
+        if pipeline in _LAZY_PIPELINES:
+            self._components, self._build_part = _LAZY_PIPELINES[pipeline]
+        else:  # no per-network table: every module at once (fine at the sizes such pipelines export)
+            self._eager = build_modules(pipeline, preset, weights)
+            self._components = {name: (name, lambda m: m) for name in self._eager}
+            self._build_part = lambda preset, weights, part: self._eager[part]
+
+    def __getitem__(self, name: str) -> nn.Module:
+        part, wrap = self._components[name]
+        if self._held is None or self._held[0] != part:
+            self._held = None  # drop the previous network before building the next one
+            gc.collect()
+            self._held = (part, self._build_part(self.preset, self.weights, part))
+        return wrap(self._held[1]).eval().requires_grad_(False)
+
+    def __iter__(self):
+        return iter(self._components)
+
+    def __len__(self) -> int:
+        return len(self._components)
+
+    def release(self) -> None:
+        self._held = None
+        self._eager = None
+        gc.collect()
+
+
+_LAZY_PIPELINES = {"refadgen": (_REFADGEN_COMPONENTS, _refadgen_part)}
 
 
 def save_refadgen(modules: dict[str, nn.Module], root: Path) -> None:
@@ -165,17 +220,38 @@ def _load_vae(folder: Path) -> AutoencoderKL:
     return vae
 
 
-def _check_sizes(preset: Preset, text: CLIPTextModel, vae: AutoencoderKL) -> None:
+def _check_text_size(preset: Preset, text: CLIPTextModel) -> None:
     if text.config.hidden_size != preset.unet.cross_attention_dim:
         raise WeightsError(
             f"text_encoder hidden size {text.config.hidden_size} does not match preset {preset.name}'s "
             f"cross-attention dim {preset.unet.cross_attention_dim}"
         )
+
+
+def _check_vae_size(preset: Preset, vae: AutoencoderKL) -> None:
     if tuple(vae.config.block_out_channels) != preset.vae.block_out_channels:
         raise WeightsError(
             f"vae block_out_channels {tuple(vae.config.block_out_channels)} do not match preset {preset.name}'s "
             f"{preset.vae.block_out_channels}"
         )
+
+
+def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` (prefix stripped), read alone: a full-size checkpoint holds
+    three U-Net-sized networks and only one is wanted at a time."""
+    if not path.is_file():
+        raise WeightsError(f"missing weights file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            unknown = sorted(k for k in keys if k.split(".", 1)[0] not in REFADGEN_PARTS)
+            if unknown:
+                raise WeightsError(f"{REFADGEN_FILE}: unexpected keys {unknown[:5]} (expected prefixes {REFADGEN_PARTS})")
+            return {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+    except WeightsError:
+        raise
+    except Exception as e:  # safetensors raises several types for corrupt headers
+        raise WeightsError(f"cannot read {path} as safetensors: {e}") from e
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

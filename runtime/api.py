@@ -17,11 +17,13 @@ from typing import Any
 
 from .backends import load_components
 from .backends.base import ModelSource, Progress
+from .backends.devices import Device
+from .errors import InputError
 from .images import save_png
 from .pipelines import get_pipeline
 from .pipelines.base import GenerateResult, PipelineDefinition, StepCallback
 from .presets import get_preset
-from .specs import specs_hash
+from .specs import Precision, specs_hash
 from .weights import WeightsSource
 
 
@@ -56,8 +58,16 @@ def load_pipeline(
     threads: int | None = None,
     progress: Progress | None = None,
     server_url: str | None = None,
+    precision: str | Precision = Precision.FP32,
+    device: str | Device = Device.CPU,
+    engines_dir: str | Path | None = None,
+    cuda_graphs: bool = False,
+    fused_step: bool = False,
 ) -> LoadedPipeline:
-    """Open every component of `pipeline` on `backend` (exporting ONNX graphs on a cache miss)."""
+    """Open every component of `pipeline` on `backend` (exporting ONNX graphs on a cache miss).
+
+    `precision` fp16 runs float16 graphs (inputs are cast to the spec's dtypes); `device` cuda
+    or tensorrt picks ONNX Runtime's GPU providers (torch: cuda)."""
     definition = get_pipeline(pipeline)
     started = time.perf_counter()
     size = get_preset(preset)
@@ -69,8 +79,13 @@ def load_pipeline(
         graphs_dir=Path(graphs_dir) if graphs_dir else None,
         threads=threads,
         server_url=server_url,
+        precision=_enum(Precision, precision, "precision"),
+        device=_enum(Device, device, "device"),
+        engines_dir=Path(engines_dir) if engines_dir else None,
+        cuda_graphs=cuda_graphs,
     )
-    specs = definition.specs(size, source.precision)
+    # fused_step: the per-step component as one guided-step graph (runtime/guided.py)
+    specs = definition.fused_specs(size, source.precision) if fused_step else definition.specs(size, source.precision)
     components = load_components(backend, specs, source, progress)
     runner = definition.create(components, size, source.weights)
     return LoadedPipeline(definition, backend, runner, source, specs_hash(specs), time.perf_counter() - started, components)
@@ -88,6 +103,8 @@ def run(loaded: LoadedPipeline, prepared: Any, on_step: StepCallback | None = No
         "pipeline": loaded.name,
         "preset": loaded.source.preset.name,
         "backend": loaded.backend,
+        "precision": loaded.source.precision.value,
+        "device": loaded.source.device.value,
         "weights": loaded.source.weights.describe(),
         **result.report,
         "pipeline_load_s": round(loaded.load_seconds, 6),
@@ -109,6 +126,13 @@ def save_result(result: GenerateResult, out: str | Path) -> tuple[Path, Path]:
     save_png(image_path, result.image)
     report_path.write_text(json.dumps(result.report, indent=2) + "\n")
     return image_path, report_path
+
+
+def _enum(kind, value, field: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise InputError(field, f"expected one of {', '.join(k.value for k in kind)}", repr(value)) from None
 
 
 def _versions() -> dict[str, str]:

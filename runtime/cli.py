@@ -3,6 +3,7 @@
     adgen generate --pipeline refadgen --product shoe.png --prompt "a sneaker on a wooden table" --out ad.png
     adgen export --pipeline refadgen --preset tiny --out build/
     adgen serve --pipeline refadgen --preset tiny       # tritonserver; then generate ... --server HOST:PORT
+    adgen engines --onnx build/ --out engines/        # where TensorRT is installed
 
 Errors a user can cause print one line naming the field and the rule, and exit non-zero.
 """
@@ -10,6 +11,7 @@ Errors a user can cause print one line naming the field and the rule, and exit n
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +20,9 @@ from .errors import AdgenError, InputError
 from .pipelines import PIPELINES, get_pipeline
 from .pipelines.base import OPTIONS, PipelineDefinition, add_option_arguments
 from .presets import PRESETS, get_preset
+from .specs import Precision
 
-BACKEND_CHOICES = ("onnxruntime", "torch", "triton")
+BACKEND_CHOICES = ("onnxruntime", "torch", "triton", "tensorrt")
 
 
 class TerminalProgress:
@@ -61,16 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, required=True, help="output PNG; the report goes beside it as .json")
     gen.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
     gen.add_argument("--graphs", type=Path, default=None, help="use this folder from `adgen export` instead of the cache")
+    gen.add_argument("--engines", type=Path, default=None, help="tensorrt backend: a folder made by `adgen engines`")
+    gen.add_argument("--fused-step", action="store_true", default=False,
+                     help="run each denoising step as one guided-step graph (both guidance halves inside)")
+    gen.add_argument("--cuda-graphs", action="store_true", default=False,
+                     help="tensorrt backend: replay each step shape from a captured CUDA graph")
     gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
     gen.add_argument("--url", default=None, help="--backend triton: the server (host:port gRPC, or http://host:port)")
     gen.add_argument("--server", default=None, help="run the whole pipeline in this Triton server (host:port gRPC, or http://...)")
+    gen.add_argument("--precision", default="fp32", choices=tuple(p.value for p in Precision),
+                     help="graphs' precision (fp16: float16 graphs from `adgen export --precision fp16`)")
+    gen.add_argument("--device", default="cpu", choices=("cpu", "cuda", "tensorrt"),
+                     help="cpu (default); cuda: ONNX Runtime's CUDA provider with IO binding, or torch on cuda; "
+                          "tensorrt: ONNX Runtime's TensorRT provider")
     options = set().union(*(get_pipeline(name).options for name in PIPELINES))
     add_option_arguments(gen.add_argument_group("request (each pipeline reads some of these)"), options)
 
     exp = sub.add_parser("export", help="export a pipeline's components to ONNX with a parity report")
     _model_arguments(exp)
     exp.add_argument("--out", type=Path, required=True, help="new folder for the graphs, parity.json and manifest.json")
-    exp.add_argument("--precision", default="fp32", choices=("fp32",))
+    exp.add_argument("--precision", default="fp32", choices=tuple(p.value for p in Precision),
+                     help="fp16: float16 weights and ops, normalizations and softmax kept float32")
+    exp.add_argument("--fused-step", action="store_true", default=False,
+                     help="export the per-step component as one guided-step graph (2B batch and guidance inside)")
+    exp.add_argument("--cleanup", default=None, choices=("none", "ort-basic", "onnxslim"),
+                     help="graph clean-up before saving (default: the exporter's, see README)")
     exp.add_argument(
         "--attention", default="ort", choices=("ort", "onnx"),
         help="ort: fused com.microsoft.MultiHeadAttention (ONNX Runtime); onnx: portable MatMul/Softmax (TensorRT, others)",
@@ -85,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve pipelines with tritonserver until Ctrl-C")
     _serve_arguments(srv)
+
+    eng = sub.add_parser("engines", help="build TensorRT engines from an `adgen export --attention onnx` folder")
+    eng.add_argument("--onnx", type=Path, required=True, help="folder made by `adgen export --attention onnx`")
+    eng.add_argument("--out", type=Path, required=True, help="engines folder (engines are keyed per GPU; existing ones are kept)")
+    eng.add_argument("--sizes", default=None,
+                     help="fixed ad canvases WxH[,WxH...]: one static-size profile each (default: the specs' dynamic range)")
+    eng.add_argument("--fp16-tactics", action="store_true", default=False,
+                     help="fp32 graphs: let TensorRT choose fp16 kernels (fp16 graphs are built strongly typed)")
+    eng.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
     return parser
 
 
@@ -106,6 +133,19 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per component model (default: its own)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to be ready")
     parser.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
+
+
+def parse_sizes(text: str | None) -> list[tuple[int, int]]:
+    """`512x640,768x768` -> [(512, 640), (768, 768)] (width, height)."""
+    if not text:
+        return []
+    sizes = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)x(\d+)\s*", item)
+        if not match:
+            raise InputError("sizes", "expected WxH[,WxH...] such as 512x640", repr(item))
+        sizes.append((int(match[1]), int(match[2])))
+    return sizes
 
 
 def request_options(definition: PipelineDefinition, args: argparse.Namespace) -> dict:
@@ -140,7 +180,8 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
         loaded = load_pipeline(
             pipeline=args.pipeline, preset=args.preset, backend=args.backend, weights=args.weights,
             init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, threads=args.threads,
-            progress=progress.message, server_url=args.url,
+            progress=progress.message, server_url=args.url, precision=args.precision, device=args.device,
+            engines_dir=args.engines, cuda_graphs=args.cuda_graphs, fused_step=args.fused_step,
         )
         try:
             result = run(loaded, prepared, on_step=progress.step)
@@ -157,22 +198,28 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
 
 def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
     try:
-        from export.onnx_export import export_pipeline
-        from networks.build import build_modules
+        from export.graph_passes import Cleanup
+        from export.onnx_export import DEFAULT_CLEANUP, export_pipeline
+        from networks.build import LazyModules
+        from networks.guided import WithGuidedSteps
     except ImportError as e:
         raise AdgenError(f"export needs torch ({e.name} missing): pip install 'adgen[export]'") from e
     from .artifacts import GraphKey
-    from .specs import AttentionKernel, Precision
+    from .specs import AttentionKernel
     from .weights import WeightsSource
 
     preset = get_preset(args.preset)
     precision = Precision(args.precision)
     weights = WeightsSource(seed=args.init_seed, path=args.weights)
-    specs = get_pipeline(args.pipeline).specs(preset, precision)
+    definition = get_pipeline(args.pipeline)
+    specs = definition.fused_specs(preset, precision) if args.fused_step else definition.specs(preset, precision)
     key = GraphKey.of(
         args.pipeline, preset.name, precision, specs, weights.fingerprint(preset.name), AttentionKernel(args.attention)
     )
-    folder = export_pipeline(build_modules(args.pipeline, preset, weights), specs, key, args.out, progress.message)
+    cleanup = Cleanup(args.cleanup) if args.cleanup else DEFAULT_CLEANUP
+    # one full-size network in memory at a time; guided-step graphs wrap their step module
+    modules = WithGuidedSteps(LazyModules(args.pipeline, preset, weights), specs)
+    folder = export_pipeline(modules, specs, key, args.out, progress.message, cleanup=cleanup)
     progress.message(f"wrote {folder} (parity.json, manifest.json)")
     return 0
 
@@ -236,11 +283,43 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
     return 0
 
 
+def _engines(args: argparse.Namespace, progress: TerminalProgress) -> int:
+    from .artifacts import read_manifest
+    from .components import canvas_env
+    from .errors import BackendError
+
+    sizes = parse_sizes(args.sizes)
+    try:
+        manifest = read_manifest(args.onnx)
+    except BackendError as e:
+        raise InputError("onnx", "expected a folder made by `adgen export`", str(e)) from None
+    preset = get_preset(manifest.get("key", {}).get("preset", "?"))
+    canvases = [canvas_env(preset, w, h) for w, h in sizes]
+    try:
+        from export.tensorrt_build import build_engines
+    except ImportError as e:
+        raise AdgenError(f"engines needs the export extra ({e.name} missing): pip install 'adgen[export,tensorrt]'") from e
+
+    # A folder exported with --fused-step holds a guided-step graph in place of the step.
+    fused = any("guided_step_of" in c.get("spec", {}).get("constants", {}) for c in manifest.get("components", {}).values())
+
+    def specs_for(pipeline: str, preset_name: str, precision: Precision):
+        definition = get_pipeline(pipeline)
+        size = get_preset(preset_name)
+        return definition.fused_specs(size, precision) if fused else definition.specs(size, precision)
+
+    folder = build_engines(args.onnx, args.out, specs_for, canvases, args.fp16_tactics, progress.message)
+    progress.message(f"wrote engines and engines.json to {folder}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = TerminalProgress(quiet=args.quiet)
     try:
-        return {"generate": _generate, "export": _export, "bench": _bench, "serve": _serve}[args.command](args, progress)
+        return {"generate": _generate, "export": _export, "bench": _bench, "serve": _serve, "engines": _engines}[
+            args.command
+        ](args, progress)
     except AdgenError as e:
         print(f"adgen: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -8,6 +8,7 @@ in bounds works because the exported U-Net carries explicit upsample sizes.
 
 from __future__ import annotations
 
+from .errors import InputError
 from .presets import Preset
 from .specs import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
 
@@ -172,3 +173,14 @@ REFADGEN_SPEC_BUILDERS = {
 def refadgen_specs(preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
     return {name: build(preset, precision) for name, build in REFADGEN_SPEC_BUILDERS.items()}
 
+
+
+def canvas_env(preset: Preset, width: int, height: int) -> dict[str, int]:
+    """Every size dim the specs name, for one canvas: what a fixed-size engine profile pins."""
+    s = preset.vae_scale
+    if width % s or height % s:
+        raise InputError("sizes", f"expected multiples of {s}", f"{width}x{height}")
+    h, w = height // s, width // s
+    env = {"height": height, "width": width, "latent_h": h, "latent_w": w}
+    env.update({f"tokens_l{level}": _tokens(h, level) * _tokens(w, level) for level in range(4)})
+    return env

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Mapping
 
@@ -31,6 +31,10 @@ class DType(str, Enum):
     @property
     def numpy(self) -> np.dtype:
         return np.dtype(self.value)
+
+    @property
+    def is_float(self) -> bool:
+        return self in (DType.FLOAT32, DType.FLOAT16)
 
 
 class Precision(str, Enum):
@@ -257,6 +261,24 @@ class ComponentSpec:
         if not isinstance(array, np.ndarray) or array.dtype != t.dtype.numpy or tuple(array.shape) != expected:
             bound = ", ".join(f"{k}={v}" for k, v in env.items() if k in t.shape)
             raise SpecError(self.name, t.name, f"{t.describe()} = {expected} ({bound})", got)
+
+    def at_float32(self) -> "ComponentSpec":
+        """This spec with every float tensor float32: the I/O of the float32 torch reference that
+        graphs of every precision are traced from and compared against."""
+        def widen(t: TensorSpec) -> TensorSpec:
+            return replace(t, dtype=DType.FLOAT32) if t.dtype.is_float else t
+
+        return replace(self, inputs=tuple(map(widen, self.inputs)), outputs=tuple(map(widen, self.outputs)))
+
+    def cast_inputs(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`feed` with float arrays cast to their input's spec dtype (float16 graphs take float16
+        latents); integer tensors and names the spec lacks pass through for validation to judge."""
+        out = dict(feed)
+        for t in self.inputs:
+            a = out.get(t.name)
+            if isinstance(a, np.ndarray) and t.dtype.is_float and a.dtype.kind == "f" and a.dtype != t.dtype.numpy:
+                out[t.name] = a.astype(t.dtype.numpy)
+        return out
 
     def to_dict(self) -> dict:
         return {

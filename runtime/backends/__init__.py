@@ -13,6 +13,7 @@ BACKENDS = {
     "onnxruntime": "runtime.backends.onnxruntime_backend",
     "torch": "runtime.backends.torch_backend",
     "triton": "runtime.backends.triton_backend",
+    "tensorrt": "runtime.backends.tensorrt_backend",
 }
 
 
@@ -33,6 +34,7 @@ INSTALL_HINTS = {
     "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu)",
     "torch": "pip install 'adgen[export]'",
     "triton": "pip install 'adgen[triton]'",
+    "tensorrt": "pip install 'adgen[tensorrt]' on a machine with an NVIDIA GPU and CUDA",
 }
 
 __all__ = ["BACKENDS", "Component", "ModelSource", "load_components"]

@@ -17,6 +17,7 @@ import numpy as np
 from ..presets import Preset
 from ..specs import AttentionKernel, ComponentSpec, Precision
 from ..weights import WeightsSource
+from .devices import Device
 
 Progress = Callable[[str], None]
 
@@ -32,10 +33,18 @@ class ModelSource:
     attention: AttentionKernel = AttentionKernel.ORT  # how exported graphs write attention
     cache_root: Path | None = None  # exported-graph cache (default: runtime.artifacts.default_cache_root())
     graphs_dir: Path | None = None  # an explicit exported folder, checked against its manifest
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    device: Device = Device.CPU
+    providers: tuple[str, ...] | None = None  # ONNX Runtime providers; None = the device's (Device.providers)
+    engines_dir: Path | None = None  # TensorRT engines made by `adgen engines` (tensorrt backend)
+    cuda_graphs: bool = False  # tensorrt backend: replay each step shape from a captured CUDA graph
     threads: int | None = None  # intra-op threads; None = the library's default
     spin: bool = True  # let idle ONNX Runtime pool threads busy-wait (lower latency when alone on the cores)
     server_url: str | None = None  # triton backend: host:port (gRPC), grpc://host:port or http://host:port
+
+
+    @property
+    def ort_providers(self) -> tuple[str, ...]:
+        return self.providers if self.providers is not None else self.device.providers
 
 
 class Component(ABC):

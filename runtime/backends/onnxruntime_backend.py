@@ -16,12 +16,27 @@ import onnxruntime as ort
 
 from ..artifacts import GraphKey, check_manifest, default_cache_root, find_graphs, graph_path, read_manifest
 from ..errors import BackendError, ExportError
-from ..specs import AttentionKernel, ComponentSpec
+from ..specs import AttentionKernel, ComponentSpec, Precision
 from .base import Component, ModelSource, Progress
+from .devices import CUDA_EP, TENSORRT_EP, resolve_providers
 
 
 class OnnxRuntimeComponent(Component):
-    def __init__(self, spec: ComponentSpec, path: Path, providers: tuple[str, ...], threads: int | None, spin: bool = True):
+    """One InferenceSession. On a GPU provider the call goes through IO binding: inputs the spec
+    marks invariant (text embeddings, AFM keys/values: the same arrays every step of a request)
+    are copied to the device once and reused while the caller passes the same array object;
+    per-step inputs are copied in, outputs are allocated on the device and copied out once."""
+
+    def __init__(
+        self,
+        spec: ComponentSpec,
+        path: Path,
+        providers: tuple[str, ...],
+        threads: int | None,
+        spin: bool = True,
+        precision: Precision = Precision.FP32,
+        engine_cache: Path | None = None,
+    ):
         super().__init__(spec)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -31,21 +46,38 @@ class OnnxRuntimeComponent(Component):
             # Idle pool threads otherwise busy-wait after each run and steal cores from whatever
             # runs next in the process (the Python loop, another backend being compared).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        available = ort.get_available_providers()
-        missing = [p for p in providers if p not in available]
-        if missing:
-            raise BackendError(f"onnxruntime providers {missing} not available here (have {available})")
+        resolved = resolve_providers(providers, ort.get_available_providers(), precision, engine_cache)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+            self.session = ort.InferenceSession(str(path), options, providers=resolved)
         except Exception as e:  # ORT raises its own exception types; name the graph
             raise BackendError(f"{spec.name}: cannot load {path}: {e}") from e
         names = tuple(i.name for i in self.session.get_inputs()), tuple(o.name for o in self.session.get_outputs())
         if names != (spec.input_names, spec.output_names):
             raise BackendError(f"{spec.name}: graph {path} has tensors {names}, spec has {(spec.input_names, spec.output_names)}")
         self.output_names = list(spec.output_names)
+        self.device_type = "cuda" if providers[0] in (CUDA_EP, TENSORRT_EP) else None
+        self._invariant = {t.name for t in spec.inputs if t.invariant}
+        self._on_device: dict[str, tuple[np.ndarray, ort.OrtValue]] = {}
 
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, dict(feed))))
+        if self.device_type is None:
+            return dict(zip(self.output_names, self.session.run(self.output_names, dict(feed))))
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_ortvalue_input(name, self._device_value(name, array))
+        for name in self.output_names:
+            binding.bind_output(name, self.device_type, 0)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+    def _device_value(self, name: str, array: np.ndarray) -> "ort.OrtValue":
+        held = self._on_device.get(name)
+        if held is not None and held[0] is array:
+            return held[1]
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
+        if name in self._invariant:
+            self._on_device[name] = (array, value)  # keeps `array` alive, so its identity is stable
+        return value
 
 
 def graph_key(specs: Mapping[str, ComponentSpec], source: ModelSource, attention: AttentionKernel | None = None) -> GraphKey:
@@ -75,7 +107,8 @@ def ensure_graphs(specs: Mapping[str, ComponentSpec], source: ModelSource, progr
             shutil.rmtree(folder)
     try:
         from export.onnx_export import export_pipeline
-        from networks.build import build_modules
+        from networks.build import LazyModules
+        from networks.guided import WithGuidedSteps
     except ImportError as e:
         raise BackendError(
             f"no exported graphs for {key.dirname} under {root}, and exporting needs torch "
@@ -83,7 +116,7 @@ def ensure_graphs(specs: Mapping[str, ComponentSpec], source: ModelSource, progr
         ) from e
     if progress:
         progress(f"exporting {source.pipeline} ({source.preset.name}) to ONNX once; cached in {root / key.dirname}")
-    modules = build_modules(source.pipeline, source.preset, source.weights)
+    modules = WithGuidedSteps(LazyModules(source.pipeline, source.preset, source.weights), specs)
     try:
         return export_pipeline(modules, specs, key, folder, progress)
     except (ExportError, OSError):
@@ -96,7 +129,10 @@ def ensure_graphs(specs: Mapping[str, ComponentSpec], source: ModelSource, progr
 def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Progress | None = None) -> dict[str, Component]:
     folder = ensure_graphs(specs, source, progress)
     return {
-        name: OnnxRuntimeComponent(spec, graph_path(folder, name), source.providers, source.threads, source.spin)
+        name: OnnxRuntimeComponent(
+            spec, graph_path(folder, name), source.ort_providers, source.threads, source.spin,
+            source.precision, folder / "tensorrt-ep-cache",
+        )
         for name, spec in specs.items()
     }
 

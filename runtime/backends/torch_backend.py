@@ -1,4 +1,5 @@
-"""The torch reference backend: the networks themselves, eager, float32."""
+"""The torch reference backend: the networks themselves, eager; float32 on the CPU, the
+source's precision on CUDA."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import numpy as np
 from torch import nn
 
 from networks.build import build_modules
+from networks.guided import WithGuidedSteps
 from networks.runner import run_module
 
-from ..specs import ComponentSpec
+from ..errors import BackendError
+from ..specs import ComponentSpec, Precision
 from .base import Component, ModelSource, Progress
 
 
@@ -32,6 +35,18 @@ class TorchComponent(Component):
 def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Progress | None = None) -> dict[str, Component]:
     if progress:
         progress(f"building {source.pipeline} networks ({source.preset.name}, {source.weights.describe()})")
-    modules = build_modules(source.pipeline, source.preset, source.weights)
+    built = WithGuidedSteps(build_modules(source.pipeline, source.preset, source.weights), specs)
+    modules = {name: built[name] for name in specs}
+    device = source.device.torch_device
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendError(f"torch backend on {source.device.value}: torch {torch.__version__} sees no CUDA device")
+        # fp16 on the GPU is the comparison that matters there; on the CPU the reference stays
+        # float32 (half-precision CPU kernels are slow or missing), with float16 I/O cast.
+        dtype = torch.float16 if source.precision is Precision.FP16 else torch.float32
+        for module in modules.values():
+            module.to(device=device, dtype=dtype)
     # afm_kv shares parameters (not call state) with unet; one lock per module is enough.
     return {name: TorchComponent(spec, modules[name], threading.Lock()) for name, spec in specs.items()}

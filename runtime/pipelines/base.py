@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..backends.base import Component
+from ..errors import InputError
+from ..guided import with_guided_step
 from ..presets import Preset
 from ..specs import ComponentSpec, Precision
 from ..weights import WeightsSource
@@ -66,10 +68,20 @@ class PipelineDefinition(ABC):
     required: tuple[str, ...] = ()  # of those, the ones without a default
     # Components called every denoising step: a server batches their calls across requests.
     step_components: tuple[str, ...] = ()
+    # The per-step component and the inputs both guidance halves share, for the fused
+    # guided-step graph (runtime/guided.py); None: this pipeline has no such option.
+    guided_step: tuple[str, tuple[str, ...]] | None = None
 
     @abstractmethod
     def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
         """One spec per exported component."""
+
+    def fused_specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
+        """`specs` with the per-step component replaced by its guided-step graph."""
+        if self.guided_step is None:
+            raise InputError("fused_step", f"pipeline {self.name} has no fused guided-step graph")
+        step, shared = self.guided_step
+        return with_guided_step(self.specs(preset, precision), step, shared)
 
     @abstractmethod
     def prepare(self, preset: Preset, **options: Any) -> Any:

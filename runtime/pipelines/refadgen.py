@@ -42,6 +42,7 @@ from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
 from ..weights import WeightsSource
 from .base import Call, GenerateResult, PipelineDefinition, StepCallback
 
+GUIDED_STEP = "guided_unet"
 COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")
 DEFAULT_STEPS = 30  # RefAdGen's paper: 30 DDIM steps, guidance 7.5
 DEFAULT_GUIDANCE = 7.5
@@ -79,10 +80,15 @@ class RefAdGenOutput:
 
 
 class RefAdGenPipeline:
+    """With a `guided_unet` component (the fused guided-step graph) in place of `unet`, each
+    step is one call that runs both guidance halves and combines them inside the graph."""
+
     def __init__(self, components: Mapping[str, Component], preset: Preset, tokenizer: Tokenizer):
-        missing = [c for c in COMPONENTS if c not in components]
+        self.guided = components.get(GUIDED_STEP)
+        needed = [c for c in COMPONENTS if not (c == "unet" and self.guided is not None)]
+        missing = [c for c in needed if c not in components]
         if missing:
-            raise InputError("components", f"RefAdGen needs {list(COMPONENTS)}", f"missing {missing}")
+            raise InputError("components", f"RefAdGen needs {list(COMPONENTS)} (or {GUIDED_STEP} for unet)", f"missing {missing}")
         self.components = components
         self.preset = preset
         self.tokenizer = tokenizer
@@ -99,23 +105,25 @@ class RefAdGenPipeline:
         timer = StageTimer()
         n = len(requests)
         guidance = np.array([r.guidance for r in requests], dtype=np.float32)
-        cfg = bool((guidance > 1.0).any())  # at guidance 1 the unconditional half cancels out
+        # At guidance 1 the unconditional half cancels out; the fused graph always runs both.
+        cfg = bool((guidance > 1.0).any()) or self.guided is not None
         halves = 2 if cfg else 1
         sched = make_scheduler(scheduler)
         sched.set_timesteps(steps)
         with timer.stage("total"):
             with timer.stage("text_encode"):
                 texts = [r.prompt for r in requests] + ([r.negative_prompt for r in requests] if cfg else [])
-                text_embeds = self.components["text_encoder"].run({"input_ids": self.tokenizer(texts)})["text_embeds"]
+                text_embeds = _run(self.components["text_encoder"], {"input_ids": self.tokenizer(texts)})["text_embeds"]
             with timer.stage("image_encode"):
                 image_tokens = self._image_tokens(requests, cfg)
             with timer.stage("vae_encode"):
-                product_latent = self.components["vae_encoder"].run({"image": self._reference_images(requests)})["latent"]
+                product_latent = _run(self.components["vae_encoder"], {"image": self._reference_images(requests)})["latent"]
             with timer.stage("reference_unet"):
-                states = self.components["reference_unet"].run(
-                    {"product_latent": np.concatenate([product_latent] * halves), "image_tokens": image_tokens}
+                states = _run(
+                    self.components["reference_unet"],
+                    {"product_latent": np.concatenate([product_latent] * halves), "image_tokens": image_tokens},
                 )
-                ref_kv = self.components["afm_kv"].run(states)
+                ref_kv = _run(self.components["afm_kv"], states)
             h, w = product_latent.shape[-2:]
             mask = np.stack([resize_mask_nearest(r.product.mask, h, w)[None] for r in requests])  # (B, 1, h, w)
             latents = np.stack([self._noise(r.seed, h, w) for r in requests]) * np.float32(sched.init_noise_sigma)
@@ -126,17 +134,28 @@ class RefAdGenPipeline:
             }
             for i, t in enumerate(sched.timesteps):
                 with timer.stage("denoise_step", repeated=True):
-                    sample = np.concatenate([np.concatenate([latents, mask], axis=1)] * halves)  # (halves*B, 5, h, w)
-                    timestep = np.full(halves * n, t, dtype=np.float32)
-                    eps = self.components["unet"].run({"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
-                    if cfg:
-                        cond, uncond = eps[:n], eps[n:]
-                        eps = uncond + guidance[:, None, None, None] * (cond - uncond)
+                    if self.guided is not None:  # one call: both halves and the combination in the graph
+                        eps = _run(self.guided, {
+                            **invariant,
+                            "sample": np.concatenate([latents, mask], axis=1),  # (B, 5, h, w)
+                            "timestep": np.full(n, t, dtype=np.float32),
+                            "afm_scale": invariant["afm_scale"][:n],
+                            "guidance": guidance,
+                        })["noise_pred"].astype(np.float32, copy=False)
+                    else:
+                        sample = np.concatenate([np.concatenate([latents, mask], axis=1)] * halves)  # (halves*B, 5, h, w)
+                        timestep = np.full(halves * n, t, dtype=np.float32)
+                        eps = _run(self.components["unet"], {"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
+                        eps = eps.astype(np.float32, copy=False)  # guidance and scheduler maths in float32
+                        if cfg:
+                            cond, uncond = eps[:n], eps[n:]
+                            eps = uncond + guidance[:, None, None, None] * (cond - uncond)
                     latents = sched.step(eps, int(t), latents)
                 if on_step:
                     on_step(i + 1, steps)
             with timer.stage("vae_decode"):
-                generated = from_model_image(self.components["vae_decoder"].run({"latent": latents})["image"])
+                decoded = _run(self.components["vae_decoder"], {"latent": latents})["image"]
+                generated = from_model_image(decoded.astype(np.float32, copy=False))
             with timer.stage("compose"):
                 images = [compose(g, r.product) for g, r in zip(generated, requests)]
         return RefAdGenOutput(images=images, generated=generated, timings=timer.summary())
@@ -156,12 +175,12 @@ class RefAdGenPipeline:
     def _image_tokens(self, requests: Sequence[RefAdGenRequest], cfg: bool) -> np.ndarray:
         size = self.preset.image.image_size
         pixels = np.concatenate([clip_pixels(_product_only(r.product), size) for r in requests])
-        tokens = self.components["image_encoder"].run({"pixel_values": pixels})["image_tokens"]
+        tokens = _run(self.components["image_encoder"], {"pixel_values": pixels})["image_tokens"]
         if not cfg:
             return tokens
         if self._zero_image_tokens is None:  # the unconditional image embedding: same for every request
             zeros = np.zeros((1, 3, size, size), dtype=np.float32)
-            self._zero_image_tokens = self.components["image_encoder"].run({"pixel_values": zeros})["image_tokens"]
+            self._zero_image_tokens = _run(self.components["image_encoder"], {"pixel_values": zeros})["image_tokens"]
         return np.concatenate([tokens, np.repeat(self._zero_image_tokens, len(requests), axis=0)])
 
     def _reference_images(self, requests: Sequence[RefAdGenRequest]) -> np.ndarray:
@@ -170,6 +189,11 @@ class RefAdGenPipeline:
     def _noise(self, seed: int, h: int, w: int) -> np.ndarray:
         rng = np.random.Generator(np.random.PCG64(seed))
         return rng.standard_normal((self.preset.latent_channels, h, w), dtype=np.float32)
+
+
+def _run(component: Component, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with float inputs in the dtypes the component's spec declares (float16 graphs)."""
+    return component.run(component.spec.cast_inputs(feed))
 
 
 def check_steps(steps: int) -> None:
@@ -207,6 +231,7 @@ class RefAdGenDefinition(PipelineDefinition):
                "afm_scale", "seed", "scheduler")
     required = ("product", "prompt")
     step_components = ("unet",)
+    guided_step = ("unet", ("sample", "timestep", "afm_scale"))
 
     def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
         return refadgen_specs(preset, precision)

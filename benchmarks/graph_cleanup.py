@@ -1,0 +1,124 @@
+"""Effect of graph clean-up on ONNX Runtime CPU step time: every option on the same traced
+graph, sessions interleaved in one run.
+
+    python -m benchmarks.graph_cleanup --preset small --component unet --iterations 20
+
+Traces the component once (float32), applies each clean-up (none, ORT basic offline
+optimizer, onnxslim), and for each reports node count, file size, session load time,
+max |difference| from the un-cleaned graph, and step time (p50, p90) with the order of the
+sessions rotated every iteration. Appends JSON lines (machine, versions, git commit, spec hash,
+raw samples) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.step_latency import git_commit, machine
+from runtime.pipelines import get_pipeline
+from runtime.presets import PRESETS, get_preset
+from runtime.specs import AttentionKernel
+from runtime.weights import WeightsSource
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", default="refadgen")
+    parser.add_argument("--preset", default="small", choices=tuple(PRESETS))
+    parser.add_argument("--component", default="unet")
+    parser.add_argument("--attention", default="ort", choices=("ort", "onnx"))
+    parser.add_argument("--cleanup", action="append", choices=("none", "ort-basic", "onnxslim"), help="repeat; default all")
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, help="append JSON lines here")
+    args = parser.parse_args(argv)
+
+    import onnxruntime as ort
+    import torch
+
+    from export.graph_passes import Cleanup, cleanup, load_graph, save_graph
+    from export.onnx_export import export_component
+    from networks.build import LazyModules
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    preset = get_preset(args.preset)
+    spec = get_pipeline(args.pipeline).specs(preset)[args.component]
+    options = [Cleanup(c) for c in (args.cleanup or [c.value for c in Cleanup])]
+    work = Path(tempfile.mkdtemp(prefix="adgen-cleanup-"))
+    say(f"tracing {args.component} ({preset.name})")
+    traced = work / "traced.onnx"
+    export_component(LazyModules(args.pipeline, preset, WeightsSource())[args.component], spec, traced, 17,
+                     AttentionKernel(args.attention))
+    base = load_graph(traced)
+    sessions, info = {}, {}
+    for option in options:
+        started = time.perf_counter()
+        scratch = work / f"scratch-{option.value}"
+        scratch.mkdir()
+        model = cleanup(copy.deepcopy(base), option, scratch)
+        cleanup_s = time.perf_counter() - started
+        path = work / f"{option.value}.onnx"
+        save_graph(model, path)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what the runtime uses
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if args.threads:
+            so.intra_op_num_threads = args.threads
+        started = time.perf_counter()
+        sessions[option] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        info[option] = {"nodes": len(model.graph.node), "bytes": path.stat().st_size,
+                        "cleanup_s": cleanup_s, "load_s": time.perf_counter() - started}
+        say(f"{option.value}: {info[option]['nodes']} nodes, {info[option]['bytes'] / 1e6:.1f} MB")
+
+    env = spec.env_at("opt")
+    feed = spec.sample_inputs(np.random.default_rng(0), env)
+    reference = sessions[options[0]].run(None, feed)
+    for option in options:
+        out = sessions[option].run(None, feed)
+        info[option]["max_abs_vs_" + options[0].value] = max(float(np.abs(a - b).max()) for a, b in zip(out, reference))
+    samples = {o: [] for o in options}
+    for i in range(args.warmup + args.iterations):
+        k = i % len(options)
+        for option in options[k:] + options[:k]:  # each option takes each position in turn
+            started = time.perf_counter()
+            sessions[option].run(None, feed)
+            if i >= args.warmup:
+                samples[option].append(time.perf_counter() - started)
+
+    base_p50 = float(np.median(samples[options[0]]))
+    print(f"{args.component} ({preset.name}, attention {args.attention}), batch {env['B']}, latent {env['latent_h']}x{env['latent_w']}, "
+          f"ORT CPU, {args.iterations} iterations after {args.warmup} warm-up")
+    print(f"{'cleanup':<10} {'nodes':>6} {'MB':>7} {'load s':>7} {'p50 ms':>8} {'p90 ms':>8} {'vs ' + options[0].value:>9} {'max|d|':>9}")
+    records = []
+    for option in options:
+        s = np.array(samples[option])
+        p50 = float(np.median(s))
+        i = info[option]
+        print(f"{option.value:<10} {i['nodes']:>6} {i['bytes'] / 1e6:>7.1f} {i['load_s']:>7.2f} {1000 * p50:>8.2f} "
+              f"{1000 * np.percentile(s, 90):>8.2f} {base_p50 / p50:>8.3f}x {i['max_abs_vs_' + options[0].value]:>9.2e}")
+        records.append({
+            "benchmark": "graph_cleanup", "pipeline": args.pipeline, "component": args.component, "preset": preset.name,
+            "attention": args.attention, "cleanup": option.value, **i, "p50_s": p50, "p90_s": float(np.percentile(s, 90)),
+            "samples_s": s.tolist(), "batch": env["B"], "latent": [env["latent_h"], env["latent_w"]], "threads": args.threads,
+            "spec_hash": spec.spec_hash(), "git_commit": git_commit(), "machine": machine(), "time": time.time(),
+        })
+    if args.out:
+        with open(args.out, "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
