@@ -150,8 +150,7 @@ class LazyModules(Mapping[str, nn.Module]):
         return len(self._components)
 
     def release(self) -> None:
-        self._held = None
-        self._eager = None
+        self._held = None  # eagerly built pipelines keep their modules: they are built only once
         gc.collect()
 
 
