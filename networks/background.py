@@ -70,7 +70,8 @@ from .attention import CrossAttentionProcessor, attend_biased
 from .build import (
     _TEXT_FILE,
     _VAE_FILE,
-    _check_sizes,
+    _check_text_size,
+    _check_vae_size,
     _contiguous,
     _load_text_encoder,
     _load_vae,
@@ -249,7 +250,8 @@ def build_background(preset: Preset, weights: WeightsSource = WeightsSource()) -
     }
     for module in modules.values():
         module.eval().requires_grad_(False)
-    _check_sizes(preset, text, vae)
+    _check_text_size(preset, text)
+    _check_vae_size(preset, vae)
     return modules
 
 
