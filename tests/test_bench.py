@@ -95,6 +95,7 @@ def test_report_refuses_records_it_cannot_read(tmp_path, capsys):
 def test_served_placements_run_against_the_real_server(tiny_graphs, cache_root, tmp_path):
     pytest.importorskip("tritonclient")
     out = tmp_path / "served.jsonl"
+    regions_before = set(harness.Path("/dev/shm").glob("adgen_*"))
     code = harness.main([
         "--pipeline", "refadgen", "--preset", "tiny", "--backend", "onnxruntime",
         "--placement", "client-loop", "--placement", "in-server",
@@ -107,4 +108,5 @@ def test_served_placements_run_against_the_real_server(tiny_graphs, cache_root, 
     for r in records:
         assert len(r["samples"]["stages_s"]["denoise_step"]) == 2 * STEPS  # the server's own stage timings
         assert r["peak_server_rss_mb"] > 0 and r["scenario"]["server_url"]
-    assert not list(harness.Path("/dev/shm").glob("adgen_*"))  # the server stopped and cleaned up
+    leftover = set(harness.Path("/dev/shm").glob("adgen_*")) - regions_before
+    assert not leftover  # the server stopped and its shared-memory regions went with it
