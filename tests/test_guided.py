@@ -75,7 +75,7 @@ def test_pipeline_gives_the_same_image_with_the_fused_step(product_png):
     options = dict(product=product_png, prompt="a sneaker on a wooden table", steps=3, seed=5, guidance=6.0)
     plain = load_pipeline("refadgen", preset="tiny", backend="torch")
     fused = load_pipeline("refadgen", preset="tiny", backend="torch", fused_step=True)
-    assert "guided_unet" in fused.runner.c and "unet" not in fused.runner.c
+    assert "guided_unet" in fused.runner.components and "unet" not in fused.runner.components
     a = generate(plain, **options).image.astype(int)
     b = generate(fused, **options).image.astype(int)
     assert np.abs(a - b).max() <= 1
