@@ -158,7 +158,7 @@ def _max_pool(mask: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_style_residuals_are_zero_on_the_product_at_every_scale(backend, bg_ort, bg_torch, tiny, product_png):
-    branch = {"onnxruntime": bg_ort, "torch": bg_torch}[backend].runner.c["style_branch"]
+    branch = {"onnxruntime": bg_ort, "torch": bg_torch}[backend].runner.components["style_branch"]
     spec = branch.spec
     feed = spec.sample_inputs(np.random.default_rng(0), spec.env_at("opt", B=1))
     h, w = feed["product_mask"].shape[-2:]
@@ -249,7 +249,7 @@ class Counting(Component):
 
 
 def test_style_branch_runs_once_per_request_and_guidance_is_one_batch(bg_ort, product_png, reference_png):
-    counted = {name: Counting(c) for name, c in bg_ort.runner.c.items()}
+    counted = {name: Counting(c) for name, c in bg_ort.runner.components.items()}
     pipe = BackgroundPipeline(counted, bg_ort.runner.preset, bg_ort.runner.tokenizer)
     pipe([_request(product_png, reference_png), _request(product_png, reference_png, seed=1)], steps=4)
     assert counted["style_branch"].calls == 1 and counted["style_branch"].batches == [2]

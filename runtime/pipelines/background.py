@@ -52,7 +52,20 @@ from ..timing import StageTimer
 from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
 from ..weights import WeightsSource
 from .base import Call, GenerateResult, PipelineDefinition, StepCallback
-from .refadgen import DEFAULT_GUIDANCE, DEFAULT_STEPS, GUIDANCE_RANGE, canvas_size, check_steps, placement_dict
+from .common import (
+    batch_settings,
+    canvas_size,
+    check_batch,
+    check_range,
+    check_seed,
+    check_steps,
+    guide,
+    initial_noise,
+    placement_dict,
+    product_only,
+    run_cast,
+)
+from .refadgen import DEFAULT_GUIDANCE, DEFAULT_STEPS, GUIDANCE_RANGE
 
 COMPONENTS = ("text_encoder", "vae_encoder", "style_branch", "background_unet", "vae_decoder")
 STYLE_SCALE_RANGE = (0.0, 4.0)
@@ -84,10 +97,9 @@ class BackgroundRequest:
 
     def validate(self) -> None:
         check_prompt("negative_prompt", self.negative_prompt)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
-            raise InputError("seed", "expected an integer in [0, 2**63)", self.seed)
-        _check_range("guidance", self.guidance, *GUIDANCE_RANGE)
-        _check_range("style_scale", self.style_scale, *STYLE_SCALE_RANGE)
+        check_seed(self.seed)
+        check_range("guidance", self.guidance, *GUIDANCE_RANGE)
+        check_range("style_scale", self.style_scale, *STYLE_SCALE_RANGE)
         if self.reference is not None and self.reference.rgb.shape != self.product.rgb.shape:
             raise InputError(
                 "reference", f"expected the canvas size {self.product.width}x{self.product.height}",
@@ -107,7 +119,7 @@ class BackgroundPipeline:
         missing = [c for c in COMPONENTS if c not in components]
         if missing:
             raise InputError("components", f"the background pipeline needs {list(COMPONENTS)}", f"missing {missing}")
-        self.c = components
+        self.components = components
         self.preset = preset
         self.tokenizer = tokenizer
         self.residual_names = style_residual_names(preset)
@@ -119,7 +131,7 @@ class BackgroundPipeline:
         scheduler: str = "ddim",
         on_step: StepCallback | None = None,
     ) -> BackgroundOutput:
-        self._check(requests, steps)
+        check_batch(requests, steps, self.preset)
         timer = StageTimer()
         n = len(requests)
         guidance = np.array([r.guidance for r in requests], dtype=np.float32)
@@ -137,20 +149,20 @@ class BackgroundPipeline:
                     ids = np.concatenate([ids, self.tokenizer([r.negative_prompt for r in requests])])
                     class_tokens = np.concatenate([class_tokens, np.zeros_like(class_tokens)])
                     identifier_tokens = np.concatenate([identifier_tokens, np.zeros_like(identifier_tokens)])
-                text_embeds = self.c["text_encoder"].run({"input_ids": ids})["text_embeds"]
+                text_embeds = run_cast(self.components["text_encoder"], {"input_ids": ids})["text_embeds"]
             with_reference = [i for i, r in enumerate(requests) if r.reference is not None]
             refs = [r.reference for r in requests if r.reference is not None]
             with timer.stage("vae_encode"):
-                images = [to_model_image(_product_only(r.product)) for r in requests]
+                images = [to_model_image(product_only(r.product)) for r in requests]
                 images += [to_model_image(ref.rgb) for ref in refs]
-                latents_in = self.c["vae_encoder"].run({"image": np.concatenate(images)})["latent"]
+                latents_in = run_cast(self.components["vae_encoder"], {"image": np.concatenate(images)})["latent"]
                 product_latent, reference_latent = latents_in[:n], latents_in[n:]
             h, w = product_latent.shape[-2:]
             product_mask = np.stack([resize_mask_nearest(r.product.mask, h, w)[None] for r in requests])  # (B, 1, h, w)
             residuals = self._style_zeros(n, h, w)
             if with_reference:
                 with timer.stage("style_branch"):
-                    out = self.c["style_branch"].run({
+                    out = run_cast(self.components["style_branch"], {
                         "reference_latent": reference_latent,
                         "reference_mask": np.stack([resize_mask_nearest(ref.mask, h, w)[None] for ref in refs]),
                         "product_mask": product_mask[with_reference],
@@ -167,45 +179,29 @@ class BackgroundPipeline:
                 **{name: np.concatenate([r] * halves) for name, r in residuals.items()},
                 "style_scale": np.concatenate([style_scale] * halves),
             }
-            latents = np.stack([self._noise(r.seed, h, w) for r in requests]) * np.float32(sched.init_noise_sigma)
+            latents = initial_noise([r.seed for r in requests], self.preset.latent_channels, h, w, sched.init_noise_sigma)
             for i, t in enumerate(sched.timesteps):
                 with timer.stage("denoise_step", repeated=True):
                     sample = np.concatenate([latents] * halves)
                     timestep = np.full(halves * n, t, dtype=np.float32)
-                    eps = self.c["background_unet"].run({"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
+                    eps = run_cast(self.components["background_unet"], {"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
                     if cfg:
-                        cond, uncond = eps[:n], eps[n:]
-                        eps = uncond + guidance[:, None, None, None] * (cond - uncond)
+                        eps = guide(eps, guidance)
                     latents = sched.step(eps, int(t), latents)
                 if on_step:
                     on_step(i + 1, steps)
             with timer.stage("vae_decode"):
-                generated = from_model_image(self.c["vae_decoder"].run({"latent": latents})["image"])
+                generated = from_model_image(run_cast(self.components["vae_decoder"], {"latent": latents})["image"])
             with timer.stage("compose"):
                 images_out = [compose(g, r.product) for g, r in zip(generated, requests)]
         return BackgroundOutput(images=images_out, generated=generated, timings=timer.summary())
 
-    def _check(self, requests: Sequence[BackgroundRequest], steps: int) -> None:
-        if not requests:
-            raise InputError("requests", "expected at least one request")
-        if 2 * len(requests) > self.preset.max_batch:
-            raise InputError("requests", f"expected at most {self.preset.max_batch // 2} per batch", len(requests))
-        check_steps(steps)
-        for r in requests:
-            r.validate()
-        sizes = {(r.product.height, r.product.width) for r in requests}
-        if len(sizes) != 1:
-            raise InputError("requests", "expected one canvas size per batch", sorted(sizes))
-
     def _style_zeros(self, n: int, h: int, w: int) -> dict[str, np.ndarray]:
         """Zero residuals for every request; a request with a reference gets the branch's instead."""
-        spec = self.c["background_unet"].spec
+        spec = self.components["background_unet"].spec
         env = spec.env_at("opt", B=n, latent_h=h, latent_w=w)
         return {name: np.zeros(spec.shape(name, env), dtype=spec.tensor(name).dtype.numpy) for name in self.residual_names}
 
-    def _noise(self, seed: int, h: int, w: int) -> np.ndarray:
-        rng = np.random.Generator(np.random.PCG64(seed))
-        return rng.standard_normal((self.preset.latent_channels, h, w), dtype=np.float32)
 
 
 def load_reference(
@@ -251,16 +247,6 @@ def _mask_values(m: Image.Image) -> np.ndarray:
         alpha = np.asarray(m.getchannel("A"), dtype=np.uint16)
         return (value * alpha + 127) // 255
     return np.asarray(m.convert("L"))
-
-
-def _product_only(product: Product) -> np.ndarray:
-    """The product on neutral grey: inpainting's masked image, with the background to fill grey."""
-    return np.where(product.mask[..., None], product.rgb, np.uint8(GREY))
-
-
-def _check_range(field: str, value: float, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not low <= float(value) <= high:
-        raise InputError(field, f"expected a number in [{low}, {high}]", value)
 
 
 @dataclass(frozen=True)
@@ -340,10 +326,7 @@ class BackgroundDefinition(PipelineDefinition):
     def run_batch(
         self, runner: BackgroundPipeline, prepared: list[PreparedBackground], on_step: StepCallback | None = None
     ) -> list[GenerateResult]:
-        settings = {(p.steps, p.scheduler) for p in prepared}
-        if len(settings) != 1:
-            raise InputError("requests", "expected one step count and scheduler per batch", sorted(settings))
-        steps, scheduler = settings.pop()
+        steps, scheduler = batch_settings(prepared)
         output = runner([p.request for p in prepared], steps=steps, scheduler=scheduler, on_step=on_step)
         return [GenerateResult(image, self._report(runner, p, steps, scheduler, len(prepared), output.timings))
                 for p, image in zip(prepared, output.images)]

@@ -21,11 +21,9 @@ from ..backends.base import Component
 from ..components import refadgen_specs
 from ..errors import InputError
 from ..images import (
-    GREY,
     MAX_IMAGE_PIXELS,
     Placement,
     Product,
-    check_canvas_size,
     clip_pixels,
     compose,
     from_model_image,
@@ -41,13 +39,25 @@ from ..timing import StageTimer
 from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
 from ..weights import WeightsSource
 from .base import Call, GenerateResult, PipelineDefinition, StepCallback
+from .common import (
+    batch_settings,
+    canvas_size,
+    check_batch,
+    check_range,
+    check_seed,
+    check_steps,
+    guide,
+    initial_noise,
+    placement_dict,
+    product_only,
+    run_cast,
+)
 
 GUIDED_STEP = "guided_unet"
 COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")
 DEFAULT_STEPS = 30  # RefAdGen's paper: 30 DDIM steps, guidance 7.5
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_AFM_SCALE = 1.0
-MAX_STEPS = 500
 GUIDANCE_RANGE = (1.0, 30.0)
 AFM_SCALE_RANGE = (0.0, 4.0)
 
@@ -66,10 +76,9 @@ class RefAdGenRequest:
     def validate(self) -> None:
         check_prompt("prompt", self.prompt)
         check_prompt("negative_prompt", self.negative_prompt)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
-            raise InputError("seed", "expected an integer in [0, 2**63)", self.seed)
-        _check_range("guidance", self.guidance, *GUIDANCE_RANGE)
-        _check_range("afm_scale", self.afm_scale, *AFM_SCALE_RANGE)
+        check_seed(self.seed)
+        check_range("guidance", self.guidance, *GUIDANCE_RANGE)
+        check_range("afm_scale", self.afm_scale, *AFM_SCALE_RANGE)
 
 
 @dataclass
@@ -101,7 +110,7 @@ class RefAdGenPipeline:
         scheduler: str = "ddim",
         on_step: StepCallback | None = None,
     ) -> RefAdGenOutput:
-        self._check(requests, steps)
+        check_batch(requests, steps, self.preset)
         timer = StageTimer()
         n = len(requests)
         guidance = np.array([r.guidance for r in requests], dtype=np.float32)
@@ -113,20 +122,20 @@ class RefAdGenPipeline:
         with timer.stage("total"):
             with timer.stage("text_encode"):
                 texts = [r.prompt for r in requests] + ([r.negative_prompt for r in requests] if cfg else [])
-                text_embeds = _run(self.components["text_encoder"], {"input_ids": self.tokenizer(texts)})["text_embeds"]
+                text_embeds = run_cast(self.components["text_encoder"], {"input_ids": self.tokenizer(texts)})["text_embeds"]
             with timer.stage("image_encode"):
                 image_tokens = self._image_tokens(requests, cfg)
             with timer.stage("vae_encode"):
-                product_latent = _run(self.components["vae_encoder"], {"image": self._reference_images(requests)})["latent"]
+                product_latent = run_cast(self.components["vae_encoder"], {"image": self._reference_images(requests)})["latent"]
             with timer.stage("reference_unet"):
-                states = _run(
+                states = run_cast(
                     self.components["reference_unet"],
                     {"product_latent": np.concatenate([product_latent] * halves), "image_tokens": image_tokens},
                 )
-                ref_kv = _run(self.components["afm_kv"], states)
+                ref_kv = run_cast(self.components["afm_kv"], states)
             h, w = product_latent.shape[-2:]
             mask = np.stack([resize_mask_nearest(r.product.mask, h, w)[None] for r in requests])  # (B, 1, h, w)
-            latents = np.stack([self._noise(r.seed, h, w) for r in requests]) * np.float32(sched.init_noise_sigma)
+            latents = initial_noise([r.seed for r in requests], self.preset.latent_channels, h, w, sched.init_noise_sigma)
             invariant = {
                 "text_embeds": text_embeds,
                 "afm_scale": np.array([r.afm_scale for r in requests] * halves, dtype=np.float32),
@@ -135,7 +144,7 @@ class RefAdGenPipeline:
             for i, t in enumerate(sched.timesteps):
                 with timer.stage("denoise_step", repeated=True):
                     if self.guided is not None:  # one call: both halves and the combination in the graph
-                        eps = _run(self.guided, {
+                        eps = run_cast(self.guided, {
                             **invariant,
                             "sample": np.concatenate([latents, mask], axis=1),  # (B, 5, h, w)
                             "timestep": np.full(n, t, dtype=np.float32),
@@ -145,71 +154,33 @@ class RefAdGenPipeline:
                     else:
                         sample = np.concatenate([np.concatenate([latents, mask], axis=1)] * halves)  # (halves*B, 5, h, w)
                         timestep = np.full(halves * n, t, dtype=np.float32)
-                        eps = _run(self.components["unet"], {"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
+                        eps = run_cast(self.components["unet"], {"sample": sample, "timestep": timestep, **invariant})["noise_pred"]
                         eps = eps.astype(np.float32, copy=False)  # guidance and scheduler maths in float32
                         if cfg:
-                            cond, uncond = eps[:n], eps[n:]
-                            eps = uncond + guidance[:, None, None, None] * (cond - uncond)
+                            eps = guide(eps, guidance)
                     latents = sched.step(eps, int(t), latents)
                 if on_step:
                     on_step(i + 1, steps)
             with timer.stage("vae_decode"):
-                decoded = _run(self.components["vae_decoder"], {"latent": latents})["image"]
+                decoded = run_cast(self.components["vae_decoder"], {"latent": latents})["image"]
                 generated = from_model_image(decoded.astype(np.float32, copy=False))
             with timer.stage("compose"):
                 images = [compose(g, r.product) for g, r in zip(generated, requests)]
         return RefAdGenOutput(images=images, generated=generated, timings=timer.summary())
 
-    def _check(self, requests: Sequence[RefAdGenRequest], steps: int) -> None:
-        if not requests:
-            raise InputError("requests", "expected at least one request")
-        if 2 * len(requests) > self.preset.max_batch:
-            raise InputError("requests", f"expected at most {self.preset.max_batch // 2} per batch", len(requests))
-        check_steps(steps)
-        for r in requests:
-            r.validate()
-        sizes = {(r.product.height, r.product.width) for r in requests}
-        if len(sizes) != 1:
-            raise InputError("requests", "expected one canvas size per batch", sorted(sizes))
-
     def _image_tokens(self, requests: Sequence[RefAdGenRequest], cfg: bool) -> np.ndarray:
         size = self.preset.image.image_size
-        pixels = np.concatenate([clip_pixels(_product_only(r.product), size) for r in requests])
-        tokens = _run(self.components["image_encoder"], {"pixel_values": pixels})["image_tokens"]
+        pixels = np.concatenate([clip_pixels(product_only(r.product), size) for r in requests])
+        tokens = run_cast(self.components["image_encoder"], {"pixel_values": pixels})["image_tokens"]
         if not cfg:
             return tokens
         if self._zero_image_tokens is None:  # the unconditional image embedding: same for every request
             zeros = np.zeros((1, 3, size, size), dtype=np.float32)
-            self._zero_image_tokens = _run(self.components["image_encoder"], {"pixel_values": zeros})["image_tokens"]
+            self._zero_image_tokens = run_cast(self.components["image_encoder"], {"pixel_values": zeros})["image_tokens"]
         return np.concatenate([tokens, np.repeat(self._zero_image_tokens, len(requests), axis=0)])
 
     def _reference_images(self, requests: Sequence[RefAdGenRequest]) -> np.ndarray:
-        return np.concatenate([to_model_image(_product_only(r.product)) for r in requests])
-
-    def _noise(self, seed: int, h: int, w: int) -> np.ndarray:
-        rng = np.random.Generator(np.random.PCG64(seed))
-        return rng.standard_normal((self.preset.latent_channels, h, w), dtype=np.float32)
-
-
-def _run(component: Component, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run with float inputs in the dtypes the component's spec declares (float16 graphs)."""
-    return component.run(component.spec.cast_inputs(feed))
-
-
-def check_steps(steps: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-        raise InputError("steps", f"expected an integer in [1, {MAX_STEPS}]", steps)
-
-
-def _product_only(product: Product) -> np.ndarray:
-    """The product on neutral grey: what the reference branch and image encoder see."""
-    return np.where(product.mask[..., None], product.rgb, np.uint8(GREY))
-
-
-def _check_range(field: str, value: float, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not low <= float(value) <= high:
-        raise InputError(field, f"expected a number in [{low}, {high}]", value)
-
+        return np.concatenate([to_model_image(product_only(r.product)) for r in requests])
 
 
 @dataclass(frozen=True)
@@ -276,10 +247,7 @@ class RefAdGenDefinition(PipelineDefinition):
     def run_batch(
         self, runner: RefAdGenPipeline, prepared: list[PreparedRequest], on_step: StepCallback | None = None
     ) -> list[GenerateResult]:
-        settings = {(p.steps, p.scheduler) for p in prepared}
-        if len(settings) != 1:
-            raise InputError("requests", "expected one step count and scheduler per batch", sorted(settings))
-        steps, scheduler = settings.pop()
+        steps, scheduler = batch_settings(prepared)
         output = runner([p.request for p in prepared], steps=steps, scheduler=scheduler, on_step=on_step)
         results = []
         for p, image in zip(prepared, output.images):
@@ -315,24 +283,6 @@ class RefAdGenDefinition(PipelineDefinition):
 
     def example_options(self, folder: Path, preset: Preset) -> dict:
         return {**super().example_options(folder, preset), "prompt": "a sneaker on a wooden table, soft light"}
-
-
-def canvas_size(product_w: int, product_h: int, width: int | None, height: int | None, preset: Preset) -> tuple[int, int]:
-    """The requested size; else the product's own size when the preset allows it; else the preset default."""
-    if width is None and height is None:
-        try:
-            check_canvas_size(product_w, product_h, preset.min_side, preset.max_side)
-            return product_w, product_h
-        except InputError:
-            return preset.default_width, preset.default_height
-    width = preset.default_width if width is None else width
-    height = preset.default_height if height is None else height
-    check_canvas_size(width, height, preset.min_side, preset.max_side)
-    return width, height
-
-
-def placement_dict(p: Placement) -> dict:
-    return {"scale": round(p.scale, 6), "offset": list(p.offset), "size": list(p.size)}
 
 
 DEFINITION = RefAdGenDefinition()

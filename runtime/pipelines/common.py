@@ -1,0 +1,101 @@
+"""What every diffusion pipeline's loop and request checks share: one definition of each rule,
+so the pipelines cannot drift apart on what a valid seed, step count or batch is."""
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from ..backends.base import Component
+from ..errors import InputError
+from ..images import GREY, Placement, Product, check_canvas_size
+from ..presets import Preset
+
+MAX_STEPS = 500
+
+
+class BatchedRequest(Protocol):
+    product: Product
+
+    def validate(self) -> None: ...
+
+
+def run_cast(component: Component, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with float inputs in the dtypes the component's spec declares (float16 graphs)."""
+    return component.run(component.spec.cast_inputs(feed))
+
+
+def check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise InputError("steps", f"expected an integer in [1, {MAX_STEPS}]", steps)
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise InputError("seed", "expected an integer in [0, 2**63)", seed)
+
+
+def check_range(field: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not low <= float(value) <= high:
+        raise InputError(field, f"expected a number in [{low}, {high}]", value)
+
+
+def check_batch(requests: Sequence[BatchedRequest], steps: int, preset: Preset) -> None:
+    """One canvas size per batch, at most max_batch / 2 requests (guidance doubles the batch)."""
+    if not requests:
+        raise InputError("requests", "expected at least one request")
+    if 2 * len(requests) > preset.max_batch:
+        raise InputError("requests", f"expected at most {preset.max_batch // 2} per batch", len(requests))
+    check_steps(steps)
+    for r in requests:
+        r.validate()
+    sizes = {(r.product.height, r.product.width) for r in requests}
+    if len(sizes) != 1:
+        raise InputError("requests", "expected one canvas size per batch", sorted(sizes))
+
+
+def batch_settings(prepared: Sequence[object]) -> tuple[int, str]:
+    """The step count and scheduler every prepared request in a batch must share."""
+    settings = {(p.steps, p.scheduler) for p in prepared}  # type: ignore[attr-defined]
+    if len(settings) != 1:
+        raise InputError("requests", "expected one step count and scheduler per batch", sorted(settings))
+    return settings.pop()
+
+
+def product_only(product: Product) -> np.ndarray:
+    """The product on neutral grey, (H, W, 3) uint8: what the encoders see of it."""
+    return np.where(product.mask[..., None], product.rgb, np.uint8(GREY))
+
+
+def initial_noise(seeds: Sequence[int], channels: int, h: int, w: int, sigma: float) -> np.ndarray:
+    """(B, C, h, w) float32, each request's noise from its own seed: independent of the batch."""
+    return np.stack([
+        np.random.Generator(np.random.PCG64(seed)).standard_normal((channels, h, w), dtype=np.float32)
+        for seed in seeds
+    ]) * np.float32(sigma)
+
+
+def guide(eps: np.ndarray, guidance: np.ndarray) -> np.ndarray:
+    """Classifier-free guidance on a (2B, ...) prediction, conditional half first: (B, ...)."""
+    n = len(guidance)
+    cond, uncond = eps[:n], eps[n:]
+    return uncond + guidance[:, None, None, None] * (cond - uncond)
+
+
+def canvas_size(product_w: int, product_h: int, width: int | None, height: int | None, preset: Preset) -> tuple[int, int]:
+    """The requested size; else the product's own size when the preset allows it; else the preset default."""
+    if width is None and height is None:
+        try:
+            check_canvas_size(product_w, product_h, preset.min_side, preset.max_side)
+            return product_w, product_h
+        except InputError:
+            return preset.default_width, preset.default_height
+    width = preset.default_width if width is None else width
+    height = preset.default_height if height is None else height
+    check_canvas_size(width, height, preset.min_side, preset.max_side)
+    return width, height
+
+
+def placement_dict(p: Placement) -> dict:
+    return {"scale": round(p.scale, 6), "offset": list(p.offset), "size": list(p.size)}
