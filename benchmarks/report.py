@@ -129,7 +129,7 @@ def plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(records)))
+    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.45 * len(records)))
     left = [0.0] * len(records)
     for stage in stages_of(records):
         values = []
@@ -141,7 +141,7 @@ def plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.barh([r["label"] for r in records], values, left=left, label=stage)
             left = [a + b for a, b in zip(left, values)]
     ax.set_xlabel("seconds per request (stage p50; denoise = step p50 x steps)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.invert_yaxis()
     fig.tight_layout()
     written.append(_save(fig, out / "stages.png"))
