@@ -38,13 +38,15 @@ pytestmark = pytest.mark.triton
 
 STEPS = 3
 CONCURRENT = 3
+# Wide enough that concurrent requests' steps meet in the queue however loaded the CI machine is:
+# the tests check that steps CAN share an execution, not how often they do at the 1 ms default.
+STEP_QUEUE_DELAY_US = 50_000
 
 
 @pytest.fixture(scope="module")
 def server(tiny_graphs, cache_root):
-    started = start_server(
-        ["refadgen"], "tiny", cache_dir=cache_root, options=RepositoryOptions(pipeline_instances=CONCURRENT), timeout_s=300
-    )
+    options = RepositoryOptions(pipeline_instances=CONCURRENT, step_queue_delay_us=STEP_QUEUE_DELAY_US)
+    started = start_server(["refadgen"], "tiny", cache_dir=cache_root, options=options, timeout_s=300)
     try:
         yield started
     finally:

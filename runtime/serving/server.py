@@ -281,6 +281,12 @@ class TritonServer:
                     self.process.wait(10)
             code = self.process.returncode
             self._wait_for_stubs()
+            for pid in self.stub_pids():  # a stub still alive after the wait (a loaded machine): end it
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._wait_for_stubs(timeout_s=5.0)
         for region in self.leftover_regions():
             region.unlink(missing_ok=True)
         if self._remove_workdir:
