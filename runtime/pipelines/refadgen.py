@@ -64,6 +64,8 @@ class RefAdGenRequest:
 
     def validate(self) -> None:
         check_prompt("prompt", self.prompt)
+        if not self.prompt.strip():  # the background is generated from it: nothing to follow
+            raise InputError("prompt", "expected a description of the background, not empty text", repr(self.prompt))
         check_prompt("negative_prompt", self.negative_prompt)
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
             raise InputError("seed", "expected an integer in [0, 2**63)", self.seed)
