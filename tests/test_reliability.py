@@ -258,3 +258,38 @@ def test_component_model_tensors(case, server, tiny_specs, bad_input_tally):
     ok = status == "400" and field in message and rule in message
     bad_input_tally.record("triton-component", case, "clear" if ok else "unexpected", f"{status}: {message}")
     assert ok, (status, message)
+
+
+@pytest.mark.parametrize("message, status, kind, retriable", [
+    ("Exceeds maximum queue size", "503", "ServerBusyError", True),
+    ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", "ServerUnavailableError", True),
+    ("Stub process 'refadgen_unet_0_0' is not healthy.", "500", "ServerUnavailableError", True),
+    ("Request for unknown model: 'refadgen' has no available versions", "StatusCode.NOT_FOUND", "ServerUnavailableError", True),
+    ("product: is not a recognized image file", "400", "ServerRequestError", False),
+    ("Request for unknown model: 'refadgne' is not found", "400", "ServerRequestError", False),
+    ("This protocol is restricted, expecting header 'triton-grpc-protocol-adgen-admin-key'", "StatusCode.UNAVAILABLE",
+     "ServerAccessError", False),
+    ("refadgen: BackendError: unet failed", "500", "ServerError", False),
+])
+def test_server_errors_are_typed_and_only_transient_ones_retried(message, status, kind, retriable):
+    pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    from runtime.backends.triton_backend import classify
+
+    error = classify("refadgen", InferenceServerException(message, status=status))
+    assert type(error).__name__ == kind and error.retriable is retriable and error.status == status
+    assert str(error).startswith(f"refadgen: {message}")
+
+
+def test_connection_errors_and_timeouts():
+    pytest.importorskip("tritonclient.grpc")
+    from runtime.backends.triton_backend import RetryPolicy, classify
+
+    assert classify("m", ConnectionRefusedError(111, "Connection refused")).retriable
+    assert not classify("m", TimeoutError("timed out")).retriable  # the request may still be running
+    policy = RetryPolicy(attempts=5, base_s=0.5, cap_s=2.0)
+    for retry in range(6):
+        assert 0.25 * 2**min(retry, 2) <= policy.delay(retry) <= min(2.0, 0.5 * 2**retry)
+    with pytest.raises(ValueError, match="attempts >= 1"):
+        RetryPolicy(attempts=0)

@@ -70,6 +70,10 @@ class RetryPolicy:
     base_s: float = 0.5
     cap_s: float = 8.0
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.base_s < 0 or self.cap_s < self.base_s:
+            raise ValueError(f"RetryPolicy: expected attempts >= 1 and 0 <= base_s <= cap_s, got {self}")
+
     def delay(self, retry: int) -> float:
         return min(self.cap_s, self.base_s * 2**retry) * random.uniform(0.5, 1.0)
 
@@ -100,6 +104,8 @@ def classify(what: str, error: BaseException) -> ServerError:
         if "is not healthy" in message:  # a crashed Python stub, until the watchdog reloads it
             return ServerUnavailableError(text, status)
         return ServerError(text, status)
+    if isinstance(error, TimeoutError):  # the request may still run: retrying would add load
+        return ServerError(f"{what}: no answer within the client timeout ({error})", "timeout")
     # HTTP client: refused / reset connections arrive as OSError
     return ServerUnavailableError(f"{what}: {type(error).__name__}: {error}", "connection")
 
@@ -213,7 +219,7 @@ class TritonConnection:
             raise classify(what, e) from e
 
     def _call_with_retries(self, what: str, attempt: Any) -> Any:
-        for retry in range(self.retry.attempts):
+        for retry in itertools.count():
             try:
                 return attempt()
             except ServerError as e:
@@ -222,7 +228,6 @@ class TritonConnection:
                 time.sleep(self.retry.delay(retry))
                 if isinstance(e, ServerUnavailableError):
                     self._reregister_regions()  # a restarted server has forgotten them
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _reregister_regions(self) -> None:
         """Register this connection's regions again (after a server restart); already-registered

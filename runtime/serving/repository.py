@@ -120,9 +120,9 @@ def component_config(
     if batch and (options.step_batching or not is_step):
         # Steps of concurrent requests wait briefly for each other; once-per-request work never waits.
         config.dynamic_batching.max_queue_delay_microseconds = options.step_queue_delay_us if is_step else 0
-    if is_step and flavour == "python" and config.HasField("dynamic_batching"):
+    if is_step and flavour in ("python", "python_cuda") and config.HasField("dynamic_batching"):
         # Bounded queue on the per-step model (the one every request calls `steps` times). Only on
-        # the committed Python config: the native ones are for the NGC image, tuned there. Without
+        # our Python-backend configs: the native ones are for the NGC image, tuned there. Without
         # step batching there is no dynamic batcher to carry it (and adding one would batch).
         config.dynamic_batching.default_queue_policy.CopyFrom(
             _queue_policy(options.step_queue_size, options.step_queue_timeout_s)
