@@ -11,6 +11,7 @@ Errors a user can cause print one line naming the field and the rule, and exit n
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -132,6 +133,16 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-queue-delay-us", type=int, default=1000, help="how long a step waits for others (default 1000)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per component model (default: its own)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to be ready")
+    parser.add_argument("--queue-size", type=int, default=8,
+                        help="whole requests that may wait for a pipeline instance; past it: 503 at once (default 8)")
+    parser.add_argument("--step-queue-size", type=int, default=64, help="step calls that may wait for the U-Net (default 64)")
+    parser.add_argument("--queue-timeout", type=float, default=120.0,
+                        help="seconds a request may wait in the pipeline queue before a 503 (default 120)")
+    parser.add_argument("--watchdog-interval", type=float, default=5.0,
+                        help="seconds between canary probes that reload models whose Python stub died (0: off)")
+    parser.add_argument("--admin-key-env", default="ADGEN_ADMIN_KEY",
+                        help="environment variable holding the key that model-control, shared-memory, logging and "
+                             "trace endpoints require (header adgen-admin-key); unset or empty: not restricted")
     parser.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
 
 
@@ -243,9 +254,19 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
         raise InputError("graphs", "--graphs holds one pipeline's graphs: name it with --pipeline")
     if args.instances < 1:
         raise InputError("instances", "expected at least 1", args.instances)
+    for name in ("queue_size", "step_queue_size"):
+        if getattr(args, name) < 1:
+            raise InputError(name, "expected at least 1", getattr(args, name))
+    if not args.queue_timeout > 0:
+        raise InputError("queue_timeout", "expected a number of seconds > 0", args.queue_timeout)
+    if args.watchdog_interval < 0:
+        raise InputError("watchdog_interval", "expected seconds >= 0 (0: off)", args.watchdog_interval)
+    admin_key = os.environ.get(args.admin_key_env) or None  # never printed
     options = RepositoryOptions(
         pipeline_instances=args.instances, step_batching=args.step_batching,
         step_queue_delay_us=args.step_queue_delay_us, threads=args.threads,
+        pipeline_queue_size=args.queue_size, step_queue_size=args.step_queue_size,
+        pipeline_queue_timeout_s=args.queue_timeout,
     )
     ports = None
     if args.http_port or args.grpc_port or args.metrics_port:
@@ -262,8 +283,13 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
     server = start_server(
         pipelines, args.preset, weights=args.weights, init_seed=args.init_seed, cache_dir=args.cache_dir,
         graphs_dir=args.graphs, options=options, tritonserver=args.tritonserver, host=args.host, ports=ports,
-        timeout_s=args.timeout, progress=progress.message,
+        timeout_s=args.timeout, progress=progress.message, admin_key=admin_key,
     )
+    watchdog = None
+    if args.watchdog_interval > 0:
+        from .serving.watchdog import ModelWatchdog
+
+        watchdog = ModelWatchdog(server.http_url, server.admin_headers, progress=progress.message)
     try:
         print(f"serving {', '.join(pipelines)} ({args.preset}) with tritonserver pid {server.process.pid}", flush=True)
         print(f"  gRPC     {server.grpc_url}", flush=True)
@@ -271,8 +297,18 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
         print(f"  metrics  {server.metrics_url}", flush=True)
         print(f"  adgen generate --pipeline {pipelines[0]} --preset {args.preset} --product P --prompt T --out ad.png "
               f"--server {server.grpc_url}", flush=True)
+        if admin_key:
+            print(f"  model-control, shared-memory, logging, trace: need header adgen-admin-key (${args.admin_key_env})",
+                  flush=True)
         print("Ctrl-C stops it.", flush=True)
+        next_probe = time.monotonic() + (args.watchdog_interval if watchdog else float("inf"))
         while server.alive():
+            if time.monotonic() >= next_probe:
+                try:
+                    watchdog.step()
+                except AdgenError as e:  # the server may be going down; the loop's check decides
+                    progress.message(f"watchdog: {e}")
+                next_probe = time.monotonic() + args.watchdog_interval
             time.sleep(0.5)
         raise AdgenError(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
     except KeyboardInterrupt:

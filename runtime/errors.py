@@ -50,3 +50,37 @@ class ParityError(ExportError):
 
 class BackendError(AdgenError):
     """A backend is not installed, cannot load a component, or failed to run it."""
+
+
+class ServerError(BackendError):
+    """A Triton server answered with an error: `status` is the HTTP code or gRPC status name."""
+
+    retriable = False
+
+    def __init__(self, message: str, status: str = ""):
+        self.status = status
+        super().__init__(message)
+
+
+class ServerRequestError(ServerError):
+    """The server refused the request itself (HTTP 400 / INVALID_ARGUMENT): fix it, do not retry."""
+
+    exit_code = 2
+
+
+class ServerAccessError(ServerError):
+    """A restricted endpoint without the operator's key (HTTP 403; gRPC answers UNAVAILABLE)."""
+
+
+class ServerBusyError(ServerError):
+    """The model's queue is full or a request waited past its queue timeout (HTTP 503 /
+    UNAVAILABLE): retriable after a pause."""
+
+    retriable = True
+
+
+class ServerUnavailableError(ServerError):
+    """No answer (connection refused or reset: server restarting) or a crashed Python stub that
+    the watchdog is replacing: retriable."""
+
+    retriable = True

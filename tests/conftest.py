@@ -77,3 +77,45 @@ def product_png(tmp_path) -> Path:
     path = tmp_path / "product.png"
     Image.fromarray(rgba, "RGBA").save(path)
     return path
+
+
+class BadInputTally:
+    """Every bad input a test sends, at any entry (API, CLI, Triton models), and how it ended:
+    a clear error (typed, naming the field and the rule), accepted by a documented conversion,
+    or unexpected. Printed as one line at the end of the run."""
+
+    def __init__(self):
+        self.tried = 0
+        self.clear = 0
+        self.converted = 0
+        self.unexpected: list[str] = []
+
+    def record(self, entry: str, case: str, outcome: str, detail: str = "") -> None:
+        self.tried += 1
+        if outcome == "clear":
+            self.clear += 1
+        elif outcome == "converted":
+            self.converted += 1
+        else:
+            self.unexpected.append(f"{entry} / {case}: {detail}")
+
+    def line(self) -> str:
+        line = f"bad inputs tried: {self.tried} / clear errors: {self.clear} / unexpected: {len(self.unexpected)}"
+        if self.converted:
+            line += f" (accepted by a documented conversion: {self.converted})"
+        return line
+
+
+TALLY = BadInputTally()
+
+
+@pytest.fixture(scope="session")
+def bad_input_tally() -> BadInputTally:
+    return TALLY
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if TALLY.tried:
+        terminalreporter.write_line(TALLY.line())
+        for item in TALLY.unexpected:
+            terminalreporter.write_line(f"  unexpected: {item}")

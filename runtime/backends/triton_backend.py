@@ -13,6 +13,14 @@ thread gets its own. Each thread owns its shared-memory regions, so concurrent c
 write into each other's buffers. Inputs are checked against the spec before the call, and
 every output's name, shape and dtype after it (Triton 2.51 does not check a Python model's
 outputs). `close()` unregisters and removes the regions and closes the clients.
+
+Failures are typed (`runtime.errors.ServerError` and subclasses). Every adgen request is seeded,
+so running it twice gives the same answer: an inference that failed with a retriable error (queue
+full or timed out in the queue: 503 / UNAVAILABLE; connection refused or reset while the server
+restarts; a crashed stub the watchdog is replacing) is retried with capped exponential backoff
+(`RetryPolicy`); a refused request (400) or a client timeout never is. When the server restricts
+its shared-memory and model-control endpoints (`adgen serve` with ADGEN_ADMIN_KEY set), the
+connection sends the key from `admin_key` or the ADGEN_ADMIN_KEY variable with those calls.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import ipaddress
 import itertools
 import os
 import socket
+import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlparse
@@ -30,7 +40,14 @@ import numpy as np
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
-from ..errors import BackendError
+from ..errors import (
+    BackendError,
+    ServerAccessError,
+    ServerBusyError,
+    ServerError,
+    ServerRequestError,
+    ServerUnavailableError,
+)
 from ..serving.protocol import from_wire, model_name, to_wire
 from ..specs import ComponentSpec
 from .base import Component, ModelSource, Progress
@@ -39,6 +56,58 @@ DEFAULT_TIMEOUT_S = 600.0
 SHM_MIN_BYTES = 64 * 1024
 _ALIGN = 64
 _region_ids = itertools.count()
+ADMIN_HEADER = "adgen-admin-key"  # the header `adgen serve` restricts endpoints with
+ADMIN_KEY_ENV = "ADGEN_ADMIN_KEY"
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # Triton 2.51 expects restricted gRPC headers under it
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of an idempotent request after a retriable error: `attempts` in all, sleeping
+    min(cap_s, base_s * 2**k) * U(0.5, 1) before retry k (jitter spreads clients that failed together)."""
+
+    attempts: int = 5
+    base_s: float = 0.5
+    cap_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.base_s < 0 or self.cap_s < self.base_s:
+            raise ValueError(f"RetryPolicy: expected attempts >= 1 and 0 <= base_s <= cap_s, got {self}")
+
+    def delay(self, retry: int) -> float:
+        return min(self.cap_s, self.base_s * 2**retry) * random.uniform(0.5, 1.0)
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+def classify(what: str, error: BaseException) -> ServerError:
+    """A client exception as a typed adgen error (retriable or not)."""
+    if isinstance(error, InferenceServerException):
+        status = str(error.status() or "")
+        message = error.message() or str(error)
+        text = f"{what}: {message} (status {status})"
+        if "restricted" in message and "header" in message:  # gRPC says UNAVAILABLE, HTTP 403
+            return ServerAccessError(text, status)
+        if "has no available versions" in message or "is not ready" in message:
+            # a known model being unloaded or loaded (a restart, a reload, an operator's unload):
+            # 2.51 answers 400 / NOT_FOUND, but it is a state that passes, unlike a wrong name
+            return ServerUnavailableError(text, status)
+        if status in ("400", "StatusCode.INVALID_ARGUMENT"):
+            return ServerRequestError(text, status)
+        if status in ("503", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"):
+            # gRPC also reports a refused connection as UNAVAILABLE; both are worth a retry
+            busy = "queue" in message.lower() or "exceeds" in message.lower()
+            return (ServerBusyError if busy else ServerUnavailableError)(text, status)
+        if status == "403":
+            return ServerAccessError(text, status)
+        if "is not healthy" in message:  # a crashed Python stub, until the watchdog reloads it
+            return ServerUnavailableError(text, status)
+        return ServerError(text, status)
+    if isinstance(error, TimeoutError):  # the request may still run: retrying would add load
+        return ServerError(f"{what}: no answer within the client timeout ({error})", "timeout")
+    # HTTP client: refused / reset connections arrive as OSError
+    return ServerUnavailableError(f"{what}: {type(error).__name__}: {error}", "connection")
 
 
 @dataclass(frozen=True)
@@ -76,11 +145,18 @@ class _Region:
         self.name = f"adgen_client_{os.getpid()}_{n}"
         self.size = max(size, 1 << 20)
         self.handle = shm.create_shared_memory_region(self.name, f"/{self.name}", self.size, create_only=True)
-        connection.client().register_system_shared_memory(self.name, f"/{self.name}", self.size)
+        try:
+            connection.client().register_system_shared_memory(
+                self.name, f"/{self.name}", self.size, headers=connection.admin_headers
+            )
+        except (InferenceServerException, OSError) as e:
+            shm.destroy_shared_memory_region(self.handle)
+            raise classify(f"registering shared memory {self.name}", e) from e
+        self.headers = connection.admin_headers
 
     def release(self, client: Any) -> None:
         try:
-            client.unregister_system_shared_memory(self.name)
+            client.unregister_system_shared_memory(self.name, headers=self.headers)
         finally:
             shm.destroy_shared_memory_region(self.handle)
 
@@ -92,9 +168,20 @@ def _aligned(n: int) -> int:
 class TritonConnection:
     """A client of one server, shared by the components of a pipeline."""
 
-    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, use_shm: bool | None = None):
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        use_shm: bool | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        admin_key: str | None = None,
+    ):
         self.endpoint = Endpoint.parse(url)
         self.timeout_s = timeout_s
+        self.retry = retry
+        key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV, "")
+        header = (GRPC_HEADER_PREFIX + ADMIN_HEADER) if self.endpoint.protocol == "grpc" else ADMIN_HEADER
+        self.admin_headers = {header: key} if key else None
         self.use_shm = self.endpoint.local if use_shm is None else use_shm
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -128,8 +215,32 @@ class TritonConnection:
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except InferenceServerException as e:
-            raise BackendError(f"{what}: {e.message()} (status {e.status()})") from e
+        except (InferenceServerException, OSError) as e:
+            raise classify(what, e) from e
+
+    def _call_with_retries(self, what: str, attempt: Any) -> Any:
+        for retry in itertools.count():
+            try:
+                return attempt()
+            except ServerError as e:
+                if not e.retriable or retry + 1 >= self.retry.attempts:
+                    raise
+                time.sleep(self.retry.delay(retry))
+                if isinstance(e, ServerUnavailableError):
+                    self._reregister_regions()  # a restarted server has forgotten them
+
+    def _reregister_regions(self) -> None:
+        """Register this connection's regions again (after a server restart); already-registered
+        ones and a server still down are left to the next attempt."""
+        with self._lock:
+            regions = list(self._regions)
+        for region in regions:
+            try:
+                self.client().register_system_shared_memory(
+                    region.name, f"/{region.name}", region.size, headers=self.admin_headers
+                )
+            except (InferenceServerException, OSError):
+                continue  # registered already, or not back yet: the retry tells
 
     def model_parameters(self, model: str) -> dict[str, str]:
         if self._grpc_client is not None:
@@ -165,6 +276,11 @@ class TritonConnection:
         (the size of its shared-memory slot)."""
         if self.closed:
             raise BackendError(f"{model}: connection to {self.endpoint.address} is closed")
+        return self._call_with_retries(model, lambda: self._infer_once(model, feed, outputs))
+
+    def _infer_once(
+        self, model: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+    ) -> dict[str, np.ndarray]:
         m = self._module
         arrays = {n: np.ascontiguousarray(a) for n, a in feed.items()}
         big = {n for n, a in arrays.items() if self.use_shm and a.nbytes >= SHM_MIN_BYTES}

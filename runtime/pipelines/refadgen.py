@@ -75,6 +75,8 @@ class RefAdGenRequest:
 
     def validate(self) -> None:
         check_prompt("prompt", self.prompt)
+        if not self.prompt.strip():  # the background is generated from it: nothing to follow
+            raise InputError("prompt", "expected a description of the background, not empty text", repr(self.prompt))
         check_prompt("negative_prompt", self.negative_prompt)
         check_seed(self.seed)
         check_range("guidance", self.guidance, *GUIDANCE_RANGE)

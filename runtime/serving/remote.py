@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..backends.triton_backend import DEFAULT_TIMEOUT_S, TritonConnection
+from ..backends.triton_backend import DEFAULT_TIMEOUT_S, RetryPolicy, TritonConnection
 from ..pipelines.base import GenerateResult, PipelineDefinition
 from .protocol import IMAGE_OUTPUT, REPORT_OUTPUT, decode_response, encode_request
 
@@ -20,9 +20,10 @@ from .protocol import IMAGE_OUTPUT, REPORT_OUTPUT, decode_response, encode_reque
 class PipelineClient:
     """Thread-safe over gRPC (one connection); over HTTP each thread gets its own client."""
 
-    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy = RetryPolicy()):
         # The request is a few small tensors and the file bytes; the image comes back inline.
-        self.connection = TritonConnection(url, timeout_s=timeout_s, use_shm=False)
+        # Requests are seeded, so a retried one gives the same image (see RetryPolicy).
+        self.connection = TritonConnection(url, timeout_s=timeout_s, use_shm=False, retry=retry)
 
     def generate(self, definition: PipelineDefinition, options: Mapping[str, Any]) -> GenerateResult:
         feed = encode_request(definition, options)

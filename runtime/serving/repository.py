@@ -72,6 +72,12 @@ class RepositoryOptions:
     step_batching: bool = True  # dynamic batching on the per-step components
     step_queue_delay_us: int = 1000  # how long a step waits for steps of other requests
     threads: int = 0  # ONNX Runtime intra-op threads per component model (0 = ONNX Runtime's default)
+    # Overload: past these queue lengths Triton answers 503 at once instead of letting requests
+    # pile up; a request still queued after the timeout is answered 503 too (REJECT).
+    pipeline_queue_size: int = 8  # whole requests waiting for a pipeline instance
+    step_queue_size: int = 64  # step calls waiting for the per-step model
+    pipeline_queue_timeout_s: float = 120.0
+    step_queue_timeout_s: float = 60.0
 
 
 def _shape(shape: tuple[int | str, ...]) -> dict:
@@ -80,6 +86,17 @@ def _shape(shape: tuple[int | str, ...]) -> dict:
     if not shape:
         return {"dims": [1], "reshape": mc.ModelTensorReshape(shape=[])}
     return {"dims": [d if isinstance(d, int) else -1 for d in shape]}
+
+
+def _queue_policy(max_size: int, timeout_s: float) -> mc.ModelQueuePolicy:
+    """Triton 2.51 applies queue timeouts only with a non-zero default timeout."""
+    if max_size < 1 or timeout_s <= 0:
+        raise ValueError(f"queue policy: expected max_size >= 1 and timeout_s > 0, got {max_size}, {timeout_s}")
+    return mc.ModelQueuePolicy(
+        timeout_action=mc.ModelQueuePolicy.REJECT,
+        default_timeout_microseconds=int(timeout_s * 1e6),
+        max_queue_size=max_size,
+    )
 
 
 def _set_parameters(config: mc.ModelConfig, parameters: Mapping[str, object]) -> None:
@@ -103,6 +120,13 @@ def component_config(
     if batch and (options.step_batching or not is_step):
         # Steps of concurrent requests wait briefly for each other; once-per-request work never waits.
         config.dynamic_batching.max_queue_delay_microseconds = options.step_queue_delay_us if is_step else 0
+    if is_step and flavour in ("python", "python_cuda") and config.HasField("dynamic_batching"):
+        # Bounded queue on the per-step model (the one every request calls `steps` times). Only on
+        # our Python-backend configs: the native ones are for the NGC image, tuned there. Without
+        # step batching there is no dynamic batcher to carry it (and adding one would batch).
+        config.dynamic_batching.default_queue_policy.CopyFrom(
+            _queue_policy(options.step_queue_size, options.step_queue_timeout_s)
+        )
     gpu = flavour != "python"
     config.instance_group.append(
         mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU, count=1)
@@ -139,6 +163,10 @@ def pipeline_config(definition: PipelineDefinition, preset: Preset, options: Rep
     config.output.append(mc.ModelOutput(name=REPORT_OUTPUT, data_type=mc.TYPE_STRING, dims=[1]))
     config.instance_group.append(
         mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.pipeline_instances)
+    )
+    # The scheduler that carries the queue policy; with max_batch_size 0 it never batches.
+    config.dynamic_batching.default_queue_policy.CopyFrom(
+        _queue_policy(options.pipeline_queue_size, options.pipeline_queue_timeout_s)
     )
     _set_parameters(config, {
         "adgen_pipeline": definition.name,

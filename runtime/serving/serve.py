@@ -70,6 +70,7 @@ def start_server(
     ports: Ports | None = None,
     timeout_s: float = 600.0,
     progress: Callable[[str], None] | None = None,
+    admin_key: str | None = None,
 ) -> TritonServer:
     """A started, ready server for `pipelines` at `preset`; stop it with `.stop()`."""
     installation: Installation = given_installation(tritonserver) if tritonserver else bundled_installation()
@@ -81,5 +82,7 @@ def start_server(
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    server = TritonServer(repository, installation, host=host, ports=ports, workdir=workdir, remove_workdir=True)
+    server = TritonServer(
+        repository, installation, host=host, ports=ports, workdir=workdir, remove_workdir=True, admin_key=admin_key
+    )
     return server.start(timeout_s, progress)  # stops the server and removes workdir if it fails

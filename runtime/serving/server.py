@@ -36,6 +36,11 @@ SHM_DIR = Path("/dev/shm")
 EXIT_TIMEOUT_S = 10
 WORKDIR_PREFIX = "adgen-triton-"
 OWNER_FILE = "owner.pid"
+# Endpoints that change or expose the server (load/unload models, register shared memory, set
+# log or trace files) answer only requests carrying this header with the operator's key.
+ADMIN_HEADER = "adgen-admin-key"
+ADMIN_KEY_ENV = "ADGEN_ADMIN_KEY"
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,7 @@ class TritonServer:
         shm_default_bytes: int = 4 * 1024 * 1024,
         workdir: Path | None = None,
         remove_workdir: bool | None = None,
+        admin_key: str | None = None,
     ):
         self.repository = Path(repository)
         self.installation = installation or bundled_installation()
@@ -150,6 +156,14 @@ class TritonServer:
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
         self.log_path = self.workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
+        if admin_key is not None and (not admin_key or any(c in admin_key for c in ",:= \t\n")):
+            raise BackendError(f"{ADMIN_KEY_ENV}: expected a non-empty key without ',', ':', '=' or whitespace")
+        self.admin_key = admin_key
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """Headers the restricted endpoints need ({} when they are not restricted)."""
+        return {ADMIN_HEADER: self.admin_key} if self.admin_key else {}
 
     @property
     def http_url(self) -> str:
@@ -185,6 +199,11 @@ class TritonServer:
             f"--backend-config=python,shm-default-byte-size={self.shm_default_bytes}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         ]
+        if self.admin_key:
+            # The key is on the server's command line (readable in /proc by this user and root):
+            # it guards the endpoints against other clients, not against local root.
+            restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
+            args += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         if inst.backends is not None:
             args.append(f"--backend-directory={self.workdir / 'backends'}")
         if inst.caches is not None:

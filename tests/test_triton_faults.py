@@ -1,0 +1,286 @@
+"""Overload, faults and locked-down control against the real tritonserver (tiny preset, loopback).
+
+One server for the module, started with an admin key (restricted endpoints), 2 pipeline instances
+and a pipeline queue of 2, so a burst of 8 overflows it. Every server is stopped, also on failure.
+Time bounds are generous upper bounds for "at once" / "recovers by itself", not performance targets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("pytriton")
+
+from runtime.backends.triton_backend import NO_RETRY, RetryPolicy  # noqa: E402
+from runtime.errors import (  # noqa: E402
+    ServerAccessError,
+    ServerBusyError,
+    ServerError,
+    ServerUnavailableError,
+)
+from runtime.pipelines import get_pipeline  # noqa: E402
+from runtime.serving.remote import PipelineClient  # noqa: E402
+from runtime.serving.repository import RepositoryOptions  # noqa: E402
+from runtime.serving.serve import start_server, write_runtime_repository  # noqa: E402
+from runtime.serving.server import ADMIN_HEADER, TritonServer  # noqa: E402
+from runtime.serving.watchdog import ModelWatchdog  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+KEY = "test-admin-key-7f3a"
+INSTANCES = 2
+QUEUE = 2
+KILLED: list[int] = []  # stub processes this module killed
+LONG_STEPS = 40  # a request that keeps an instance busy for a while on tiny
+
+
+@pytest.fixture(scope="module")
+def server(tiny_graphs, cache_root):
+    started = start_server(
+        ["refadgen"], "tiny", cache_dir=cache_root, timeout_s=300, admin_key=KEY,
+        options=RepositoryOptions(pipeline_instances=INSTANCES, pipeline_queue_size=QUEUE),
+    )
+    started._remove_workdir = False  # keep the log until the exit code is checked
+    try:
+        yield started
+    finally:
+        code = started.stop()
+        log = started.log_tail(15)
+        shutil.rmtree(started.workdir, ignore_errors=True)
+    if KILLED:
+        # 2.51 keeps a version whose stub died after serving a request UNLOADING until exit, so
+        # shutdown waits out --exit-timeout-secs and exits 1 (see runtime.serving.watchdog)
+        assert code == 1 and "live models" in log and "Exit timeout expired" in log, f"exit {code}:\n{log}"
+    else:
+        assert code == 0, f"tritonserver exit code {code}:\n{log}"
+    assert not started.leftover_regions()
+
+
+@pytest.fixture(scope="module")
+def product(tmp_path_factory):
+    from PIL import Image
+
+    rgba = np.zeros((160, 128, 4), dtype=np.uint8)
+    rgba[..., :3] = np.random.default_rng(7).integers(0, 256, size=(160, 128, 3), dtype=np.uint8)
+    rgba[40:120, 30:100, 3] = 255
+    path = tmp_path_factory.mktemp("faults-product") / "product.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path
+
+
+def _request(product, seed=0, steps=2):
+    return {"product": product, "prompt": "a sneaker on a table", "seed": seed, "steps": steps}
+
+
+def _generate(url, product, retry=NO_RETRY, **kwargs):
+    with PipelineClient(url, retry=retry) as client:
+        return client.generate(get_pipeline("refadgen"), _request(product, **kwargs))
+
+
+def _http(server, path, data=None, headers=None):
+    request = urllib.request.Request(
+        f"http://{server.http_url}{path}", data=data, headers=headers or {}, method="POST" if data is not None else "GET"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_restricted_endpoints_refuse_without_the_key(server, product, monkeypatch):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    for path in ("/v2/repository/index", "/v2/repository/models/refadgen_unet/unload", "/v2/systemsharedmemory/status",
+                 "/v2/logging", "/v2/trace/setting"):
+        code, body = _http(server, path, b"{}")
+        assert code == 403 and ADMIN_HEADER in body, (path, code, body)
+    code, _ = _http(server, "/v2/repository/index", b"{}", {ADMIN_HEADER: "wrong"})
+    assert code == 403
+    code, _ = _http(server, "/v2/repository/index", b"{}", {ADMIN_HEADER: KEY})
+    assert code == 200
+    code, _ = _http(server, "/v2/models/refadgen/stats")  # statistics and inference stay open
+    assert code == 200
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.unload_model("refadgen_unet")
+        assert client.is_model_ready("refadgen_unet")
+    finally:
+        client.close()
+
+    from runtime.api import generate, load_pipeline
+
+    # the client-side loop registers shared memory: refused without the key, works with it
+    monkeypatch.delenv("ADGEN_ADMIN_KEY", raising=False)
+    loaded = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=server.grpc_url)
+    try:
+        with pytest.raises(ServerAccessError, match="restricted"):
+            generate(loaded, **_request(product))
+    finally:
+        loaded.close()
+    monkeypatch.setenv("ADGEN_ADMIN_KEY", KEY)
+    loaded = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=server.grpc_url)
+    try:
+        image = generate(loaded, **_request(product)).image
+        assert loaded.components["unet"].connection.region_names(), "large tensors went through shared memory"
+    finally:
+        loaded.close()
+    assert image.shape == (160, 128, 3)
+    assert KEY not in server.log_path.read_text(), "the key must not appear in the server log"
+
+
+def test_full_queue_answers_503_at_once(server, product):
+    burst = 4 * (INSTANCES + QUEUE)
+    outcomes: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def one(seed):
+        started = time.monotonic()
+        try:
+            _generate(server.grpc_url, product, seed=seed, steps=LONG_STEPS)
+            outcome = "image"
+        except ServerBusyError:
+            outcome = "busy"
+        with lock:
+            outcomes.append((outcome, time.monotonic() - started))
+
+    with ThreadPoolExecutor(burst) as pool:
+        list(pool.map(one, range(burst)))
+    busy = [s for o, s in outcomes if o == "busy"]
+    images = [s for o, s in outcomes if o == "image"]
+    assert len(busy) + len(images) == burst
+    assert busy, "nothing was refused: the queue bound did not apply"
+    assert len(images) >= INSTANCES, outcomes
+    assert max(busy) < 5.0, f"a refusal took {max(busy):.1f} s; a full queue must answer at once"
+    assert max(busy) < min(images), "refusals came before the accepted requests finished"
+
+
+def _stub_pids(server, model):
+    """Python stubs of `server` serving `model` (its model.py path and the server's shm prefix
+    are on the stub's command line; other servers may run on this machine)."""
+    needle = f"/{model}/1/model.py".encode()
+    found = []
+    for pid in server.stub_pids():
+        try:
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue  # exited since
+    return found
+
+
+def test_killed_stub_is_detected_and_reloaded(server, product):
+    watchdog = ModelWatchdog(server.http_url, server.admin_headers)
+    assert watchdog.step() == [], "a healthy server needs no recovery"
+    before = _generate(server.grpc_url, product, seed=3).image
+    (pid,) = _stub_pids(server, "refadgen_unet")
+    os.kill(pid, signal.SIGKILL)
+    KILLED.append(pid)
+    with pytest.raises(ServerUnavailableError, match="not healthy"):
+        _generate(server.grpc_url, product, seed=3)
+    started = time.monotonic()
+    recovered = watchdog.step()
+    assert [r.model for r in recovered] == ["refadgen_unet"] and recovered[0].ok, recovered
+    assert "stuck UNLOADING" in recovered[0].detail  # the canary reached the dead stub: 2.51 keeps it
+    assert time.monotonic() - started < 120
+    assert _stub_pids(server, "refadgen_unet") and pid not in _stub_pids(server, "refadgen_unet")
+    assert np.array_equal(_generate(server.grpc_url, product, seed=3).image, before)
+    assert watchdog.step() == []
+
+
+def test_client_retries_through_a_stub_crash(server, product):
+    """A retrying client sees no error when the watchdog repairs the model between its attempts."""
+    (pid,) = _stub_pids(server, "refadgen_vae_decoder")
+    os.kill(pid, signal.SIGKILL)
+    KILLED.append(pid)
+    watchdog = ModelWatchdog(server.http_url, server.admin_headers)
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            watchdog.step()
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    try:
+        result = _generate(server.grpc_url, product, retry=RetryPolicy(attempts=8, base_s=0.5, cap_s=4.0), seed=9)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert result.image.shape == (160, 128, 3)
+    assert [r.model for r in watchdog.recoveries] == ["refadgen_vae_decoder"]
+
+
+def test_unload_during_traffic_finishes_in_flight_and_refuses_new(server, product):
+    import tritonclient.http as httpclient
+
+    with ThreadPoolExecutor(INSTANCES) as pool:
+        in_flight = [pool.submit(_generate, server.grpc_url, product, seed=s, steps=LONG_STEPS) for s in range(INSTANCES)]
+        time.sleep(1.0)  # both are running
+        admin = httpclient.InferenceServerClient(server.http_url)
+        try:
+            admin.unload_model("refadgen", headers=server.admin_headers)
+            deadline = time.monotonic() + 120
+            while admin.is_model_ready("refadgen") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            images = [f.result(timeout=300).image for f in in_flight]
+            with pytest.raises(ServerUnavailableError, match="'refadgen' has no available versions") as refused:
+                _generate(server.grpc_url, product, seed=1)
+            assert ModelWatchdog(server.http_url, server.admin_headers).step() == [], "an operator's unload stays"
+            admin.load_model("refadgen", headers=server.admin_headers)
+        finally:
+            admin.close()
+    assert all(image.shape == (160, 128, 3) for image in images)
+    assert _generate(server.grpc_url, product, seed=1).image.shape == (160, 128, 3)
+    print(f"unloaded model refused a new request with: {refused.value}")
+
+
+def test_client_reconnects_after_a_server_restart(tiny_graphs, cache_root, product, tmp_path):
+    repository = write_runtime_repository(tmp_path / "repository", ["refadgen"], "tiny", cache_dir=cache_root,
+                                          options=RepositoryOptions(pipeline_instances=1))
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    first = TritonServer(repository, workdir=tmp_path / "first").start(300)
+    ports = first.ports
+    second = None
+    results, errors = [], []
+    try:
+        client = PipelineClient(first.grpc_url, retry=RetryPolicy(attempts=12, base_s=0.5, cap_s=8.0))
+
+        def traffic():
+            try:
+                for seed in range(6):
+                    results.append(client.generate(get_pipeline("refadgen"), _request(product, seed=seed)).image)
+                    time.sleep(0.3)
+            except ServerError as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        while not results and thread.is_alive():
+            time.sleep(0.1)
+        assert first.stop() is not None
+        second = TritonServer(repository, ports=ports, workdir=tmp_path / "second").start(300)
+        thread.join(300)
+        client.close()
+    finally:
+        first.stop()
+        if second is not None:
+            assert second.stop() == 0
+    assert not errors, errors
+    assert len(results) == 6
