@@ -40,8 +40,6 @@ from ..images import (
     compose,
     from_model_image,
     load_image,
-    load_product,
-    place_on_canvas,
     resize_mask_nearest,
     to_model_image,
 )
@@ -53,12 +51,13 @@ from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
 from ..weights import WeightsSource
 from .base import Call, GenerateResult, PipelineDefinition, StepCallback
 from .common import (
+    PipelineOutput,
+    placed_product,
+    schedule_settings,
     batch_settings,
-    canvas_size,
     check_batch,
     check_range,
     check_seed,
-    check_steps,
     guide,
     initial_noise,
     placement_dict,
@@ -107,13 +106,6 @@ class BackgroundRequest:
             )
 
 
-@dataclass
-class BackgroundOutput:
-    images: list[np.ndarray]  # (H, W, 3) uint8, product composited
-    generated: list[np.ndarray]  # (H, W, 3) uint8, the decoder's output before compositing
-    timings: dict[str, object]
-
-
 class BackgroundPipeline:
     def __init__(self, components: Mapping[str, Component], preset: Preset, tokenizer: Tokenizer):
         missing = [c for c in COMPONENTS if c not in components]
@@ -130,7 +122,7 @@ class BackgroundPipeline:
         steps: int = DEFAULT_STEPS,
         scheduler: str = "ddim",
         on_step: StepCallback | None = None,
-    ) -> BackgroundOutput:
+    ) -> PipelineOutput:
         check_batch(requests, steps, self.preset)
         timer = StageTimer()
         n = len(requests)
@@ -194,7 +186,7 @@ class BackgroundPipeline:
                 generated = from_model_image(run_cast(self.components["vae_decoder"], {"latent": latents})["image"])
             with timer.stage("compose"):
                 images_out = [compose(g, r.product) for g, r in zip(generated, requests)]
-        return BackgroundOutput(images=images_out, generated=generated, timings=timer.summary())
+        return PipelineOutput(images=images_out, generated=generated, timings=timer.summary())
 
     def _style_zeros(self, n: int, h: int, w: int) -> dict[str, np.ndarray]:
         """Zero residuals for every request; a request with a reference gets the branch's instead."""
@@ -294,19 +286,14 @@ class BackgroundDefinition(PipelineDefinition):
         max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> PreparedBackground:
         started = time.perf_counter()
-        steps = DEFAULT_STEPS if steps is None else steps
-        scheduler = scheduler or "ddim"
-        check_steps(steps)
-        make_scheduler(scheduler)
+        steps, scheduler = schedule_settings(steps, scheduler, DEFAULT_STEPS)
         resolved = get_category(category, categories)
         if reference_mask is not None and reference is None:
             raise InputError("reference_mask", "is only read with --reference", str(reference_mask))
         if style_scale is not None and reference is None:
             raise InputError("style_scale", "is only read with --reference", style_scale)
-        item = load_product(product, mask, max_pixels=max_pixels)
-        width, height = canvas_size(item.width, item.height, width, height, preset)
-        placed, placement = place_on_canvas(item, width, height)
-        ref = None if reference is None else load_reference(reference, width, height, reference_mask, max_pixels)
+        item, placed, placement = placed_product(preset, product, mask, width, height, max_pixels)
+        ref = None if reference is None else load_reference(reference, placed.width, placed.height, reference_mask, max_pixels)
         request = BackgroundRequest(
             placed, resolved, ref, negative_prompt, seed,
             DEFAULT_GUIDANCE if guidance is None else guidance,

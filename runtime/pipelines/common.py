@@ -3,16 +3,26 @@ so the pipelines cannot drift apart on what a valid seed, step count or batch is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
 from ..backends.base import Component
 from ..errors import InputError
-from ..images import GREY, Placement, Product, check_canvas_size
+from ..images import MAX_IMAGE_PIXELS, GREY, Placement, Product, check_canvas_size, load_product, place_on_canvas
 from ..presets import Preset
+from ..schedulers import make_scheduler
 
 MAX_STEPS = 500
+
+
+@dataclass
+class PipelineOutput:
+    images: list[np.ndarray]  # (H, W, 3) uint8, product composited
+    generated: list[np.ndarray]  # (H, W, 3) uint8, the decoder's output before compositing
+    timings: dict[str, object]
 
 
 class BatchedRequest(Protocol):
@@ -99,3 +109,27 @@ def canvas_size(product_w: int, product_h: int, width: int | None, height: int |
 
 def placement_dict(p: Placement) -> dict:
     return {"scale": round(p.scale, 6), "offset": list(p.offset), "size": list(p.size)}
+
+
+def schedule_settings(steps: int | None, scheduler: str | None, default_steps: int) -> tuple[int, str]:
+    """The request's step count and scheduler with their defaults, both checked."""
+    steps = default_steps if steps is None else steps
+    scheduler = scheduler or "ddim"
+    check_steps(steps)
+    make_scheduler(scheduler)
+    return steps, scheduler
+
+
+def placed_product(
+    preset: Preset,
+    product: str | Path,
+    mask: str | Path | None,
+    width: int | None,
+    height: int | None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> tuple[Product, Product, Placement]:
+    """(the product as loaded, the product placed on its canvas, where it went)."""
+    item = load_product(product, mask, max_pixels=max_pixels)
+    width, height = canvas_size(item.width, item.height, width, height, preset)
+    placed, placement = place_on_canvas(item, width, height)
+    return item, placed, placement

@@ -27,8 +27,6 @@ from ..images import (
     clip_pixels,
     compose,
     from_model_image,
-    load_product,
-    place_on_canvas,
     resize_mask_nearest,
     to_model_image,
 )
@@ -40,12 +38,13 @@ from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
 from ..weights import WeightsSource
 from .base import Call, GenerateResult, PipelineDefinition, StepCallback
 from .common import (
+    PipelineOutput,
+    placed_product,
+    schedule_settings,
     batch_settings,
-    canvas_size,
     check_batch,
     check_range,
     check_seed,
-    check_steps,
     guide,
     initial_noise,
     placement_dict,
@@ -83,13 +82,6 @@ class RefAdGenRequest:
         check_range("afm_scale", self.afm_scale, *AFM_SCALE_RANGE)
 
 
-@dataclass
-class RefAdGenOutput:
-    images: list[np.ndarray]  # (H, W, 3) uint8, product composited
-    generated: list[np.ndarray]  # (H, W, 3) uint8, the decoder's output before compositing
-    timings: dict[str, object]
-
-
 class RefAdGenPipeline:
     """With a `guided_unet` component (the fused guided-step graph) in place of `unet`, each
     step is one call that runs both guidance halves and combines them inside the graph."""
@@ -111,7 +103,7 @@ class RefAdGenPipeline:
         steps: int = DEFAULT_STEPS,
         scheduler: str = "ddim",
         on_step: StepCallback | None = None,
-    ) -> RefAdGenOutput:
+    ) -> PipelineOutput:
         check_batch(requests, steps, self.preset)
         timer = StageTimer()
         n = len(requests)
@@ -168,7 +160,7 @@ class RefAdGenPipeline:
                 generated = from_model_image(decoded.astype(np.float32, copy=False))
             with timer.stage("compose"):
                 images = [compose(g, r.product) for g, r in zip(generated, requests)]
-        return RefAdGenOutput(images=images, generated=generated, timings=timer.summary())
+        return PipelineOutput(images=images, generated=generated, timings=timer.summary())
 
     def _image_tokens(self, requests: Sequence[RefAdGenRequest], cfg: bool) -> np.ndarray:
         size = self.preset.image.image_size
@@ -226,13 +218,8 @@ class RefAdGenDefinition(PipelineDefinition):
         max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> PreparedRequest:
         started = time.perf_counter()
-        steps = DEFAULT_STEPS if steps is None else steps
-        scheduler = scheduler or "ddim"
-        check_steps(steps)
-        make_scheduler(scheduler)
-        item = load_product(product, mask, max_pixels=max_pixels)
-        width, height = canvas_size(item.width, item.height, width, height, preset)
-        placed, placement = place_on_canvas(item, width, height)
+        steps, scheduler = schedule_settings(steps, scheduler, DEFAULT_STEPS)
+        item, placed, placement = placed_product(preset, product, mask, width, height, max_pixels)
         request = RefAdGenRequest(
             placed, prompt, negative_prompt, seed,
             DEFAULT_GUIDANCE if guidance is None else guidance,
