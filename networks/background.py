@@ -61,7 +61,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextModel
 
-from runtime.background_specs import LEVELS, MASK_BIAS, style_residual_layout
+from runtime.background_specs import MASK_BIAS, style_residual_layout
+from runtime.components import LEVELS
 from runtime.errors import WeightsError
 from runtime.presets import Preset
 from runtime.weights import WeightsSource, weight_files

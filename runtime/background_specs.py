@@ -16,66 +16,34 @@ the networks and the pipeline read it from here.
 
 from __future__ import annotations
 
-from .components import text_encoder_spec, vae_decoder_spec, vae_encoder_spec
-from .presets import Preset
-from .specs import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
+from .components import (
+    latent_dims,
+    network_batch,
+    level_dims,
+    level_shape,
+    skip_residual_layout,
+    skip_residual_names,
+    text_encoder_spec,
+    vae_decoder_spec,
+    vae_encoder_spec,
+)
 
-LEVELS = 4  # SD 1.5: latent resolution and three stride-2 downsamplings
+style_residual_layout = skip_residual_layout  # the style branch feeds every skip connection
+from .presets import Preset
+from .specs import ComponentSpec, DType, Precision, TensorSpec
+
 
 
 def style_residual_names(preset: Preset) -> tuple[str, ...]:
     """`style_down_00` .. `style_down_11`, then `style_mid`: diffusers' down-block residual order."""
-    return tuple(f"style_down_{i:02d}" for i in range(len(style_residual_layout(preset)) - 1)) + ("style_mid",)
-
-
-def style_residual_layout(preset: Preset) -> tuple[tuple[int, int], ...]:
-    """(level, channels) of every skip connection the U-Net decoder consumes, then the mid block.
-
-    conv_in output, then per down block its `layers_per_block` resnet outputs and (all but the
-    last block) its downsampler output, then the mid block output: 12 + 1 for SD 1.5.
-    """
-    c = preset.unet.block_out_channels
-    layout = [(0, c[0])]
-    for level, channels in enumerate(c):
-        layout += [(level, channels)] * preset.unet.layers_per_block
-        if level < len(c) - 1:
-            layout.append((level + 1, channels))
-    layout.append((len(c) - 1, c[-1]))
-    return tuple(layout)
-
-
-def _batch(preset: Preset) -> Dim:
-    return Dim("B", 1, 2, preset.max_batch)
-
-
-def _latent_dims(preset: Preset) -> tuple[Dim, Dim]:
-    s = preset.vae_scale
-    return (
-        Dim("latent_h", preset.min_side // s, preset.default_height // s, preset.max_side // s),
-        Dim("latent_w", preset.min_side // s, preset.default_width // s, preset.max_side // s),
-    )
-
-
-def _level_dims() -> tuple[DerivedDim, ...]:
-    # a stride-2 convolution with padding 1 (and the mask's ceil-mode max pool) maps n to ceil(n / 2)
-    return tuple(
-        DerivedDim(f"{axis}_l{level}", ((axis, 1, 2**level),))
-        for level in range(1, LEVELS)
-        for axis in ("latent_h", "latent_w")
-    )
-
-
-def _level_shape(level: int) -> tuple[str, str]:
-    if level == 0:
-        return ("latent_h", "latent_w")
-    return (f"latent_h_l{level}", f"latent_w_l{level}")
+    return skip_residual_names("style", preset)
 
 
 def _style_residuals(preset: Preset, dtype: DType, invariant: bool) -> tuple[TensorSpec, ...]:
     return tuple(
-        TensorSpec(name, dtype, ("B", channels, *_level_shape(level)), invariant=invariant,
+        TensorSpec(name, dtype, ("B", channels, *level_shape(level)), invariant=invariant,
                    doc=f"level {level}; zero wherever the target's product touches the cell")
-        for name, (level, channels) in zip(style_residual_names(preset), style_residual_layout(preset))
+        for name, (level, channels) in zip(style_residual_names(preset), skip_residual_layout(preset))
     )
 
 
@@ -94,7 +62,7 @@ def style_branch_spec(preset: Preset, precision: Precision = Precision.FP32) -> 
             _mask("product_mask", "1 on the TARGET's product, at latent size (nearest)"),
         ),
         outputs=_style_residuals(preset, f, invariant=True),
-        dims=(_batch(preset), *_latent_dims(preset), *_level_dims()),
+        dims=(network_batch(preset), *latent_dims(preset), *level_dims()),
         doc=(
             "Personalized generator: ControlNet-like encoder over the reference (no text, no noisy latent, "
             "no timestep), outputs masked by the target's background. Per-request invariant: run once per request."
@@ -124,7 +92,7 @@ def background_unet_spec(preset: Preset, precision: Precision = Precision.FP32) 
                        doc="weight of the style residuals (0: category-common branch alone)"),
         ),
         outputs=(TensorSpec("noise_pred", f, ("B", preset.latent_channels, "latent_h", "latent_w")),),
-        dims=(_batch(preset), *_latent_dims(preset), *_level_dims()),
+        dims=(network_batch(preset), *latent_dims(preset), *level_dims()),
         doc=(
             "Category-common generator: SD 1.5 U-Net, conv_in 9 channels (noisy latent, mask, product latent), "
             "mask-aware cross-attention, style residuals added to the skip connections. Run every denoising step."

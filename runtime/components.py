@@ -20,16 +20,57 @@ def ref_layer_name(kind: str, index: int) -> str:
     return f"ref_{kind}_{index:02d}"
 
 
-def _batch(preset: Preset) -> Dim:
+def network_batch(preset: Preset) -> Dim:
     return Dim("B", 1, 2, preset.max_batch)
 
 
-def _latent_dims(preset: Preset) -> tuple[Dim, Dim]:
+def latent_dims(preset: Preset) -> tuple[Dim, Dim]:
     s = preset.vae_scale
     return (
         Dim("latent_h", preset.min_side // s, preset.default_height // s, preset.max_side // s),
         Dim("latent_w", preset.min_side // s, preset.default_width // s, preset.max_side // s),
     )
+
+
+LEVELS = 4  # SD 1.5: latent resolution and three stride-2 downsamplings
+
+
+def skip_residual_layout(preset: Preset) -> tuple[tuple[int, int], ...]:
+    """(level, channels) of every skip connection the U-Net decoder consumes, then the mid block.
+
+    conv_in output, then per down block its `layers_per_block` resnet outputs and (all but the
+    last block) its downsampler output, then the mid block output: 12 + 1 for SD 1.5. A branch
+    that adds residuals to them (ControlNet, the background style branch) returns this layout.
+    """
+    c = preset.unet.block_out_channels
+    layout = [(0, c[0])]
+    for level, channels in enumerate(c):
+        layout += [(level, channels)] * preset.unet.layers_per_block
+        if level < len(c) - 1:
+            layout.append((level + 1, channels))
+    layout.append((len(c) - 1, c[-1]))
+    return tuple(layout)
+
+
+def skip_residual_names(prefix: str, preset: Preset) -> tuple[str, ...]:
+    """`{prefix}_down_00` .. `{prefix}_down_11`, then `{prefix}_mid`: diffusers' residual order."""
+    return tuple(f"{prefix}_down_{i:02d}" for i in range(len(skip_residual_layout(preset)) - 1)) + (f"{prefix}_mid",)
+
+
+def level_dims() -> tuple[DerivedDim, ...]:
+    """`latent_h_l1` .. `latent_w_l3`: a stride-2 convolution with padding 1 (and a ceil-mode max
+    pool) maps n to ceil(n / 2)."""
+    return tuple(
+        DerivedDim(f"{axis}_l{level}", ((axis, 1, 2**level),))
+        for level in range(1, LEVELS)
+        for axis in ("latent_h", "latent_w")
+    )
+
+
+def level_shape(level: int) -> tuple[str, str]:
+    if level == 0:
+        return ("latent_h", "latent_w")
+    return (f"latent_h_l{level}", f"latent_w_l{level}")
 
 
 def _token_dims(preset: Preset) -> list[DerivedDim]:
@@ -45,7 +86,7 @@ def text_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> 
         name="text_encoder",
         inputs=(TensorSpec("input_ids", DType.INT64, ("B", t.max_length), value_range=(0, t.vocab_size)),),
         outputs=(TensorSpec("text_embeds", precision.float_dtype, ("B", t.max_length, t.hidden_size)),),
-        dims=(_batch(preset),),
+        dims=(network_batch(preset),),
         doc="CLIP text encoder: token ids -> last hidden state (the U-Net's cross-attention context).",
     )
 
@@ -56,7 +97,7 @@ def image_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) ->
         name="image_encoder",
         inputs=(TensorSpec("pixel_values", precision.float_dtype, ("B", 3, i.image_size, i.image_size)),),
         outputs=(TensorSpec("image_tokens", precision.float_dtype, ("B", i.num_tokens, preset.unet.cross_attention_dim)),),
-        dims=(_batch(preset),),
+        dims=(network_batch(preset),),
         doc="CLIP vision tower (penultimate hidden state) + resampler: product image -> 16 context tokens.",
     )
 
@@ -69,7 +110,7 @@ def vae_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
         outputs=(TensorSpec("latent", precision.float_dtype, ("B", preset.latent_channels, "latent_h", "latent_w"),
                             doc="posterior mode x scaling factor"),),
         dims=(
-            _batch(preset),
+            network_batch(preset),
             Dim("height", preset.min_side, preset.default_height, preset.max_side, multiple=s),
             Dim("width", preset.min_side, preset.default_width, preset.max_side, multiple=s),
             DerivedDim("latent_h", (("height", 1, s),)),
@@ -86,8 +127,8 @@ def vae_decoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
         inputs=(TensorSpec("latent", precision.float_dtype, ("B", preset.latent_channels, "latent_h", "latent_w")),),
         outputs=(TensorSpec("image", precision.float_dtype, ("B", 3, "height", "width"), doc="RGB in about [-1, 1]"),),
         dims=(
-            _batch(preset),
-            *_latent_dims(preset),
+            network_batch(preset),
+            *latent_dims(preset),
             DerivedDim("height", (("latent_h", s, 1),)),
             DerivedDim("width", (("latent_w", s, 1),)),
         ),
@@ -111,7 +152,7 @@ def reference_unet_spec(preset: Preset, precision: Precision = Precision.FP32) -
             TensorSpec("image_tokens", f, ("B", preset.image.num_tokens, preset.unet.cross_attention_dim), invariant=True),
         ),
         outputs=_ref_tensors(preset, "state", f, invariant=True),
-        dims=(_batch(preset), *_latent_dims(preset), *_token_dims(preset)),
+        dims=(network_batch(preset), *latent_dims(preset), *_token_dims(preset)),
         doc="Reference U-Net at t = 0: the input of each of its 16 self-attention layers. Run once per request.",
     )
 
@@ -130,7 +171,7 @@ def afm_kv_spec(preset: Preset, precision: Precision = Precision.FP32) -> Compon
         name="afm_kv",
         inputs=_ref_tensors(preset, "state", f, invariant=True),
         outputs=_ref_tensors(preset, "key", f, invariant=True) + _ref_tensors(preset, "value", f, invariant=True),
-        dims=(_batch(preset), *tokens),
+        dims=(network_batch(preset), *tokens),
         doc="AFM: K_ref = W_k^ref s, V_ref = W_v^ref s for each of the 16 layers. Run once per request.",
     )
 
@@ -154,7 +195,7 @@ def unet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Componen
             TensorSpec("afm_scale", DType.FLOAT32, ("B",), invariant=True, value_range=(0.5, 1.5)),
         ),
         outputs=(TensorSpec("noise_pred", f, ("B", preset.latent_channels, "latent_h", "latent_w")),),
-        dims=(_batch(preset), *_latent_dims(preset), *_token_dims(preset)),
+        dims=(network_batch(preset), *latent_dims(preset), *_token_dims(preset)),
         doc="Generation U-Net, 5-channel conv_in, AFM self-attention. Run every denoising step.",
     )
 

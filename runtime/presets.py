@@ -55,6 +55,44 @@ class VAESize:
 
 
 @dataclass(frozen=True)
+class LayoutSize:
+    """RADM: ResNet-50 + FPN backbone and the cascaded box heads (seed-networks.md)."""
+
+    stem_channels: int  # ResNet-50: 64; bottleneck outputs are 4x, 8x, 16x, 32x this
+    blocks: tuple[int, int, int, int]  # bottleneck blocks per stage; ResNet-50: (3, 4, 6, 3)
+    fpn_channels: int  # 256
+    hidden: int  # box feature width, 256
+    heads: int  # self-attention heads over boxes, 8
+    ffn: int  # 2048
+    dynamic_dim: int  # dynamic conv, 64
+    num_boxes: int  # noisy boxes per canvas, 100
+    image_side: int  # long side of the backbone's input (multiple of 32)
+    cascade: int = 6  # cascaded heads
+    pooler: int = 7  # RoIAlign output side
+    vtram_heads: int = 2
+    gram_dim: int = 64
+    num_classes: int = 4  # logo, text, underlay, embellishment
+    max_texts: int = 20  # selling points per canvas
+
+
+@dataclass(frozen=True)
+class PlanSize:
+    """P&R PlanNet: the layout decoder (two FC layers + transformer blocks, adaLN on the timestep)."""
+
+    hidden: int
+    blocks: int
+    heads: int
+
+
+@dataclass(frozen=True)
+class RenderSize:
+    """P&R RenderNet: three-layer conv encoder (layout mask) + six-layer visual encoder (product)."""
+
+    mask_channels: tuple[int, int, int]
+    visual_channels: tuple[int, int, int, int, int, int]
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     unet: UNetSize
@@ -65,6 +103,9 @@ class Preset:
     default_height: int
     min_side: int
     max_side: int
+    layout: LayoutSize
+    plan: PlanSize
+    render: RenderSize
     max_batch: int = 16  # U-Net batch: 2 x requests under classifier-free guidance
 
     @property
@@ -106,6 +147,10 @@ PRESETS: dict[str, Preset] = {
         default_height=160,
         min_side=64,
         max_side=512,
+        layout=LayoutSize(stem_channels=8, blocks=(1, 1, 1, 1), fpn_channels=32, hidden=32, heads=2, ffn=64,
+                          dynamic_dim=8, num_boxes=16, image_side=128),
+        plan=PlanSize(hidden=32, blocks=2, heads=2),
+        render=RenderSize(mask_channels=(8, 16, 32), visual_channels=(8, 8, 16, 16, 32, 32)),
     ),
     "small": Preset(
         name="small",
@@ -120,6 +165,10 @@ PRESETS: dict[str, Preset] = {
         default_height=320,
         min_side=64,
         max_side=512,
+        layout=LayoutSize(stem_channels=32, blocks=(3, 4, 6, 3), fpn_channels=128, hidden=128, heads=4, ffn=512,
+                          dynamic_dim=32, num_boxes=100, image_side=384),
+        plan=PlanSize(hidden=256, blocks=4, heads=4),
+        render=RenderSize(mask_channels=(16, 32, 64), visual_channels=(16, 16, 32, 32, 64, 64)),
     ),
     "sd15": Preset(
         name="sd15",
@@ -134,6 +183,10 @@ PRESETS: dict[str, Preset] = {
         default_height=640,
         min_side=256,
         max_side=1024,
+        layout=LayoutSize(stem_channels=64, blocks=(3, 4, 6, 3), fpn_channels=256, hidden=256, heads=8, ffn=2048,
+                          dynamic_dim=64, num_boxes=100, image_side=768),
+        plan=PlanSize(hidden=512, blocks=6, heads=8),
+        render=RenderSize(mask_channels=(16, 32, 96), visual_channels=(32, 32, 96, 96, 256, 256)),
     ),
 }
 
