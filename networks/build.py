@@ -45,7 +45,7 @@ _TEXT_FILE = "model.safetensors"
 
 def build_modules(pipeline: str, preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
     """The torch modules of `pipeline`, keyed by component spec name."""
-    builders = {"refadgen": build_refadgen, "background": _build_background}
+    builders = {"refadgen": build_refadgen, "background": _build_background, "poster": _build_poster}
     if pipeline not in builders:
         raise WeightsError(f"no networks for pipeline {pipeline!r}; have {sorted(builders)}")
     return builders[pipeline](preset, weights)
@@ -55,6 +55,17 @@ def _build_background(preset: Preset, weights: WeightsSource) -> dict[str, nn.Mo
     from .background import build_background  # imports this module's helpers
 
     return build_background(preset, weights)
+
+
+def _build_poster(preset: Preset, weights: WeightsSource) -> dict[str, nn.Module]:
+    from .poster import build_poster  # imports this module's helpers
+
+    return build_poster(preset, weights)
+
+
+def new_image_encoder(preset: Preset) -> ImageEncoder:
+    """CLIP vision tower + resampler at the preset's sizes, freshly initialised."""
+    return ImageEncoder(CLIPVisionModel(vision_config(preset)), build_resampler(preset))
 
 
 def _seeded(seed: int, offset: int, make):
@@ -79,7 +90,7 @@ def _refadgen_part(preset: Preset, weights: WeightsSource, part: str) -> nn.Modu
             "vae": lambda: AutoencoderKL(**vae_config(preset)),
             "unet": lambda: GenerationUNet(preset),
             "reference_unet": lambda: ReferenceUNet(preset),
-            "image_encoder": lambda: ImageEncoder(CLIPVisionModel(vision_config(preset)), build_resampler(preset)),
+            "image_encoder": lambda: new_image_encoder(preset),
         }
         module = _seeded(weights.seed, _REFADGEN_SEED_OFFSETS[part], makers[part])
     else:
@@ -93,7 +104,7 @@ def _refadgen_part(preset: Preset, weights: WeightsSource, part: str) -> nn.Modu
             module = {
                 "unet": lambda: GenerationUNet(preset),
                 "reference_unet": lambda: ReferenceUNet(preset),
-                "image_encoder": lambda: ImageEncoder(CLIPVisionModel(vision_config(preset)), build_resampler(preset)),
+                "image_encoder": lambda: new_image_encoder(preset),
             }[part]()
             load_strict(module, _read_prefixed(root / REFADGEN_FILE, f"{part}."), f"{REFADGEN_FILE}:{part}")
     if part == "text":
