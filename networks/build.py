@@ -45,7 +45,7 @@ _TEXT_FILE = "model.safetensors"
 
 def build_modules(pipeline: str, preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
     """The torch modules of `pipeline`, keyed by component spec name."""
-    builders = {"refadgen": build_refadgen, "background": _build_background}
+    builders = {"refadgen": build_refadgen, "background": _build_background, "layout": _build_layout}
     if pipeline not in builders:
         raise WeightsError(f"no networks for pipeline {pipeline!r}; have {sorted(builders)}")
     return builders[pipeline](preset, weights)
@@ -55,6 +55,12 @@ def _build_background(preset: Preset, weights: WeightsSource) -> dict[str, nn.Mo
     from .background import build_background  # imports this module's helpers
 
     return build_background(preset, weights)
+
+
+def _build_layout(preset: Preset, weights: WeightsSource) -> dict[str, nn.Module]:
+    from .layout import build_layout  # imports this module's helpers
+
+    return build_layout(preset, weights)
 
 
 def _seeded(seed: int, offset: int, make):
