@@ -2,8 +2,9 @@
 
 Torch-free: the runtime keys its ONNX cache by this fingerprint without building networks.
 A weights folder holds diffusers/transformers sub-folders (`text_encoder/`, `vae/`, optional
-`tokenizer/`), `refadgen.safetensors` for the RefAdGen parts and `layout.safetensors` for RADM. Only safetensors are read:
-pickled checkpoints (.bin, .ckpt, .pt, .pth) are refused, never unpickled.
+`tokenizer/`), `refadgen.safetensors` for the RefAdGen parts and `layout.safetensors` for RADM.
+Only safetensors are read: pickled checkpoints (.bin, .ckpt, .pt, .pth) are refused, never
+unpickled.
 """
 
 from __future__ import annotations
