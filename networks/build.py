@@ -45,7 +45,8 @@ _TEXT_FILE = "model.safetensors"
 
 def build_modules(pipeline: str, preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
     """The torch modules of `pipeline`, keyed by component spec name."""
-    builders = {"refadgen": build_refadgen, "background": _build_background, "poster": _build_poster}
+    builders = {"refadgen": build_refadgen, "background": _build_background, "layout": _build_layout,
+                "poster": _build_poster}
     if pipeline not in builders:
         raise WeightsError(f"no networks for pipeline {pipeline!r}; have {sorted(builders)}")
     return builders[pipeline](preset, weights)
@@ -66,6 +67,12 @@ def _build_poster(preset: Preset, weights: WeightsSource) -> dict[str, nn.Module
 def new_image_encoder(preset: Preset) -> ImageEncoder:
     """CLIP vision tower + resampler at the preset's sizes, freshly initialised."""
     return ImageEncoder(CLIPVisionModel(vision_config(preset)), build_resampler(preset))
+
+
+def _build_layout(preset: Preset, weights: WeightsSource) -> dict[str, nn.Module]:
+    from .layout import build_layout  # imports this module's helpers
+
+    return build_layout(preset, weights)
 
 
 def _seeded(seed: int, offset: int, make):

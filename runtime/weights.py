@@ -2,8 +2,9 @@
 
 Torch-free: the runtime keys its ONNX cache by this fingerprint without building networks.
 A weights folder holds diffusers/transformers sub-folders (`text_encoder/`, `vae/`, optional
-`tokenizer/`) and `refadgen.safetensors` for the RefAdGen parts. Only safetensors are read:
-pickled checkpoints (.bin, .ckpt, .pt, .pth) are refused, never unpickled.
+`tokenizer/`), `refadgen.safetensors` for the RefAdGen parts and `layout.safetensors` for RADM.
+Only safetensors are read: pickled checkpoints (.bin, .ckpt, .pt, .pth) are refused, never
+unpickled.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .errors import WeightsError
 RANDOM_INIT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 REFADGEN_FILE = "refadgen.safetensors"
+LAYOUT_FILE = "layout.safetensors"  # RADM: `layout_backbone.*`, `layout_head.*`
 
 
 @dataclass(frozen=True)
