@@ -135,7 +135,7 @@ def run_scenario(scenario: Scenario, cache_dir: str | None = None) -> dict[str, 
     definition = get_pipeline(scenario.pipeline)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        options = {**definition.example_options(Path(tmp), preset), "steps": scenario.steps}
+        options = {**definition.example_options(Path(tmp), preset), definition.steps_option: scenario.steps}
         request, spec_hash, close = _requester(scenario, definition, preset, options, cache_dir)
         load_s = time.perf_counter() - started
         try:
@@ -280,10 +280,13 @@ def add_mfu(record: dict[str, Any], flops: FlopReport | None, peak: float) -> No
     record["flops"] = {"per_call": flops.per_call, "per_stage": flops.per_stage, "total": sum(flops.per_stage.values())}
     mfu = {}
     steps = record["scenario"]["steps"]
+    from runtime.pipelines import get_pipeline
+
+    step_stage = get_pipeline(record["scenario"]["pipeline"]).step_stage
     for stage, total in flops.per_stage.items():
         p50 = record["stages_s"].get(stage, {}).get("p50")
         if p50:
-            per_sample = total / steps if stage == "denoise_step" else total
+            per_sample = total / steps if stage == step_stage else total
             mfu[stage] = per_sample / p50 / peak
     mfu["end_to_end"] = record["flops"]["total"] / record["latency_s"]["p50"] / peak
     record["mfu"] = mfu

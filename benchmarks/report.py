@@ -21,7 +21,8 @@ from .harness import BASELINE_BACKEND, SCHEMA_VERSION
 REQUIRED = ("schema", "label", "scenario", "latency_s", "stages_s", "images_per_s", "cold_s", "peak_host_rss_mb",
             "spec_hash", "samples", "machine", "git_commit")
 STAGE_ORDER = ("load_inputs", "text_encode", "image_encode", "vae_encode", "reference_unet", "style_branch",
-               "denoise_step", "vae_decode", "compose")
+               "layout_backbone", "layout_step", "postprocess", "render_cond", "denoise_step", "vae_decode", "compose",
+               "typeset")
 
 
 def stages_of(records: list[dict[str, Any]]) -> list[str]:

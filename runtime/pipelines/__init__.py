@@ -10,6 +10,8 @@ from .base import PipelineDefinition
 PIPELINES = {
     "refadgen": "runtime.pipelines.refadgen",
     "background": "runtime.pipelines.background",
+    "layout": "runtime.pipelines.layout",
+    "poster": "runtime.pipelines.poster",
 }
 
 

@@ -133,3 +133,29 @@ def placed_product(
     width, height = canvas_size(item.width, item.height, width, height, preset)
     placed, placement = place_on_canvas(item, width, height)
     return item, placed, placement
+
+
+def selling_point_features(
+    text_encoder: Component, tokenizer, texts: Sequence[Sequence[str]], max_batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One vector per selling point, padded per request: features (B, T, D) float32 and mask
+    (B, T) float32 (1 = a real text), T the most texts of any request in the batch.
+
+    The vector is CLIP's pooled text embedding: the last hidden state at the end-of-text token,
+    the highest id of the vocabulary (CLIP's own `argmax` rule). Calls stay within `max_batch`."""
+    flat = [t for request in texts for t in request]
+    ids = tokenizer(flat)
+    embeds = np.concatenate([
+        run_cast(text_encoder, {"input_ids": ids[i : i + max_batch]})["text_embeds"].astype(np.float32, copy=False)
+        for i in range(0, len(flat), max_batch)
+    ])
+    pooled = embeds[np.arange(len(flat)), ids.argmax(-1)]  # (sum T_i, D)
+    longest = max(len(request) for request in texts)
+    features = np.zeros((len(texts), longest, pooled.shape[-1]), dtype=np.float32)
+    mask = np.zeros((len(texts), longest), dtype=np.float32)
+    start = 0
+    for b, request in enumerate(texts):
+        features[b, : len(request)] = pooled[start : start + len(request)]
+        mask[b, : len(request)] = 1.0
+        start += len(request)
+    return features, mask

@@ -2,7 +2,8 @@
 
 A pipeline model takes the same request as `adgen generate`: each option the pipeline reads
 (`PipelineDefinition.options`, defined once in `runtime.pipelines.base.OPTIONS`) becomes one
-input tensor of shape (1,), typed by the option's kind, required when the pipeline requires it.
+input tensor of shape (1,), typed by the option's kind, required when the pipeline requires it;
+a repeatable text option (`--text` given several times) is one BYTES tensor of shape (n,).
 A file option (the product photo, its mask) travels as the file's bytes, never as a path: the
 server writes the bytes to a private temporary file and runs the pipeline's own `prepare` on it,
 so every image check of the command line applies in the server too.
@@ -29,6 +30,7 @@ IMAGE_OUTPUT = "image"
 REPORT_OUTPUT = "report"
 # A request tensor carrying a file is refused above this size (Triton 2.51 has no input cap).
 MAX_FILE_BYTES = 32 * 1024 * 1024
+MAX_TEXTS = 64  # a repeatable text tensor's longest accepted shape; the pipeline sets its own lower limit
 
 
 def model_name(pipeline: str, component: str) -> str:
@@ -70,18 +72,23 @@ def from_wire(spec: ComponentSpec, arrays: Mapping[str, np.ndarray]) -> dict[str
 class OptionKind(str, Enum):
     FILE = "file"
     TEXT = "text"
+    TEXTS = "texts"  # a repeatable text option: shape (n,)
     INT = "int"
     FLOAT = "float"
 
     @property
     def triton_dtype(self) -> str:
         """The KServe v2 datatype of the tensor carrying an option of this kind."""
-        return {"file": "BYTES", "text": "BYTES", "int": "INT64", "float": "FP64"}[self.value]
+        return {"file": "BYTES", "text": "BYTES", "texts": "BYTES", "int": "INT64", "float": "FP64"}[self.value]
 
 
 def option_kind(name: str) -> OptionKind:
     """The kind of option `name`, read from its argparse `type` in the catalog."""
     kind = OPTIONS[name][1].get("type")
+    if OPTIONS[name][1].get("action") == "append":
+        if kind is not None and kind is not str:
+            raise TypeError(f"option {name}: only repeatable text options have a tensor kind")
+        return OptionKind.TEXTS
     if kind is Path:
         return OptionKind.FILE
     if kind is int:
@@ -127,6 +134,10 @@ def encode_request(definition: PipelineDefinition, options: Mapping[str, Any]) -
             feed[name] = np.array([path.read_bytes()], dtype=np.object_)
         elif kind is OptionKind.TEXT:
             feed[name] = np.array([str(value).encode("utf-8")], dtype=np.object_)
+        elif kind is OptionKind.TEXTS:
+            if isinstance(value, (str, bytes)) or not value:
+                raise InputError(name, "expected a non-empty list of texts", repr(value))
+            feed[name] = np.array([str(v).encode("utf-8") for v in value], dtype=np.object_)
         elif kind is OptionKind.INT:
             feed[name] = np.array([value], dtype=np.int64)
         else:
@@ -144,6 +155,9 @@ def decode_request(
         if array is None:
             if t.required:
                 raise InputError(t.name, f"is required by pipeline {definition.name}")
+            continue
+        if t.kind is OptionKind.TEXTS:
+            options[t.name] = _texts(t.name, array)
             continue
         if array.shape != (1,):
             raise InputError(t.name, "expected a tensor of shape (1,)", tuple(array.shape))
@@ -167,6 +181,20 @@ def decode_request(
         else:
             options[t.name] = float(value)
     return options
+
+
+def _texts(name: str, array: np.ndarray) -> list[str]:
+    if array.ndim != 1 or not 1 <= len(array) <= MAX_TEXTS:
+        raise InputError(name, f"expected a tensor of shape (n,) with 1 <= n <= {MAX_TEXTS}", tuple(array.shape))
+    texts = []
+    for value in array:
+        if not isinstance(value, (bytes, np.bytes_)):
+            raise InputError(name, "expected a BYTES tensor", type(value).__name__)
+        try:
+            texts.append(bytes(value).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(name, "expected UTF-8 text") from None
+    return texts
 
 
 def encode_response(image: np.ndarray, report: Mapping[str, Any]) -> dict[str, np.ndarray]:

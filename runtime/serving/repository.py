@@ -51,6 +51,7 @@ TRITON_DTYPES = {
 OPTION_DTYPES = {
     OptionKind.FILE: mc.TYPE_STRING,
     OptionKind.TEXT: mc.TYPE_STRING,
+    OptionKind.TEXTS: mc.TYPE_STRING,
     OptionKind.INT: mc.TYPE_INT64,
     OptionKind.FLOAT: mc.TYPE_FP64,
 }
@@ -158,7 +159,8 @@ def component_config(
 def pipeline_config(definition: PipelineDefinition, preset: Preset, options: RepositoryOptions) -> mc.ModelConfig:
     config = mc.ModelConfig(name=definition.name, backend="python", max_batch_size=0)
     for t in request_tensors(definition):
-        config.input.append(mc.ModelInput(name=t.name, data_type=OPTION_DTYPES[t.kind], dims=[1], optional=not t.required))
+        dims = [-1] if t.kind is OptionKind.TEXTS else [1]
+        config.input.append(mc.ModelInput(name=t.name, data_type=OPTION_DTYPES[t.kind], dims=dims, optional=not t.required))
     config.output.append(mc.ModelOutput(name=IMAGE_OUTPUT, data_type=mc.TYPE_UINT8, dims=[-1, -1, 3]))
     config.output.append(mc.ModelOutput(name=REPORT_OUTPUT, data_type=mc.TYPE_STRING, dims=[1]))
     config.instance_group.append(

@@ -65,6 +65,7 @@ def canary_inputs(parameters: Mapping[str, str]) -> dict[str, np.ndarray]:
             feed[t.name] = {
                 OptionKind.FILE: np.array([CANARY_BYTES], dtype=np.object_),
                 OptionKind.TEXT: np.array([b"canary"], dtype=np.object_),
+                OptionKind.TEXTS: np.array([b"canary"], dtype=np.object_),
                 OptionKind.INT: np.array([1], dtype=np.int64),
                 OptionKind.FLOAT: np.array([1.0], dtype=np.float64),
             }[t.kind]
