@@ -120,12 +120,15 @@ class ParityCase:
 
 def reference_cases(module: nn.Module, spec: ComponentSpec, envs: list[Mapping[str, int]] | None = None) -> list[ParityCase]:
     """The float32 module's outputs on random inputs at each env (default: opt, and B=1 at min).
-    Computed before the graph is converted, so the module can be freed first."""
+    Computed before the graph is converted, so the module can be freed first. A module whose
+    inputs come from another network can say how to draw realistic ones with a `parity_feed(spec,
+    env, rng)` attribute (the RADM head: features from the backbone)."""
     envs = envs or [spec.env_at("opt"), spec.env_at("min", B=1)]
     reference = spec.at_float32()
+    draw = getattr(module, "parity_feed", None) or (lambda spec, env, rng: spec.sample_inputs(rng, env))
     cases = []
     for i, env in enumerate(envs):
-        feed = spec.sample_inputs(np.random.default_rng(1 + i), env)
+        feed = draw(spec, env, np.random.default_rng(1 + i))
         # The float32 module sees the very values the graph sees (float16 inputs widened).
         cases.append(ParityCase(dict(env), feed, run_module(module, reference, reference.cast_inputs(feed))))
     return cases
