@@ -203,7 +203,7 @@ def fpn_levels(boxes: torch.Tensor) -> torch.Tensor:
 def _shape_hw(x: torch.Tensor) -> torch.Tensor:
     """(2,) float tensor (h, w) of a (B, C, h, w) map; a Shape op in the exported graph, so
     sizes are never baked in."""
-    return torch._shape_as_tensor(x)[2:].to(torch.float32)
+    return torch._shape_as_tensor(x)[2:].to(device=x.device, dtype=torch.float32)
 
 
 def roi_align_levels(features: list[torch.Tensor], boxes: torch.Tensor, output: int,
