@@ -49,7 +49,6 @@ Assumptions where the paper is silent:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -57,28 +56,24 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn
-from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextModel
 
 from runtime.background_specs import MASK_BIAS, style_residual_layout
 from runtime.components import LEVELS
-from runtime.errors import WeightsError
 from runtime.presets import Preset
 from runtime.weights import WeightsSource, weight_files
 
 from .attention import CrossAttentionProcessor, attend_biased
 from .build import (
-    _TEXT_FILE,
-    _VAE_FILE,
     _check_text_size,
     _check_vae_size,
-    _contiguous,
     _load_text_encoder,
     _load_vae,
-    _read_safetensors,
     _seeded,
-    load_strict,
+    load_parts,
+    save_parts,
+    save_text_and_vae,
 )
 from .encoders import TextEncoder, VAEDecoder, VAEEncoder, text_config, vae_config
 from .refadgen import unet_config
@@ -235,13 +230,7 @@ def build_background(preset: Preset, weights: WeightsSource = WeightsSource()) -
         text = _load_text_encoder(root / "text_encoder")
         vae = _load_vae(root / "vae")
         parts = {"background_unet": CategoryUNet(preset), "style_branch": StyleBranch(preset)}
-        state = _read_safetensors(root / BACKGROUND_FILE)
-        for name, module in parts.items():
-            prefix = f"{name}."
-            load_strict(module, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, f"{BACKGROUND_FILE}:{name}")
-        unknown = sorted(k for k in state if k.split(".", 1)[0] not in BACKGROUND_PARTS)
-        if unknown:
-            raise WeightsError(f"{BACKGROUND_FILE}: unexpected keys {unknown[:5]} (expected prefixes {BACKGROUND_PARTS})")
+        load_parts(root / BACKGROUND_FILE, parts)
     modules = {
         "text_encoder": TextEncoder(text),
         "vae_encoder": VAEEncoder(vae),
@@ -258,14 +247,5 @@ def build_background(preset: Preset, weights: WeightsSource = WeightsSource()) -
 
 def save_background(modules: dict[str, nn.Module], root: Path) -> None:
     """Write `modules` (from `build_background`) in the weights-folder layout `build_background` reads."""
-    root.mkdir(parents=True, exist_ok=True)
-    text: CLIPTextModel = modules["text_encoder"].model
-    vae: AutoencoderKL = modules["vae_decoder"].vae
-    (root / "text_encoder").mkdir(exist_ok=True)
-    text.config.to_json_file(root / "text_encoder" / "config.json")
-    save_file(_contiguous(text.state_dict()), root / "text_encoder" / _TEXT_FILE)
-    (root / "vae").mkdir(exist_ok=True)
-    (root / "vae" / "config.json").write_text(json.dumps(dict(vae.config), indent=2, default=list))
-    save_file(_contiguous(vae.state_dict()), root / "vae" / _VAE_FILE)
-    state = {f"{name}.{k}": v for name in BACKGROUND_PARTS for k, v in modules[name].state_dict().items()}
-    save_file(_contiguous(state), root / BACKGROUND_FILE)
+    save_text_and_vae(modules, root)
+    save_parts(modules, BACKGROUND_PARTS, root / BACKGROUND_FILE)

@@ -177,17 +177,40 @@ _LAZY_PIPELINES = {"refadgen": (_REFADGEN_COMPONENTS, _refadgen_part)}
 
 def save_refadgen(modules: dict[str, nn.Module], root: Path) -> None:
     """Write `modules` (from `build_refadgen`) in the weights-folder layout `build_refadgen` reads."""
+    save_text_and_vae(modules, root)
+    save_parts(modules, REFADGEN_PARTS, root / REFADGEN_FILE)
+
+
+def save_text_and_vae(modules: Mapping[str, nn.Module], root: Path) -> None:
+    """The shared `text_encoder/` and `vae/` folders of a weights folder (every pipeline's layout)."""
     root.mkdir(parents=True, exist_ok=True)
     text: CLIPTextModel = modules["text_encoder"].model
-    vae: AutoencoderKL = modules["vae_decoder"].vae
     (root / "text_encoder").mkdir(exist_ok=True)
     text.config.to_json_file(root / "text_encoder" / "config.json")
     save_file(_contiguous(text.state_dict()), root / "text_encoder" / _TEXT_FILE)
-    (root / "vae").mkdir(exist_ok=True)
-    (root / "vae" / "config.json").write_text(json.dumps(dict(vae.config), indent=2, default=list))
-    save_file(_contiguous(vae.state_dict()), root / "vae" / _VAE_FILE)
-    state = {f"{name}.{k}": v for name in REFADGEN_PARTS for k, v in modules[name].state_dict().items()}
-    save_file(_contiguous(state), root / REFADGEN_FILE)
+    if "vae_decoder" in modules:
+        vae: AutoencoderKL = modules["vae_decoder"].vae
+        (root / "vae").mkdir(exist_ok=True)
+        (root / "vae" / "config.json").write_text(json.dumps(dict(vae.config), indent=2, default=list))
+        save_file(_contiguous(vae.state_dict()), root / "vae" / _VAE_FILE)
+
+
+def save_parts(modules: Mapping[str, nn.Module], parts: tuple[str, ...], path: Path) -> None:
+    """One safetensors file holding each of `parts` under its name as key prefix."""
+    state = {f"{name}.{k}": v for name in parts for k, v in modules[name].state_dict().items()}
+    save_file(_contiguous(state), path)
+
+
+def load_parts(path: Path, parts: Mapping[str, nn.Module]) -> None:
+    """Load a file written by `save_parts` into `parts`, strictly: every key under a part's
+    prefix, nothing outside the parts' prefixes."""
+    state = _read_safetensors(path)
+    unknown = sorted(k for k in state if k.split(".", 1)[0] not in parts)
+    if unknown:
+        raise WeightsError(f"{path.name}: unexpected keys {unknown[:5]} (expected prefixes {tuple(parts)})")
+    for name, module in parts.items():
+        prefix = f"{name}."
+        load_strict(module, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, f"{path.name}:{name}")
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

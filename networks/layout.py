@@ -83,7 +83,7 @@ from runtime.presets import LayoutSize, Preset
 from runtime.weights import LAYOUT_FILE, WeightsSource, weight_files
 
 from .attention import attend, attend_biased
-from .build import _load_text_encoder, _read_safetensors, _seeded, load_strict
+from .build import _load_text_encoder, _seeded, load_parts
 from .encoders import TextEncoder, text_config
 
 LAYOUT_PARTS = ("layout_backbone", "layout_head")
@@ -537,13 +537,7 @@ def build_layout(preset: Preset, weights: WeightsSource = WeightsSource()) -> di
         weight_files(root)  # refuses pickled checkpoints before anything is read
         text = _load_text_encoder(root / "text_encoder")
         parts = {"layout_backbone": LayoutBackbone(preset), "layout_head": LayoutHead(preset)}
-        state = _read_safetensors(root / LAYOUT_FILE)
-        unknown = sorted(k for k in state if k.split(".", 1)[0] not in LAYOUT_PARTS)
-        if unknown:
-            raise WeightsError(f"{LAYOUT_FILE}: unexpected keys {unknown[:5]} (expected prefixes {LAYOUT_PARTS})")
-        for name, module in parts.items():
-            prefix = f"{name}."
-            load_strict(module, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, f"{LAYOUT_FILE}:{name}")
+        load_parts(root / LAYOUT_FILE, parts)
     if text.config.hidden_size != preset.text.hidden_size:
         raise WeightsError(
             f"text_encoder hidden size {text.config.hidden_size} does not match preset {preset.name}'s "

@@ -45,37 +45,32 @@ Assumptions where the paper is silent:
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextModel
 
 from runtime.background_specs import MASK_BIAS
 from runtime.components import skip_residual_layout
-from runtime.errors import WeightsError
 from runtime.poster_specs import LAYOUT_SCALE
 from runtime.presets import Preset
 from runtime.weights import WeightsSource, weight_files
 
 from .attention import CrossAttentionProcessor, attend_biased
 from .build import (
-    _TEXT_FILE,
-    _VAE_FILE,
     _check_text_size,
     _check_vae_size,
-    _contiguous,
     _load_text_encoder,
     _load_vae,
-    _read_safetensors,
     _refadgen_part,
     _seeded,
-    load_strict,
+    load_parts,
+    save_parts,
+    save_text_and_vae,
     new_image_encoder,
 )
 from .encoders import TextEncoder, VAEDecoder, text_config, vae_config
@@ -282,13 +277,7 @@ def build_poster(preset: Preset, weights: WeightsSource = WeightsSource()) -> di
         vae = _load_vae(root / "vae")
         parts = {name: make(preset) for name, make in _NETWORKS.items()}
         parts["image_encoder"] = new_image_encoder(preset)
-        state = _read_safetensors(root / POSTER_FILE)
-        unknown = sorted(k for k in state if k.split(".", 1)[0] not in POSTER_PARTS)
-        if unknown:
-            raise WeightsError(f"{POSTER_FILE}: unexpected keys {unknown[:5]} (expected prefixes {POSTER_PARTS})")
-        for name in POSTER_PARTS:
-            prefix = f"{name}."
-            load_strict(parts[name], {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, f"{POSTER_FILE}:{name}")
+        load_parts(root / POSTER_FILE, parts)
     modules = {
         "text_encoder": TextEncoder(text),
         "image_encoder": parts["image_encoder"],
@@ -307,14 +296,5 @@ def build_poster(preset: Preset, weights: WeightsSource = WeightsSource()) -> di
 
 def save_poster(modules: dict[str, nn.Module], root: Path) -> None:
     """Write `modules` (from `build_poster`) in the weights-folder layout `build_poster` reads."""
-    root.mkdir(parents=True, exist_ok=True)
-    text: CLIPTextModel = modules["text_encoder"].model
-    vae: AutoencoderKL = modules["vae_decoder"].vae
-    (root / "text_encoder").mkdir(exist_ok=True)
-    text.config.to_json_file(root / "text_encoder" / "config.json")
-    save_file(_contiguous(text.state_dict()), root / "text_encoder" / _TEXT_FILE)
-    (root / "vae").mkdir(exist_ok=True)
-    (root / "vae" / "config.json").write_text(json.dumps(dict(vae.config), indent=2, default=list))
-    save_file(_contiguous(vae.state_dict()), root / "vae" / _VAE_FILE)
-    state = {f"{name}.{k}": v for name in POSTER_PARTS for k, v in modules[name].state_dict().items()}
-    save_file(_contiguous(state), root / POSTER_FILE)
+    save_text_and_vae(modules, root)
+    save_parts(modules, POSTER_PARTS, root / POSTER_FILE)

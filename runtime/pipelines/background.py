@@ -62,6 +62,7 @@ from .common import (
     initial_noise,
     placement_dict,
     product_only,
+    require_components,
     run_cast,
 )
 from .refadgen import DEFAULT_GUIDANCE, DEFAULT_STEPS, GUIDANCE_RANGE
@@ -108,9 +109,7 @@ class BackgroundRequest:
 
 class BackgroundPipeline:
     def __init__(self, components: Mapping[str, Component], preset: Preset, tokenizer: Tokenizer):
-        missing = [c for c in COMPONENTS if c not in components]
-        if missing:
-            raise InputError("components", f"the background pipeline needs {list(COMPONENTS)}", f"missing {missing}")
+        require_components(components, COMPONENTS, "background")
         self.components = components
         self.preset = preset
         self.tokenizer = tokenizer

@@ -31,6 +31,12 @@ class BatchedRequest(Protocol):
     def validate(self) -> None: ...
 
 
+def require_components(components: Mapping[str, Component], needed: Sequence[str], pipeline: str) -> None:
+    missing = [c for c in needed if c not in components]
+    if missing:
+        raise InputError("components", f"the {pipeline} pipeline needs {list(needed)}", f"missing {missing}")
+
+
 def run_cast(component: Component, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run with float inputs in the dtypes the component's spec declares (float16 graphs)."""
     return component.run(component.spec.cast_inputs(feed))

@@ -42,7 +42,16 @@ from ..timing import StageTimer
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..weights import WeightsSource
 from .base import Call, GenerateResult, PipelineDefinition, StepCallback
-from .common import check_batch, check_seed, placed_product, placement_dict, product_only, selling_point_features
+from .common import (
+    check_batch,
+    check_seed,
+    placed_product,
+    placement_dict,
+    product_only,
+    require_components,
+    run_cast,
+    selling_point_features,
+)
 
 COMPONENTS = ("text_encoder", "layout_backbone", "layout_head")
 DEFAULT_LAYOUT_STEPS = 1  # RADM's reference sampling
@@ -70,6 +79,15 @@ class Layout:
     unused_text_boxes: int = 0
 
 
+def scored_layout(elements: list[Element], product: Product, unused_text_boxes: int = 0) -> Layout:
+    """The elements with their layout metrics on the product's canvas."""
+    metrics = layout_metrics(
+        np.array([e.box for e in elements], dtype=np.float64).reshape(-1, 4),
+        [e.class_name for e in elements], (product.width, product.height), product.mask,
+    )
+    return Layout(elements, metrics, unused_text_boxes)
+
+
 @dataclass
 class LayoutOutput:
     layouts: list[Layout]
@@ -78,9 +96,7 @@ class LayoutOutput:
 
 class LayoutPipeline:
     def __init__(self, components: Mapping[str, Component], preset: Preset, tokenizer: Tokenizer):
-        missing = [c for c in COMPONENTS if c not in components]
-        if missing:
-            raise InputError("components", f"the layout pipeline needs {list(COMPONENTS)}", f"missing {missing}")
+        require_components(components, COMPONENTS, "layout")
         self.components = components
         self.preset = preset
         self.tokenizer = tokenizer
@@ -97,15 +113,13 @@ class LayoutPipeline:
                     self.components["text_encoder"], self.tokenizer, [r.texts for r in requests], self.preset.max_batch
                 )
             with timer.stage("layout_backbone"):
-                pyramid = self.components["layout_backbone"].run(
-                    self.components["layout_backbone"].spec.cast_inputs({"image": self._backbone_images(requests)})
-                )
+                pyramid = run_cast(self.components["layout_backbone"], {"image": self._backbone_images(requests)})
             invariant = {**{level: pyramid[level] for level in FPN_LEVELS}, "text_features": features, "text_mask": text_mask}
             head = self.components["layout_head"]
 
             def predict(x: np.ndarray, t: np.ndarray):
                 with timer.stage("layout_step", repeated=True):
-                    out = head.run(head.spec.cast_inputs({"boxes": x, "timestep": t, **invariant}))
+                    out = run_cast(head, {"boxes": x, "timestep": t, **invariant})
                 return out["pred_boxes"].astype(np.float32), out["class_logits"].astype(np.float32)
 
             sample = sample_boxes(
@@ -142,11 +156,7 @@ class LayoutPipeline:
     def _layout(self, request: LayoutRequest, boxes: np.ndarray, logits: np.ndarray) -> Layout:
         w, h = request.product.width, request.product.height
         elements, unused = select_elements(boxes, logits, request.fixed, len(request.texts), w, h)
-        metrics = layout_metrics(
-            np.array([e.box for e in elements], dtype=np.float64).reshape(-1, 4),
-            [e.class_name for e in elements], (w, h), request.product.mask,
-        )
-        return Layout(elements, metrics, unused)
+        return scored_layout(elements, request.product, unused)
 
 
 def select_elements(

@@ -34,7 +34,6 @@ from ..box_diffusion import FixedBoxes, sample_boxes, time_pairs
 from ..boxes import to_pixels
 from ..errors import InputError
 from ..images import MAX_IMAGE_PIXELS, Placement, Product, clip_pixels, compose, from_model_image, to_model_image
-from ..layout_metrics import layout_metrics
 from ..layouts import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes, move_off_product
 from ..poster_specs import control_residual_names, poster_specs
 from ..presets import Preset
@@ -46,6 +45,7 @@ from ..typeset import typeset
 from ..weights import WeightsSource
 from .base import Call, GenerateResult, PipelineDefinition, StepCallback
 from .common import (
+    require_components,
     PipelineOutput,
     batch_settings,
     check_batch,
@@ -60,7 +60,7 @@ from .common import (
     schedule_settings,
     selling_point_features,
 )
-from .layout import layout_report, Layout
+from .layout import Layout, layout_report, scored_layout
 from .refadgen import DEFAULT_GUIDANCE, GUIDANCE_RANGE
 
 COMPONENTS = ("text_encoder", "image_encoder", "plannet", "render_cond", "controlnet", "poster_unet", "vae_decoder")
@@ -98,9 +98,7 @@ class PosterOutput(PipelineOutput):
 
 class PosterPipeline:
     def __init__(self, components: Mapping[str, Component], preset: Preset, tokenizer: Tokenizer):
-        missing = [c for c in COMPONENTS if c not in components]
-        if missing:
-            raise InputError("components", f"the poster pipeline needs {list(COMPONENTS)}", f"missing {missing}")
+        require_components(components, COMPONENTS, "poster")
         self.components = components
         self.preset = preset
         self.tokenizer = tokenizer
@@ -176,10 +174,7 @@ class PosterPipeline:
                     drawn[r.product.mask] = r.product.rgb[r.product.mask]  # text never covers the product
                     images.append(drawn)
                     placements.append([p.to_dict() for p in placed])
-                    layouts.append(Layout(elements, layout_metrics(
-                        np.array([e.box for e in elements], dtype=np.float64).reshape(-1, 4),
-                        [e.class_name for e in elements], (r.product.width, r.product.height), r.product.mask,
-                    )))
+                    layouts.append(scored_layout(elements, r.product))
         return PosterOutput(images=images, generated=generated, timings=timer.summary(), layouts=layouts,
                             placements=placements)
 
