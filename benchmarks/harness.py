@@ -259,7 +259,7 @@ def flops_for(scenario: Scenario) -> FlopReport | None:
     from runtime.pipelines import get_pipeline
     from runtime.presets import get_preset
 
-    from .flops import component_flops
+    from benchmarks.flops import component_flops
 
     definition = get_pipeline(scenario.pipeline)
     preset = get_preset(scenario.preset)
@@ -370,7 +370,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bench(args: argparse.Namespace) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    from .flops import device_peak
+    from benchmarks.flops import device_peak
 
     scenarios = scenarios_from(args)
     if not scenarios:
@@ -417,7 +417,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def print_summary(records: list[dict[str, Any]]) -> None:
-    from .report import speedups
+    from benchmarks.report import speedups
 
     ratio = speedups(records)
     print(f"{'scenario':<52} {'p50 s':>8} {'p90 s':>8} {'step p50 ms':>12} {'img/s':>7} {'vs torch':>9}")

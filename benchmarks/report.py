@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .harness import BASELINE_BACKEND, SCHEMA_VERSION
+from benchmarks.harness import BASELINE_BACKEND, SCHEMA_VERSION
 
 REQUIRED = ("schema", "label", "scenario", "latency_s", "stages_s", "images_per_s", "cold_s", "peak_host_rss_mb",
             "spec_hash", "samples", "machine", "git_commit")

@@ -64,8 +64,8 @@ from runtime.components import LEVELS
 from runtime.presets import Preset
 from runtime.weights import WeightsSource, weight_files
 
-from .attention import CrossAttentionProcessor, attend_biased
-from .build import (
+from networks.attention import CrossAttentionProcessor, attend_biased
+from networks.build import (
     _check_text_size,
     _check_vae_size,
     _load_text_encoder,
@@ -75,8 +75,8 @@ from .build import (
     save_parts,
     save_text_and_vae,
 )
-from .encoders import TextEncoder, VAEDecoder, VAEEncoder, text_config, vae_config
-from .refadgen import unet_config
+from networks.encoders import TextEncoder, VAEDecoder, VAEEncoder, text_config, vae_config
+from networks.refadgen import unet_config
 
 BACKGROUND_FILE = "background.safetensors"
 BACKGROUND_PARTS = ("background_unet", "style_branch")

@@ -26,7 +26,7 @@ from runtime.errors import WeightsError
 from runtime.presets import Preset
 from runtime.weights import REFADGEN_FILE, WeightsSource, weight_files
 
-from .encoders import (
+from networks.encoders import (
     ImageEncoder,
     TextEncoder,
     VAEDecoder,
@@ -36,7 +36,7 @@ from .encoders import (
     vae_config,
     vision_config,
 )
-from .refadgen import AFMKeyValue, GenerationUNet, ReferenceUNet
+from networks.refadgen import AFMKeyValue, GenerationUNet, ReferenceUNet
 
 REFADGEN_PARTS = ("unet", "reference_unet", "image_encoder")
 _VAE_FILE = "diffusion_pytorch_model.safetensors"
@@ -53,13 +53,13 @@ def build_modules(pipeline: str, preset: Preset, weights: WeightsSource = Weight
 
 
 def _build_background(preset: Preset, weights: WeightsSource) -> dict[str, nn.Module]:
-    from .background import build_background  # imports this module's helpers
+    from networks.background import build_background  # imports this module's helpers
 
     return build_background(preset, weights)
 
 
 def _build_poster(preset: Preset, weights: WeightsSource) -> dict[str, nn.Module]:
-    from .poster import build_poster  # imports this module's helpers
+    from networks.poster import build_poster  # imports this module's helpers
 
     return build_poster(preset, weights)
 
@@ -70,7 +70,7 @@ def new_image_encoder(preset: Preset) -> ImageEncoder:
 
 
 def _build_layout(preset: Preset, weights: WeightsSource) -> dict[str, nn.Module]:
-    from .layout import build_layout  # imports this module's helpers
+    from networks.layout import build_layout  # imports this module's helpers
 
     return build_layout(preset, weights)
 

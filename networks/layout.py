@@ -82,9 +82,9 @@ from runtime.layout_specs import (
 from runtime.presets import LayoutSize, Preset
 from runtime.weights import LAYOUT_FILE, WeightsSource, weight_files
 
-from .attention import attend, attend_biased
-from .build import _load_text_encoder, _seeded, load_parts
-from .encoders import TextEncoder, text_config
+from networks.attention import attend, attend_biased
+from networks.build import _load_text_encoder, _seeded, load_parts
+from networks.encoders import TextEncoder, text_config
 
 LAYOUT_PARTS = ("layout_backbone", "layout_head")
 PIXEL_MEAN = (123.675, 116.280, 103.530)  # ImageNet, RGB, 0..255 (RADM's detectron2 config)

@@ -60,8 +60,8 @@ from runtime.poster_specs import LAYOUT_SCALE
 from runtime.presets import Preset
 from runtime.weights import WeightsSource, weight_files
 
-from .attention import CrossAttentionProcessor, attend_biased
-from .build import (
+from networks.attention import CrossAttentionProcessor, attend_biased
+from networks.build import (
     _check_text_size,
     _check_vae_size,
     _load_text_encoder,
@@ -73,8 +73,8 @@ from .build import (
     save_text_and_vae,
     new_image_encoder,
 )
-from .encoders import TextEncoder, VAEDecoder, text_config, vae_config
-from .refadgen import unet_config
+from networks.encoders import TextEncoder, VAEDecoder, text_config, vae_config
+from networks.refadgen import unet_config
 
 POSTER_FILE = "poster.safetensors"
 POSTER_PARTS = ("plannet", "render_cond", "controlnet", "poster_unet", "image_encoder")

@@ -28,7 +28,7 @@ from torch import nn
 
 from runtime.presets import Preset
 
-from .attention import CrossAttentionProcessor, attend
+from networks.attention import CrossAttentionProcessor, attend
 
 _ATTN1 = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn1$")
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}

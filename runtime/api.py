@@ -15,16 +15,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .backends import load_components
-from .backends.base import ModelSource, Progress
-from .backends.devices import Device
-from .errors import InputError
-from .images import save_png
-from .pipelines import get_pipeline
-from .pipelines.base import GenerateResult, PipelineDefinition, StepCallback
-from .presets import get_preset
-from .specs import Precision, specs_hash
-from .weights import WeightsSource
+from runtime.backends import load_components
+from runtime.backends.base import ModelSource, Progress
+from runtime.backends.devices import Device
+from runtime.errors import InputError
+from runtime.images import save_png
+from runtime.pipelines import get_pipeline
+from runtime.pipelines.base import GenerateResult, PipelineDefinition, StepCallback
+from runtime.presets import get_preset
+from runtime.specs import Precision, specs_hash
+from runtime.weights import WeightsSource
 
 
 @dataclass

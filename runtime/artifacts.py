@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .errors import BackendError
-from .specs import AttentionKernel, ComponentSpec, Precision, specs_hash
+from runtime.errors import BackendError
+from runtime.specs import AttentionKernel, ComponentSpec, Precision, specs_hash
 
 CACHE_ENV = "ADGEN_CACHE"
 MANIFEST = "manifest.json"

@@ -16,7 +16,7 @@ the networks and the pipeline read it from here.
 
 from __future__ import annotations
 
-from .components import (
+from runtime.components import (
     latent_dims,
     network_batch,
     level_dims,
@@ -29,8 +29,8 @@ from .components import (
 )
 
 style_residual_layout = skip_residual_layout  # the style branch feeds every skip connection
-from .presets import Preset
-from .specs import ComponentSpec, DType, Precision, TensorSpec
+from runtime.presets import Preset
+from runtime.specs import ComponentSpec, DType, Precision, TensorSpec
 
 
 

@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
-from .errors import InputError
+from runtime.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
+from runtime.errors import InputError
 
 TRAIN_STEPS = 1000
 SCALE = 2.0  # DiffusionDet's signal scale

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .tokenizer import Tokenizer
+from runtime.errors import InputError
+from runtime.tokenizer import Tokenizer
 
 PROMPT_PREFIX = "a photo of"
 PROMPT_LINK = "in the background of"

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AdgenError, InputError
-from .pipelines import PIPELINES, get_pipeline
-from .pipelines.base import OPTIONS, PipelineDefinition, add_option_arguments
-from .presets import PRESETS, get_preset
-from .specs import Precision
+from runtime.errors import AdgenError, InputError
+from runtime.pipelines import PIPELINES, get_pipeline
+from runtime.pipelines.base import OPTIONS, PipelineDefinition, add_option_arguments
+from runtime.presets import PRESETS, get_preset
+from runtime.specs import Precision
 
 BACKEND_CHOICES = ("onnxruntime", "torch", "triton", "tensorrt")
 
@@ -173,7 +173,7 @@ def request_options(definition: PipelineDefinition, args: argparse.Namespace) ->
 
 
 def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
-    from .api import load_pipeline, run, save_result
+    from runtime.api import load_pipeline, run, save_result
 
     definition = get_pipeline(args.pipeline)
     options = request_options(definition, args)
@@ -181,7 +181,7 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
     if args.server is not None:
         if args.url is not None:
             raise InputError("server", "--server runs the whole pipeline in the server; --url is for --backend triton")
-        from .serving.remote import PipelineClient
+        from runtime.serving.remote import PipelineClient
 
         with PipelineClient(args.server) as client:
             result = client.generate(definition, options)
@@ -215,9 +215,9 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
         from networks.guided import WithGuidedSteps
     except ImportError as e:
         raise AdgenError(f"export needs torch ({e.name} missing): pip install 'adgen[export]'") from e
-    from .artifacts import GraphKey
-    from .specs import AttentionKernel
-    from .weights import WeightsSource
+    from runtime.artifacts import GraphKey
+    from runtime.specs import AttentionKernel
+    from runtime.weights import WeightsSource
 
     preset = get_preset(args.preset)
     precision = Precision(args.precision)
@@ -245,9 +245,9 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
     import signal
     import time
 
-    from .serving.repository import RepositoryOptions
-    from .serving.serve import start_server
-    from .serving.server import Ports
+    from runtime.serving.repository import RepositoryOptions
+    from runtime.serving.serve import start_server
+    from runtime.serving.server import Ports
 
     pipelines = args.pipeline or list(PIPELINES)
     if args.graphs is not None and len(pipelines) != 1:
@@ -270,7 +270,7 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
     )
     ports = None
     if args.http_port or args.grpc_port or args.metrics_port:
-        from .serving.server import free_ports
+        from runtime.serving.server import free_ports
 
         free = iter(free_ports("127.0.0.1"))
         ports = Ports(*(getattr(args, f"{k}_port") or next(free) for k in ("http", "grpc", "metrics")))
@@ -287,7 +287,7 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
     )
     watchdog = None
     if args.watchdog_interval > 0:
-        from .serving.watchdog import ModelWatchdog
+        from runtime.serving.watchdog import ModelWatchdog
 
         watchdog = ModelWatchdog(server.http_url, server.admin_headers, progress=progress.message)
     try:
@@ -320,9 +320,9 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
 
 
 def _engines(args: argparse.Namespace, progress: TerminalProgress) -> int:
-    from .artifacts import read_manifest
-    from .components import canvas_env
-    from .errors import BackendError
+    from runtime.artifacts import read_manifest
+    from runtime.components import canvas_env
+    from runtime.errors import BackendError
 
     sizes = parse_sizes(args.sizes)
     try:

@@ -8,9 +8,9 @@ in bounds works because the exported U-Net carries explicit upsample sizes.
 
 from __future__ import annotations
 
-from .errors import InputError
-from .presets import Preset
-from .specs import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
+from runtime.errors import InputError
+from runtime.presets import Preset
+from runtime.specs import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
 
 NUM_REF_LAYERS = 16
 

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .errors import BackendError, InputError
-from .specs import ComponentSpec, Dim, Precision
+from runtime.errors import BackendError, InputError
+from runtime.specs import ComponentSpec, Dim, Precision
 
 if TYPE_CHECKING:
-    from .artifacts import GraphKey
+    from runtime.artifacts import GraphKey
 
 ENGINE_SUFFIX = ".plan"
 ENGINE_MANIFEST_SUFFIX = ".json"

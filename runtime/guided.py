@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Mapping, Sequence
 
-from .specs import ComponentSpec, DerivedDim, Dim, DType, TensorSpec
+from runtime.specs import ComponentSpec, DerivedDim, Dim, DType, TensorSpec
 
 BATCH = "B"
 DOUBLE_BATCH = "B2"

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import math
 
-from .components import text_encoder_spec
-from .presets import Preset
-from .specs import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
+from runtime.components import text_encoder_spec
+from runtime.presets import Preset
+from runtime.specs import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
 
 LAYOUT_CLASSES = ("logo", "text", "underlay", "embellishment")
 FPN_LEVELS = ("p2", "p3", "p4", "p5")

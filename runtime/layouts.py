@@ -21,9 +21,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import InputError
-from .layout_specs import LAYOUT_CLASSES
-from .tokenizer import check_prompt
+from runtime.errors import InputError
+from runtime.layout_specs import LAYOUT_CLASSES
+from runtime.tokenizer import check_prompt
 
 TEXT_CLASS = LAYOUT_CLASSES.index("text")
 MAX_TEXTS = 20  # RADM: up to 20 selling points per canvas

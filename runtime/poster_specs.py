@@ -17,8 +17,8 @@ Shared components: `text_encoder` (prompt, and one pooled vector per selling poi
 
 from __future__ import annotations
 
-from .background_specs import MASK_BIAS
-from .components import (
+from runtime.background_specs import MASK_BIAS
+from runtime.components import (
     image_encoder_spec,
     latent_dims,
     level_dims,
@@ -29,8 +29,8 @@ from .components import (
     text_encoder_spec,
     vae_decoder_spec,
 )
-from .presets import Preset
-from .specs import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
+from runtime.presets import Preset
+from runtime.specs import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
 
 LAYOUT_SCALE = 2.0  # DiffusionDet's signal scale: boxes live in [-2, 2] while they are noised
 

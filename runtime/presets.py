@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InputError
+from runtime.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import SpecError
+from runtime.errors import SpecError
 
 
 class DType(str, Enum):

@@ -17,9 +17,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .errors import InputError, WeightsError
-from .presets import Preset
-from .weights import WeightsSource
+from runtime.errors import InputError, WeightsError
+from runtime.presets import Preset
+from runtime.weights import WeightsSource
 
 MAX_PROMPT_CHARS = 2000
 _WORDS = re.compile(r"[^\W\d_]+|\d|[^\w\s]", re.UNICODE)

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import WeightsError
+from runtime.errors import WeightsError
 
 # Bump when random initialisation changes, so caches of old random graphs are not reused.
 RANDOM_INIT_VERSION = 1

@@ -5,9 +5,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Mapping
 
-from ..errors import BackendError, InputError
-from ..specs import ComponentSpec
-from .base import Component, ModelSource, Progress
+from runtime.errors import BackendError, InputError
+from runtime.specs import ComponentSpec
+from runtime.backends.base import Component, ModelSource, Progress
 
 BACKENDS = {
     "onnxruntime": "runtime.backends.onnxruntime_backend",

@@ -14,10 +14,10 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..presets import Preset
-from ..specs import AttentionKernel, ComponentSpec, Precision
-from ..weights import WeightsSource
-from .devices import Device
+from runtime.presets import Preset
+from runtime.specs import AttentionKernel, ComponentSpec, Precision
+from runtime.weights import WeightsSource
+from runtime.backends.devices import Device
 
 Progress = Callable[[str], None]
 

@@ -12,8 +12,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import BackendError
-from ..specs import Precision
+from runtime.errors import BackendError
+from runtime.specs import Precision
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"

@@ -14,11 +14,11 @@ from typing import Mapping
 import numpy as np
 import onnxruntime as ort
 
-from ..artifacts import GraphKey, check_manifest, default_cache_root, find_graphs, graph_path, read_manifest
-from ..errors import BackendError, ExportError
-from ..specs import AttentionKernel, ComponentSpec, Precision
-from .base import Component, ModelSource, Progress
-from .devices import CUDA_EP, TENSORRT_EP, resolve_providers
+from runtime.artifacts import GraphKey, check_manifest, default_cache_root, find_graphs, graph_path, read_manifest
+from runtime.errors import BackendError, ExportError
+from runtime.specs import AttentionKernel, ComponentSpec, Precision
+from runtime.backends.base import Component, ModelSource, Progress
+from runtime.backends.devices import CUDA_EP, TENSORRT_EP, resolve_providers
 
 
 class OnnxRuntimeComponent(Component):

@@ -24,11 +24,11 @@ from typing import Mapping
 
 import numpy as np
 
-from ..artifacts import GraphKey
-from ..engines import GpuIdentity, Profile, engine_keys, find_engine, read_index, select_profile
-from ..errors import BackendError
-from ..specs import AttentionKernel, ComponentSpec
-from .base import Component, ModelSource, Progress
+from runtime.artifacts import GraphKey
+from runtime.engines import GpuIdentity, Profile, engine_keys, find_engine, read_index, select_profile
+from runtime.errors import BackendError
+from runtime.specs import AttentionKernel, ComponentSpec
+from runtime.backends.base import Component, ModelSource, Progress
 
 try:
     import tensorrt as trt

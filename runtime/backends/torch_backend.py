@@ -13,9 +13,9 @@ from networks.build import build_modules
 from networks.guided import WithGuidedSteps
 from networks.runner import run_module
 
-from ..errors import BackendError
-from ..specs import ComponentSpec, Precision
-from .base import Component, ModelSource, Progress
+from runtime.errors import BackendError
+from runtime.specs import ComponentSpec, Precision
+from runtime.backends.base import Component, ModelSource, Progress
 
 
 class TorchComponent(Component):

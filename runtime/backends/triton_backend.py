@@ -40,7 +40,7 @@ import numpy as np
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
-from ..errors import (
+from runtime.errors import (
     BackendError,
     ServerAccessError,
     ServerBusyError,
@@ -48,9 +48,9 @@ from ..errors import (
     ServerRequestError,
     ServerUnavailableError,
 )
-from ..serving.protocol import from_wire, model_name, to_wire
-from ..specs import ComponentSpec
-from .base import Component, ModelSource, Progress
+from runtime.serving.protocol import from_wire, model_name, to_wire
+from runtime.specs import ComponentSpec
+from runtime.backends.base import Component, ModelSource, Progress
 
 DEFAULT_TIMEOUT_S = 600.0
 SHM_MIN_BYTES = 64 * 1024

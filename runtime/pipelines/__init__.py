@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from ..errors import InputError
-from .base import PipelineDefinition
+from runtime.errors import InputError
+from runtime.pipelines.base import PipelineDefinition
 
 PIPELINES = {
     "refadgen": "runtime.pipelines.refadgen",

@@ -28,11 +28,11 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from ..background_specs import background_specs, style_residual_names
-from ..backends.base import Component
-from ..categories import Category, get_category, prompt_tokens
-from ..errors import InputError
-from ..images import (
+from runtime.background_specs import background_specs, style_residual_names
+from runtime.backends.base import Component
+from runtime.categories import Category, get_category, prompt_tokens
+from runtime.errors import InputError
+from runtime.images import (
     GREY,
     MAX_IMAGE_PIXELS,
     Placement,
@@ -43,14 +43,14 @@ from ..images import (
     resize_mask_nearest,
     to_model_image,
 )
-from ..presets import Preset
-from ..schedulers import make_scheduler
-from ..specs import ComponentSpec, Precision
-from ..timing import StageTimer
-from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
-from ..weights import WeightsSource
-from .base import Call, GenerateResult, PipelineDefinition, StepCallback
-from .common import (
+from runtime.presets import Preset
+from runtime.schedulers import make_scheduler
+from runtime.specs import ComponentSpec, Precision
+from runtime.timing import StageTimer
+from runtime.tokenizer import Tokenizer, check_prompt, load_tokenizer
+from runtime.weights import WeightsSource
+from runtime.pipelines.base import Call, GenerateResult, PipelineDefinition, StepCallback
+from runtime.pipelines.common import (
     PipelineOutput,
     placed_product,
     schedule_settings,
@@ -65,7 +65,7 @@ from .common import (
     require_components,
     run_cast,
 )
-from .refadgen import DEFAULT_GUIDANCE, DEFAULT_STEPS, GUIDANCE_RANGE
+from runtime.pipelines.refadgen import DEFAULT_GUIDANCE, DEFAULT_STEPS, GUIDANCE_RANGE
 
 COMPONENTS = ("text_encoder", "vae_encoder", "style_branch", "background_unet", "vae_decoder")
 STYLE_SCALE_RANGE = (0.0, 4.0)
@@ -364,7 +364,7 @@ class BackgroundDefinition(PipelineDefinition):
         }
 
     def example_options(self, folder: Path, preset: Preset) -> dict:
-        from ..example_product import draw_reference
+        from runtime.example_product import draw_reference
 
         ad, mask = draw_reference(preset.default_width, preset.default_height)
         ad.save(folder / "reference.png")

@@ -13,12 +13,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..backends.base import Component
-from ..errors import InputError
-from ..guided import with_guided_step
-from ..presets import Preset
-from ..specs import ComponentSpec, Precision
-from ..weights import WeightsSource
+from runtime.backends.base import Component
+from runtime.errors import InputError
+from runtime.guided import with_guided_step
+from runtime.presets import Preset
+from runtime.specs import ComponentSpec, Precision
+from runtime.weights import WeightsSource
 
 StepCallback = Callable[[int, int], None]
 
@@ -112,7 +112,7 @@ class PipelineDefinition(ABC):
 
     def example_options(self, folder: Path, preset: Preset) -> dict[str, Any]:
         """Request options for demos and benchmarks, writing any input images they need into `folder`."""
-        from ..example_product import draw_product
+        from runtime.example_product import draw_product
 
         product = folder / "product.png"
         draw_product(preset.default_width, preset.default_height).save(product)

@@ -9,11 +9,11 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ..backends.base import Component
-from ..errors import InputError
-from ..images import MAX_IMAGE_PIXELS, GREY, Placement, Product, check_canvas_size, load_product, place_on_canvas
-from ..presets import Preset
-from ..schedulers import make_scheduler
+from runtime.backends.base import Component
+from runtime.errors import InputError
+from runtime.images import MAX_IMAGE_PIXELS, GREY, Placement, Product, check_canvas_size, load_product, place_on_canvas
+from runtime.presets import Preset
+from runtime.schedulers import make_scheduler
 
 MAX_STEPS = 500
 

@@ -28,21 +28,21 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from ..backends.base import Component
-from ..box_diffusion import FixedBoxes, sample_boxes, time_pairs
-from ..boxes import iou, nms, to_pixels
-from ..errors import InputError
-from ..images import MAX_IMAGE_PIXELS, Placement, Product, to_model_image
-from ..layout_metrics import layout_metrics
-from ..layout_specs import FPN_LEVELS, NMS_IOU, SCORE_THRESHOLD, layout_image_size, layout_specs
-from ..layouts import LAYOUT_CLASSES, TEXT_CLASS, Element, FixedBox, check_texts, draw_layout, load_fixed_boxes
-from ..presets import Preset
-from ..specs import ComponentSpec, Precision
-from ..timing import StageTimer
-from ..tokenizer import Tokenizer, load_tokenizer
-from ..weights import WeightsSource
-from .base import Call, GenerateResult, PipelineDefinition, StepCallback
-from .common import (
+from runtime.backends.base import Component
+from runtime.box_diffusion import FixedBoxes, sample_boxes, time_pairs
+from runtime.boxes import iou, nms, to_pixels
+from runtime.errors import InputError
+from runtime.images import MAX_IMAGE_PIXELS, Placement, Product, to_model_image
+from runtime.layout_metrics import layout_metrics
+from runtime.layout_specs import FPN_LEVELS, NMS_IOU, SCORE_THRESHOLD, layout_image_size, layout_specs
+from runtime.layouts import LAYOUT_CLASSES, TEXT_CLASS, Element, FixedBox, check_texts, draw_layout, load_fixed_boxes
+from runtime.presets import Preset
+from runtime.specs import ComponentSpec, Precision
+from runtime.timing import StageTimer
+from runtime.tokenizer import Tokenizer, load_tokenizer
+from runtime.weights import WeightsSource
+from runtime.pipelines.base import Call, GenerateResult, PipelineDefinition, StepCallback
+from runtime.pipelines.common import (
     check_batch,
     check_seed,
     placed_product,

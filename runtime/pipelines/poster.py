@@ -29,22 +29,22 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..backends.base import Component
-from ..box_diffusion import FixedBoxes, sample_boxes, time_pairs
-from ..boxes import to_pixels
-from ..errors import InputError
-from ..images import MAX_IMAGE_PIXELS, Placement, Product, clip_pixels, compose, from_model_image, to_model_image
-from ..layouts import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes, move_off_product
-from ..poster_specs import control_residual_names, poster_specs
-from ..presets import Preset
-from ..schedulers import make_scheduler
-from ..specs import ComponentSpec, Precision
-from ..timing import StageTimer
-from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
-from ..typeset import typeset
-from ..weights import WeightsSource
-from .base import Call, GenerateResult, PipelineDefinition, StepCallback
-from .common import (
+from runtime.backends.base import Component
+from runtime.box_diffusion import FixedBoxes, sample_boxes, time_pairs
+from runtime.boxes import to_pixels
+from runtime.errors import InputError
+from runtime.images import MAX_IMAGE_PIXELS, Placement, Product, clip_pixels, compose, from_model_image, to_model_image
+from runtime.layouts import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes, move_off_product
+from runtime.poster_specs import control_residual_names, poster_specs
+from runtime.presets import Preset
+from runtime.schedulers import make_scheduler
+from runtime.specs import ComponentSpec, Precision
+from runtime.timing import StageTimer
+from runtime.tokenizer import Tokenizer, check_prompt, load_tokenizer
+from runtime.typeset import typeset
+from runtime.weights import WeightsSource
+from runtime.pipelines.base import Call, GenerateResult, PipelineDefinition, StepCallback
+from runtime.pipelines.common import (
     require_components,
     PipelineOutput,
     batch_settings,
@@ -60,8 +60,8 @@ from .common import (
     schedule_settings,
     selling_point_features,
 )
-from .layout import Layout, layout_report, scored_layout
-from .refadgen import DEFAULT_GUIDANCE, GUIDANCE_RANGE
+from runtime.pipelines.layout import Layout, layout_report, scored_layout
+from runtime.pipelines.refadgen import DEFAULT_GUIDANCE, GUIDANCE_RANGE
 
 COMPONENTS = ("text_encoder", "image_encoder", "plannet", "render_cond", "controlnet", "poster_unet", "vae_decoder")
 DEFAULT_STEPS = 30

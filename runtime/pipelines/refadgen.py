@@ -17,10 +17,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..backends.base import Component
-from ..components import refadgen_specs
-from ..errors import InputError
-from ..images import (
+from runtime.backends.base import Component
+from runtime.components import refadgen_specs
+from runtime.errors import InputError
+from runtime.images import (
     MAX_IMAGE_PIXELS,
     Placement,
     Product,
@@ -30,14 +30,14 @@ from ..images import (
     resize_mask_nearest,
     to_model_image,
 )
-from ..presets import Preset
-from ..schedulers import make_scheduler
-from ..specs import ComponentSpec, Precision
-from ..timing import StageTimer
-from ..tokenizer import Tokenizer, check_prompt, load_tokenizer
-from ..weights import WeightsSource
-from .base import Call, GenerateResult, PipelineDefinition, StepCallback
-from .common import (
+from runtime.presets import Preset
+from runtime.schedulers import make_scheduler
+from runtime.specs import ComponentSpec, Precision
+from runtime.timing import StageTimer
+from runtime.tokenizer import Tokenizer, check_prompt, load_tokenizer
+from runtime.weights import WeightsSource
+from runtime.pipelines.base import Call, GenerateResult, PipelineDefinition, StepCallback
+from runtime.pipelines.common import (
     PipelineOutput,
     placed_product,
     schedule_settings,

@@ -22,9 +22,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import BackendError, InputError
-from ..pipelines.base import OPTIONS, PipelineDefinition
-from ..specs import ComponentSpec, Dim
+from runtime.errors import BackendError, InputError
+from runtime.pipelines.base import OPTIONS, PipelineDefinition
+from runtime.specs import ComponentSpec, Dim
 
 IMAGE_OUTPUT = "image"
 REPORT_OUTPUT = "report"

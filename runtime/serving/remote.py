@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..backends.triton_backend import DEFAULT_TIMEOUT_S, RetryPolicy, TritonConnection
-from ..pipelines.base import GenerateResult, PipelineDefinition
-from .protocol import IMAGE_OUTPUT, REPORT_OUTPUT, decode_response, encode_request
+from runtime.backends.triton_backend import DEFAULT_TIMEOUT_S, RetryPolicy, TritonConnection
+from runtime.pipelines.base import GenerateResult, PipelineDefinition
+from runtime.serving.protocol import IMAGE_OUTPUT, REPORT_OUTPUT, decode_response, encode_request
 
 
 class PipelineClient:

@@ -14,12 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..backends.base import ModelSource
-from ..pipelines import get_pipeline
-from ..presets import get_preset
-from ..weights import WeightsSource
-from .repository import RepositoryOptions, write_repository
-from .server import WORKDIR_PREFIX, Installation, Ports, TritonServer, bundled_installation, given_installation
+from runtime.backends.base import ModelSource
+from runtime.pipelines import get_pipeline
+from runtime.presets import get_preset
+from runtime.weights import WeightsSource
+from runtime.serving.repository import RepositoryOptions, write_repository
+from runtime.serving.server import WORKDIR_PREFIX, Installation, Ports, TritonServer, bundled_installation, given_installation
 
 RUNTIME_ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def write_runtime_repository(
     options: RepositoryOptions = RepositoryOptions(),
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    from ..backends.onnxruntime_backend import ensure_graphs
+    from runtime.backends.onnxruntime_backend import ensure_graphs
 
     size = get_preset(preset)
     source_weights = WeightsSource(seed=init_seed, path=weights)

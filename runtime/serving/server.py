@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import BackendError
+from runtime.errors import BackendError
 
 PR_SET_PDEATHSIG = 1
 SHM_DIR = Path("/dev/shm")

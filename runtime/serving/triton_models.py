@@ -23,15 +23,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..api import LoadedPipeline, run
-from ..artifacts import graph_bytes, graph_path, read_manifest
-from ..backends.base import Component, ModelSource
-from ..errors import AdgenError, BackendError, InputError, SpecError
-from ..pipelines import get_pipeline
-from ..presets import get_preset
-from ..specs import ComponentSpec, Precision, specs_hash
-from ..weights import WeightsSource
-from .protocol import batch_dim, decode_request, encode_response, from_wire, model_name, request_tensors, to_wire
+from runtime.api import LoadedPipeline, run
+from runtime.artifacts import graph_bytes, graph_path, read_manifest
+from runtime.backends.base import Component, ModelSource
+from runtime.errors import AdgenError, BackendError, InputError, SpecError
+from runtime.pipelines import get_pipeline
+from runtime.presets import get_preset
+from runtime.specs import ComponentSpec, Precision, specs_hash
+from runtime.weights import WeightsSource
+from runtime.serving.protocol import batch_dim, decode_request, encode_response, from_wire, model_name, request_tensors, to_wire
 
 
 def _pb_utils():
@@ -66,7 +66,7 @@ def check_component_graph(folder: Path, spec: ComponentSpec) -> Path:
 
 class ComponentModel:
     def __init__(self, args: Mapping[str, str]):
-        from ..backends.onnxruntime_backend import OnnxRuntimeComponent
+        from runtime.backends.onnxruntime_backend import OnnxRuntimeComponent
 
         self.pb = _pb_utils()
         self.name = args["model_name"]

@@ -28,11 +28,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..errors import BackendError
-from ..pipelines import get_pipeline
-from ..presets import get_preset
-from ..specs import Precision
-from .protocol import OptionKind, request_tensors, to_wire
+from runtime.errors import BackendError
+from runtime.pipelines import get_pipeline
+from runtime.presets import get_preset
+from runtime.specs import Precision
+from runtime.serving.protocol import OptionKind, request_tensors, to_wire
 
 CANARY_BYTES = b"adgen-watchdog-canary: not an image"
 
