@@ -27,15 +27,15 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.step_latency import git_commit, machine
+from runtime.artifacts.weights import WeightsSource
 from runtime.backends import load_components
 from runtime.backends.base import ModelSource
-from runtime.background_specs import style_residual_names
-from runtime.categories import get_category
-from runtime.images import Product, resize_mask_nearest
+from runtime.inputs.categories import get_category
+from runtime.inputs.images import Product, resize_mask_nearest
 from runtime.pipelines import get_pipeline
 from runtime.pipelines.background import BackgroundRequest, load_reference
 from runtime.presets import PRESETS, get_preset
-from runtime.weights import WeightsSource
+from runtime.specs.background import style_residual_names
 
 MODES = ("no_reference", "branch_hoisted", "branch_per_step", "branch_alone")
 

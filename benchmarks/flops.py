@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from runtime.specs import ComponentSpec
+from runtime.specs.core import ComponentSpec
 
 # Dense fp16/bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; what MFU divides by.
 GPU_PEAKS = {
@@ -27,7 +27,7 @@ def component_flops(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from networks.build import build_modules
+    from networks.registry import build_modules
 
     with torch.device("meta"):
         modules = build_modules(pipeline, preset)

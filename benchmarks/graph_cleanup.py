@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.step_latency import git_commit, machine
+from runtime.artifacts.weights import WeightsSource
 from runtime.pipelines import get_pipeline
 from runtime.presets import PRESETS, get_preset
-from runtime.specs import AttentionKernel
-from runtime.weights import WeightsSource
+from runtime.specs.core import AttentionKernel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.graph_passes import Cleanup, cleanup, load_graph, save_graph
     from export.onnx_export import export_component
-    from networks.build import LazyModules
+    from networks.registry import LazyModules
 
     if args.threads:
         torch.set_num_threads(args.threads)

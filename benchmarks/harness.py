@@ -185,7 +185,7 @@ def run_scenario(scenario: Scenario, cache_dir: str | None = None) -> dict[str, 
 
 def _requester(scenario: Scenario, definition, preset, options: dict, cache_dir: str | None):
     """(request() -> (latency, stage timings), spec hash, close()) for the scenario's placement."""
-    from runtime.specs import specs_hash
+    from runtime.specs.core import specs_hash
 
     if scenario.placement == "in-server":
         from runtime.serving.remote import PipelineClient
@@ -256,10 +256,9 @@ def flops_for(scenario: Scenario) -> FlopReport | None:
         import torch  # noqa: F401
     except ImportError:
         return None
+    from benchmarks.flops import component_flops
     from runtime.pipelines import get_pipeline
     from runtime.presets import get_preset
-
-    from benchmarks.flops import component_flops
 
     definition = get_pipeline(scenario.pipeline)
     preset = get_preset(scenario.preset)
@@ -297,8 +296,8 @@ def ensure_graphs(scenario: Scenario, cache_dir: str | None) -> None:
     """Export ONNX graphs before timing, so no scenario's cold time includes an export."""
     if scenario.backend != "onnxruntime":
         return
+    from runtime.artifacts.graphs import ensure_graphs as ensure
     from runtime.backends.base import ModelSource
-    from runtime.backends.onnxruntime_backend import ensure_graphs as ensure
     from runtime.pipelines import get_pipeline
     from runtime.presets import get_preset
 
@@ -416,9 +415,23 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(records: list[dict[str, Any]]) -> None:
-    from benchmarks.report import speedups
+def peer_key(record: dict[str, Any]) -> tuple:
+    """The axes a scenario shares with its baseline: all but backend and placement."""
+    s = record["scenario"]
+    return (s["pipeline"], s["preset"], s["batch"], s["concurrency"], s["steps"])
 
+
+def is_baseline(record: dict[str, Any]) -> bool:
+    return record["scenario"]["backend"] == BASELINE_BACKEND and record["scenario"]["placement"] == "in-process"
+
+
+def speedups(records: list[dict[str, Any]]) -> dict[str, float]:
+    """p50 of the in-process torch-eager baseline over p50 of each scenario with the same other axes."""
+    base = {peer_key(r): r["latency_s"]["p50"] for r in records if is_baseline(r)}
+    return {r["label"]: base[peer_key(r)] / r["latency_s"]["p50"] for r in records if peer_key(r) in base}
+
+
+def print_summary(records: list[dict[str, Any]]) -> None:
     ratio = speedups(records)
     print(f"{'scenario':<52} {'p50 s':>8} {'p90 s':>8} {'step p50 ms':>12} {'img/s':>7} {'vs torch':>9}")
     for r in records:

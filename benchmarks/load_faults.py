@@ -75,7 +75,7 @@ def _stubs_of_model(server, model: str) -> list[int]:
 def _inputs(folder: Path, preset) -> tuple[dict, list[tuple[str, dict, str]]]:
     from PIL import Image
 
-    from runtime.example_product import draw_product
+    from runtime.inputs.examples import draw_product
 
     w, h = preset.default_width, preset.default_height
     good = folder / "product.png"
@@ -97,11 +97,10 @@ def _inputs(folder: Path, preset) -> tuple[dict, list[tuple[str, dict, str]]]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from runtime.backends.triton_backend import NO_RETRY, RetryPolicy
-    from runtime.errors import AdgenError
-    from runtime.errors import ServerBusyError, ServerError, ServerRequestError, ServerUnavailableError
+    from runtime.errors import AdgenError, ServerBusyError, ServerError, ServerRequestError, ServerUnavailableError
     from runtime.pipelines import get_pipeline
     from runtime.presets import get_preset
+    from runtime.serving.client import NO_RETRY, RetryPolicy
     from runtime.serving.remote import PipelineClient
     from runtime.serving.repository import RepositoryOptions
     from runtime.serving.serve import start_server

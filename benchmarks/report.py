@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import BASELINE_BACKEND, SCHEMA_VERSION
+from benchmarks.harness import BASELINE_BACKEND, SCHEMA_VERSION, speedups
 
 REQUIRED = ("schema", "label", "scenario", "latency_s", "stages_s", "images_per_s", "cold_s", "peak_host_rss_mb",
             "spec_hash", "samples", "machine", "git_commit")
@@ -55,22 +55,6 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     if not records:
         raise ReportError(f"{path}: no harness records")
     return records
-
-
-def peer_key(record: dict[str, Any]) -> tuple:
-    """The axes a scenario shares with its baseline: all but backend and placement."""
-    s = record["scenario"]
-    return (s["pipeline"], s["preset"], s["batch"], s["concurrency"], s["steps"])
-
-
-def is_baseline(record: dict[str, Any]) -> bool:
-    return record["scenario"]["backend"] == BASELINE_BACKEND and record["scenario"]["placement"] == "in-process"
-
-
-def speedups(records: list[dict[str, Any]]) -> dict[str, float]:
-    """p50 of the in-process torch-eager baseline over p50 of each scenario with the same other axes."""
-    base = {peer_key(r): r["latency_s"]["p50"] for r in records if is_baseline(r)}
-    return {r["label"]: base[peer_key(r)] / r["latency_s"]["p50"] for r in records if peer_key(r) in base}
 
 
 def markdown(records: list[dict[str, Any]]) -> str:

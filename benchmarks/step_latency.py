@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.artifacts.weights import WeightsSource
 from runtime.backends import load_components
 from runtime.backends.base import ModelSource
 from runtime.backends.devices import Device
-from runtime.guided import guided_name
 from runtime.pipelines import get_pipeline
 from runtime.presets import PRESETS, get_preset
-from runtime.specs import Precision
-from runtime.weights import WeightsSource
+from runtime.specs.core import Precision
+from runtime.specs.guided import guided_name
 
 STEP_COMPONENT = {"refadgen": "unet", "background": "background_unet"}
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from benchmarks.step_latency import git_commit, machine
 from runtime.api import LoadedPipeline, generate, load_pipeline
+from runtime.artifacts.weights import WeightsSource
 from runtime.backends import load_components
 from runtime.backends.base import ModelSource
 from runtime.pipelines import PIPELINES, get_pipeline
@@ -39,8 +40,7 @@ from runtime.serving.protocol import model_name
 from runtime.serving.remote import PipelineClient
 from runtime.serving.repository import RepositoryOptions
 from runtime.serving.serve import start_server
-from runtime.specs import specs_hash
-from runtime.weights import WeightsSource
+from runtime.specs.core import specs_hash
 
 MODES = ("in-process", "client-side", "in-server")
 PROMPTS = ("a sneaker on a wooden table", "studio, soft light", "beach at sunset", "forest floor, moss",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from runtime.example_product import draw_product
+from runtime.inputs.examples import draw_product
 
 
 def main() -> None:

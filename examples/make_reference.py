@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from runtime.example_product import draw_reference
+from runtime.inputs.examples import draw_reference
 
 
 def main() -> None:

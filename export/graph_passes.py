@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from runtime.errors import ExportError
-from runtime.specs import ComponentSpec, DType
+from runtime.specs.core import ComponentSpec, DType
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf's hard limit is 2 GiB
 

@@ -27,8 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from networks.attention import export_attention_as
-from networks.runner import run_module
 from export.graph_passes import (
     EXTERNAL_DATA_THRESHOLD,
     FP32_OPS,
@@ -41,9 +39,11 @@ from export.graph_passes import (
     to_float16,
 )
 from export.graph_passes import cleanup as apply_cleanup
-from runtime.artifacts import MANIFEST, PARITY, GraphKey, graph_bytes, graph_path
+from networks.common.attention import export_attention_as
+from networks.common.runner import run_module
+from runtime.artifacts.graphs import MANIFEST, PARITY, GraphKey, graph_bytes, graph_path
 from runtime.errors import ExportError, ParityError
-from runtime.specs import AttentionKernel, ComponentSpec, Dim, Precision
+from runtime.specs.core import AttentionKernel, ComponentSpec, Dim, Precision
 
 Progress = Callable[[str], None]
 LIBRARIES = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "numpy", "onnxslim")

@@ -2,7 +2,7 @@
 
 NOT EXECUTED on this project's machines (no GPU, and TensorRT cannot be installed there).
 Written against the TensorRT 10 Python API; its tests are marked `tensorrt` and run wherever
-`import tensorrt` works. The key, manifest and profile logic it uses (runtime/engines.py) is
+`import tensorrt` works. The key, manifest and profile logic it uses (runtime/artifacts/engines.py) is
 tested everywhere.
 
 For each component: parse the graph from its file (so `<graph>.onnx.data` is found beside
@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from runtime.artifacts import GraphKey, check_manifest, graph_path, read_manifest
-from runtime.engines import (
+from runtime.artifacts.engines import (
     EngineKey,
     Profile,
     engine_keys,
@@ -29,8 +28,9 @@ from runtime.engines import (
     write_index,
     write_manifest,
 )
+from runtime.artifacts.graphs import GraphKey, check_manifest, graph_path, read_manifest
 from runtime.errors import BackendError, ExportError
-from runtime.specs import AttentionKernel, ComponentSpec, Precision
+from runtime.specs.core import AttentionKernel, ComponentSpec, Precision
 
 Progress = Callable[[str], None]
 DEFAULT_WORKSPACE = 8 << 30
@@ -106,8 +106,8 @@ def build_engines(
     An engine already in `out_dir` under the same key (its manifest checked) is kept.
     """
     trt = _trt()
-    from runtime.backends.tensorrt_backend import query_gpu
-    from runtime.engines import check_engine
+    from runtime.artifacts.engines import check_engine
+    from runtime.backends.tensorrt import query_gpu
 
     say = progress or (lambda message: None)
     manifest = read_manifest(Path(onnx_dir))

@@ -26,7 +26,7 @@ Assumptions where the paper is silent:
    builds the background around and where; and through the mask-aware attention. The
    attention alone would not tell the network the product's appearance.
 2. One prompt "a photo of C in the background of D" encoded once; C's and D's token positions
-   come from tokenizing the prompt's prefixes (runtime/categories.py). The unconditional half of
+   come from tokenizing the prompt's prefixes (runtime/inputs/categories.py). The unconditional half of
    classifier-free guidance uses the negative prompt (default empty) with no C or D tokens, so
    its bias is zero.
 3. Mask per level: the latent-size mask max-pooled 2x2 (ceil mode) per level, matching the
@@ -53,30 +53,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn
 from torch import nn
-from transformers import CLIPTextModel
 
-from runtime.background_specs import MASK_BIAS, style_residual_layout
-from runtime.components import LEVELS
-from runtime.presets import Preset
-from runtime.weights import WeightsSource, weight_files
-
-from networks.attention import CrossAttentionProcessor, attend_biased
-from networks.build import (
-    _check_text_size,
-    _check_vae_size,
-    _load_text_encoder,
-    _load_vae,
-    _seeded,
+from networks.common.attention import CrossAttentionProcessor, attend_biased
+from networks.sd import TextEncoder, VAEDecoder, VAEEncoder, random_text_model, random_vae, unet_config
+from networks.weights import (
+    check_text_size,
+    check_vae_size,
     load_parts,
+    load_text_encoder,
+    load_vae,
     save_parts,
     save_text_and_vae,
+    seeded,
 )
-from networks.encoders import TextEncoder, VAEDecoder, VAEEncoder, text_config, vae_config
-from networks.refadgen import unet_config
+from runtime.artifacts.weights import WeightsSource, weight_files
+from runtime.presets import Preset
+from runtime.specs.background import MASK_BIAS, style_residual_layout
+from runtime.specs.shared import LEVELS
 
 BACKGROUND_FILE = "background.safetensors"
 BACKGROUND_PARTS = ("background_unet", "style_branch")
@@ -166,7 +163,7 @@ class CategoryUNet(nn.Module):
 
 class StyleBranch(nn.Module):
     """forward(reference_latent (B, 4, h, w), reference_mask (B, 1, h, w), product_mask (B, 1, h, w))
-    -> 12 down residuals and the mid residual (see runtime.background_specs.style_residual_layout),
+    -> 12 down residuals and the mid residual (see runtime.specs.background.style_residual_layout),
     each zero wherever the target product touches its cell."""
 
     def __init__(self, preset: Preset):
@@ -218,17 +215,17 @@ def build_background(preset: Preset, weights: WeightsSource = WeightsSource()) -
     and `background.safetensors` (`background_unet.*`, `style_branch.*`), loaded strictly.
     """
     if weights.path is None:
-        text = _seeded(weights.seed, 0, lambda: CLIPTextModel(text_config(preset)))
-        vae = _seeded(weights.seed, 1, lambda: AutoencoderKL(**vae_config(preset)))
+        text = random_text_model(preset, weights.seed)
+        vae = random_vae(preset, weights.seed)
         parts = {
-            "background_unet": _seeded(weights.seed, 10, lambda: CategoryUNet(preset)),
-            "style_branch": _seeded(weights.seed, 11, lambda: StyleBranch(preset)),
+            "background_unet": seeded(weights.seed, 10, lambda: CategoryUNet(preset)),
+            "style_branch": seeded(weights.seed, 11, lambda: StyleBranch(preset)),
         }
     else:
         root = Path(weights.path)
         weight_files(root)  # refuses pickled checkpoints before anything is read
-        text = _load_text_encoder(root / "text_encoder")
-        vae = _load_vae(root / "vae")
+        text = load_text_encoder(root / "text_encoder")
+        vae = load_vae(root / "vae")
         parts = {"background_unet": CategoryUNet(preset), "style_branch": StyleBranch(preset)}
         load_parts(root / BACKGROUND_FILE, parts)
     modules = {
@@ -240,8 +237,8 @@ def build_background(preset: Preset, weights: WeightsSource = WeightsSource()) -
     }
     for module in modules.values():
         module.eval().requires_grad_(False)
-    _check_text_size(preset, text)
-    _check_vae_size(preset, vae)
+    check_text_size(preset, text)
+    check_vae_size(preset, vae)
     return modules
 
 

@@ -49,32 +49,35 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
-from transformers import CLIPTextModel
 
-from runtime.background_specs import MASK_BIAS
-from runtime.components import skip_residual_layout
-from runtime.poster_specs import LAYOUT_SCALE
-from runtime.presets import Preset
-from runtime.weights import WeightsSource, weight_files
-
-from networks.attention import CrossAttentionProcessor, attend_biased
-from networks.build import (
-    _check_text_size,
-    _check_vae_size,
-    _load_text_encoder,
-    _load_vae,
-    _refadgen_part,
-    _seeded,
+from networks.common.attention import CrossAttentionProcessor, attend_biased
+from networks.sd import (
+    TextEncoder,
+    VAEDecoder,
+    new_image_encoder,
+    random_image_encoder,
+    random_text_model,
+    random_vae,
+    unet_config,
+)
+from networks.weights import (
+    check_text_size,
+    check_vae_size,
     load_parts,
+    load_text_encoder,
+    load_vae,
     save_parts,
     save_text_and_vae,
-    new_image_encoder,
+    seeded,
 )
-from networks.encoders import TextEncoder, VAEDecoder, text_config, vae_config
-from networks.refadgen import unet_config
+from runtime.artifacts.weights import WeightsSource, weight_files
+from runtime.presets import Preset
+from runtime.specs.background import MASK_BIAS
+from runtime.specs.poster import LAYOUT_SCALE
+from runtime.specs.shared import skip_residual_layout
 
 POSTER_FILE = "poster.safetensors"
 POSTER_PARTS = ("plannet", "render_cond", "controlnet", "poster_unet", "image_encoder")
@@ -212,7 +215,7 @@ def _use_attend(model: nn.Module) -> None:
 
 class PosterControlNet(nn.Module):
     """forward(sample (B, 4, h, w), timestep (B,), text_embeds (B, 77, C), control_cond (B, C0, h, w),
-    control_scale (B,)) -> 12 down residuals and the mid residual (runtime.components.skip_residual_layout)."""
+    control_scale (B,)) -> 12 down residuals and the mid residual (runtime.specs.shared.skip_residual_layout)."""
 
     def __init__(self, preset: Preset):
         super().__init__()
@@ -266,15 +269,15 @@ def build_poster(preset: Preset, weights: WeightsSource = WeightsSource()) -> di
     `poster_unet.`, `image_encoder.`), loaded strictly.
     """
     if weights.path is None:
-        text = _seeded(weights.seed, 0, lambda: CLIPTextModel(text_config(preset)))
-        vae = _seeded(weights.seed, 1, lambda: AutoencoderKL(**vae_config(preset)))
-        parts = {name: _seeded(weights.seed, offset, partial(_NETWORKS[name], preset)) for name, offset in _SEED_OFFSETS.items()}
-        parts["image_encoder"] = _refadgen_part(preset, WeightsSource(seed=weights.seed), "image_encoder")
+        text = random_text_model(preset, weights.seed)
+        vae = random_vae(preset, weights.seed)
+        parts = {name: seeded(weights.seed, offset, partial(_NETWORKS[name], preset)) for name, offset in _SEED_OFFSETS.items()}
+        parts["image_encoder"] = random_image_encoder(preset, weights.seed)
     else:
         root = Path(weights.path)
         weight_files(root)  # refuses pickled checkpoints before anything is read
-        text = _load_text_encoder(root / "text_encoder")
-        vae = _load_vae(root / "vae")
+        text = load_text_encoder(root / "text_encoder")
+        vae = load_vae(root / "vae")
         parts = {name: make(preset) for name, make in _NETWORKS.items()}
         parts["image_encoder"] = new_image_encoder(preset)
         load_parts(root / POSTER_FILE, parts)
@@ -289,8 +292,8 @@ def build_poster(preset: Preset, weights: WeightsSource = WeightsSource()) -> di
     }
     for module in modules.values():
         module.eval().requires_grad_(False)
-    _check_text_size(preset, text)
-    _check_vae_size(preset, vae)
+    check_text_size(preset, text)
+    check_vae_size(preset, vae)
     return modules
 
 

@@ -20,35 +20,40 @@ the reference input is the VAE latent of the product on a neutral background.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from networks.common.attention import CrossAttentionProcessor, attend
+from networks.sd import (
+    TextEncoder,
+    VAEDecoder,
+    VAEEncoder,
+    new_image_encoder,
+    random_image_encoder,
+    random_text_model,
+    random_vae,
+    unet_config,
+)
+from networks.weights import (
+    check_text_size,
+    check_vae_size,
+    load_strict,
+    load_text_encoder,
+    load_vae,
+    read_prefixed,
+    save_parts,
+    save_text_and_vae,
+    seeded,
+)
+from runtime.artifacts.weights import REFADGEN_FILE, WeightsSource, weight_files
 from runtime.presets import Preset
-
-from networks.attention import CrossAttentionProcessor, attend
 
 _ATTN1 = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn1$")
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-
-
-def unet_config(preset: Preset, in_channels: int) -> dict:
-    """diffusers config of an SD 1.5-layout U-Net at the preset's widths."""
-    u = preset.unet
-    return dict(
-        sample_size=preset.default_height // preset.vae_scale,
-        in_channels=in_channels,
-        out_channels=preset.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=u.block_out_channels,
-        layers_per_block=u.layers_per_block,
-        cross_attention_dim=u.cross_attention_dim,
-        attention_head_dim=u.attention_head_dim,
-        norm_num_groups=u.norm_num_groups,
-    )
 
 
 def use_cross_attention_processors(unet: UNet2DConditionModel) -> None:
@@ -183,3 +188,64 @@ class ReferenceUNet(nn.Module):
         if any(s is None for s in states):
             raise RuntimeError("reference U-Net did not reach every self-attention layer")
         return states
+
+
+REFADGEN_PARTS = ("unet", "reference_unet", "image_encoder")  # in refadgen.safetensors
+
+
+def build_refadgen(preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
+    """The seven RefAdGen components as eval-mode float32 modules, keyed by spec name."""
+    parts = {part: refadgen_part(preset, weights, part) for part in _REFADGEN_BUILD_ORDER}
+    modules = {name: wrap(parts[part]) for name, (part, wrap) in REFADGEN_COMPONENTS.items()}
+    for module in modules.values():
+        module.eval().requires_grad_(False)
+    return modules
+
+
+def refadgen_part(preset: Preset, weights: WeightsSource, part: str) -> nn.Module:
+    """One network of RefAdGen (the VAE and the generation U-Net each serve two components)."""
+    if weights.path is None:
+        module = {
+            "text": lambda: random_text_model(preset, weights.seed),
+            "vae": lambda: random_vae(preset, weights.seed),
+            "unet": lambda: seeded(weights.seed, 2, lambda: GenerationUNet(preset)),
+            "reference_unet": lambda: seeded(weights.seed, 3, lambda: ReferenceUNet(preset)),
+            "image_encoder": lambda: random_image_encoder(preset, weights.seed),
+        }[part]()
+    else:
+        root = Path(weights.path)
+        weight_files(root)  # refuses pickled checkpoints before anything is read
+        if part == "text":
+            module = load_text_encoder(root / "text_encoder")
+        elif part == "vae":
+            module = load_vae(root / "vae")
+        else:
+            module = {
+                "unet": lambda: GenerationUNet(preset),
+                "reference_unet": lambda: ReferenceUNet(preset),
+                "image_encoder": lambda: new_image_encoder(preset),
+            }[part]()
+            load_strict(module, read_prefixed(root / REFADGEN_FILE, f"{part}.", REFADGEN_PARTS), f"{REFADGEN_FILE}:{part}")
+    if part == "text":
+        check_text_size(preset, module)
+    elif part == "vae":
+        check_vae_size(preset, module)
+    return module
+
+
+_REFADGEN_BUILD_ORDER = ("text", "vae", "unet", "reference_unet", "image_encoder")
+REFADGEN_COMPONENTS = {
+    "text_encoder": ("text", TextEncoder),
+    "image_encoder": ("image_encoder", lambda m: m),
+    "vae_encoder": ("vae", VAEEncoder),
+    "reference_unet": ("reference_unet", lambda m: m),
+    "afm_kv": ("unet", AFMKeyValue),
+    "unet": ("unet", lambda m: m),
+    "vae_decoder": ("vae", VAEDecoder),
+}
+
+
+def save_refadgen(modules: dict[str, nn.Module], root: Path) -> None:
+    """Write `modules` (from `build_refadgen`) in the weights-folder layout `build_refadgen` reads."""
+    save_text_and_vae(modules, root)
+    save_parts(modules, REFADGEN_PARTS, root / REFADGEN_FILE)

@@ -15,16 +15,17 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from runtime.artifacts.weights import WeightsSource
 from runtime.backends import load_components
-from runtime.backends.base import ModelSource, Progress
+from runtime.backends.base import ModelSource
 from runtime.backends.devices import Device
 from runtime.errors import InputError
-from runtime.images import save_png
+from runtime.inputs.images import save_png
 from runtime.pipelines import get_pipeline
 from runtime.pipelines.base import GenerateResult, PipelineDefinition, StepCallback
 from runtime.presets import get_preset
-from runtime.specs import Precision, specs_hash
-from runtime.weights import WeightsSource
+from runtime.specs.core import Precision, specs_hash
+from runtime.timing import Progress
 
 
 @dataclass
@@ -84,7 +85,7 @@ def load_pipeline(
         engines_dir=Path(engines_dir) if engines_dir else None,
         cuda_graphs=cuda_graphs,
     )
-    # fused_step: the per-step component as one guided-step graph (runtime/guided.py)
+    # fused_step: the per-step component as one guided-step graph (runtime/specs/guided.py)
     specs = definition.fused_specs(size, source.precision) if fused_step else definition.specs(size, source.precision)
     components = load_components(backend, specs, source, progress)
     runner = definition.create(components, size, source.weights)

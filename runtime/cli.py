@@ -19,9 +19,10 @@ from typing import Sequence
 
 from runtime.errors import AdgenError, InputError
 from runtime.pipelines import PIPELINES, get_pipeline
-from runtime.pipelines.base import OPTIONS, PipelineDefinition, add_option_arguments
+from runtime.pipelines.base import PipelineDefinition
+from runtime.pipelines.options import OPTIONS, add_option_arguments
 from runtime.presets import PRESETS, get_preset
-from runtime.specs import Precision
+from runtime.specs.core import Precision
 
 BACKEND_CHOICES = ("onnxruntime", "torch", "triton", "tensorrt")
 
@@ -211,13 +212,13 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
     try:
         from export.graph_passes import Cleanup
         from export.onnx_export import DEFAULT_CLEANUP, export_pipeline
-        from networks.build import LazyModules
-        from networks.guided import WithGuidedSteps
+        from networks.common.guided import WithGuidedSteps
+        from networks.registry import LazyModules
     except ImportError as e:
         raise AdgenError(f"export needs torch ({e.name} missing): pip install 'adgen[export]'") from e
-    from runtime.artifacts import GraphKey
-    from runtime.specs import AttentionKernel
-    from runtime.weights import WeightsSource
+    from runtime.artifacts.graphs import GraphKey
+    from runtime.artifacts.weights import WeightsSource
+    from runtime.specs.core import AttentionKernel
 
     preset = get_preset(args.preset)
     precision = Precision(args.precision)
@@ -320,9 +321,9 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
 
 
 def _engines(args: argparse.Namespace, progress: TerminalProgress) -> int:
-    from runtime.artifacts import read_manifest
-    from runtime.components import canvas_env
+    from runtime.artifacts.graphs import read_manifest
     from runtime.errors import BackendError
+    from runtime.specs.shared import canvas_env
 
     sizes = parse_sizes(args.sizes)
     try:

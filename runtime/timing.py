@@ -1,13 +1,15 @@
-"""Wall time per pipeline stage, for the report."""
+"""Wall time per pipeline stage, for the report; progress messages for the user."""
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
+
+Progress = Callable[[str], None]  # one line of progress for the user (the CLI prints it on stderr)
 
 
 @dataclass

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.artifacts import GraphKey
-from runtime.components import refadgen_specs
+from runtime.artifacts.graphs import GraphKey
+from runtime.artifacts.weights import WeightsSource
 from runtime.presets import get_preset
-from runtime.specs import Precision
-from runtime.weights import WeightsSource
+from runtime.specs.core import Precision
+from runtime.specs.refadgen import refadgen_specs
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def tiny_specs(tiny):
 @pytest.fixture(scope="session")
 def tiny_modules(tiny):
     torch = pytest.importorskip("torch")
-    from networks.build import build_refadgen
+    from networks.refadgen import build_refadgen
 
     torch.set_num_threads(2)
     return build_refadgen(tiny, WeightsSource(seed=0))

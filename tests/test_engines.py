@@ -10,9 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from runtime.artifacts import GraphKey
-from runtime.components import canvas_env, refadgen_specs
-from runtime.engines import (
+from runtime.artifacts.engines import (
     GpuIdentity,
     check_engine,
     engine_keys,
@@ -24,10 +22,13 @@ from runtime.engines import (
     timing_cache_path,
     write_manifest,
 )
+from runtime.artifacts.graphs import GraphKey
+from runtime.artifacts.weights import WeightsSource
 from runtime.errors import BackendError, InputError
 from runtime.presets import PRESETS, get_preset
-from runtime.specs import AttentionKernel, Dim, Precision
-from runtime.weights import WeightsSource
+from runtime.specs.core import AttentionKernel, Dim, Precision
+from runtime.specs.refadgen import refadgen_specs
+from runtime.specs.shared import canvas_env
 
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", (9, 0), "12.8")
 

@@ -11,12 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from export.onnx_export import check_parity, export_component, trace_env  # noqa: E402
-from runtime.artifacts import MANIFEST, PARITY, GraphKey, check_manifest, graph_path  # noqa: E402
-from runtime.backends.base import ModelSource  # noqa: E402
-from runtime.backends.onnxruntime_backend import ensure_graphs  # noqa: E402
+from runtime.artifacts.graphs import MANIFEST, PARITY, GraphKey, check_manifest, ensure_graphs, graph_path
+from runtime.artifacts.weights import WeightsSource
+from runtime.backends.base import ModelSource
 from runtime.errors import BackendError  # noqa: E402
-from runtime.specs import Precision  # noqa: E402
-from runtime.weights import WeightsSource  # noqa: E402
+from runtime.specs.core import Precision
 
 COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")
 
@@ -83,8 +82,8 @@ def test_cache_key_changes_with_weights_and_specs(tiny, tiny_specs):
     def key(seed, specs):
         return GraphKey.of("refadgen", "tiny", Precision.FP32, specs, WeightsSource(seed=seed).fingerprint("tiny"))
 
-    from runtime.components import refadgen_specs
     from runtime.presets import get_preset
+    from runtime.specs.refadgen import refadgen_specs
 
     assert key(0, tiny_specs).dirname != key(1, tiny_specs).dirname
     assert key(0, tiny_specs).dirname != key(0, refadgen_specs(get_preset("small"))).dirname
@@ -146,7 +145,7 @@ def test_exported_graph_has_no_fixed_spatial_dims(tiny_graphs, tiny_specs):
 @pytest.mark.parametrize("attention", ["ort", "onnx"])
 def test_attention_forms_export_the_nodes_they_name_and_pass_parity(attention, tmp_path, tiny_specs, tiny_modules):
     onnx = pytest.importorskip("onnx")
-    from runtime.specs import AttentionKernel
+    from runtime.specs.core import AttentionKernel
 
     spec = tiny_specs["unet"]
     path = tmp_path / "unet.onnx"

@@ -13,12 +13,12 @@ onnx = pytest.importorskip("onnx")
 
 from export.graph_passes import FP32_OPS, load_graph, save_graph  # noqa: E402
 from export.onnx_export import write_graph  # noqa: E402
-from runtime.artifacts import MANIFEST, PARITY, GraphKey, check_manifest, graph_bytes, graph_path  # noqa: E402
+from runtime.artifacts.graphs import MANIFEST, PARITY, GraphKey, check_manifest, graph_bytes, graph_path
+from runtime.artifacts.weights import WeightsSource
 from runtime.backends.devices import CPU_EP, CUDA_EP, TENSORRT_EP, Device, resolve_providers  # noqa: E402
-from runtime.components import refadgen_specs  # noqa: E402
 from runtime.errors import BackendError  # noqa: E402
-from runtime.specs import DType, Precision  # noqa: E402
-from runtime.weights import WeightsSource  # noqa: E402
+from runtime.specs.core import DType, Precision
+from runtime.specs.refadgen import refadgen_specs
 
 COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")
 
@@ -186,7 +186,7 @@ def test_cuda_device_on_a_cpu_only_install_fails_at_load(tiny_graphs, cache_root
 def test_cuda_provider_with_io_binding_matches_cpu(tiny_fp16_graphs, tiny_fp16_specs, tiny):
     import onnxruntime as ort
 
-    from runtime.backends.onnxruntime_backend import OnnxRuntimeComponent
+    from runtime.backends.onnxruntime import OnnxRuntimeComponent
 
     if CUDA_EP not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu and a CUDA device")
@@ -208,7 +208,7 @@ def test_fp16_conversion_of_a_value_feeding_several_norms_gives_a_valid_graph(tm
     from onnx import TensorProto, helper
 
     from export.graph_passes import to_float16
-    from runtime.specs import ComponentSpec, Dim, TensorSpec
+    from runtime.specs.core import ComponentSpec, Dim, TensorSpec
 
     c = 8
     weight = numpy_helper_from(np.ones(c, np.float32), "w")
@@ -242,7 +242,7 @@ def numpy_helper_from(array, name):
 
 def test_io_binding_path_matches_plain_run_and_uploads_invariants_once(tiny_fp16_graphs, tiny_fp16_specs):
     """The IO-binding path the CUDA provider uses, run with CPU memory here (same calls, no GPU)."""
-    from runtime.backends.onnxruntime_backend import OnnxRuntimeComponent
+    from runtime.backends.onnxruntime import OnnxRuntimeComponent
 
     spec = tiny_fp16_specs["unet"]
     plain = OnnxRuntimeComponent(spec, graph_path(tiny_fp16_graphs, "unet"), Device.CPU.providers, None, precision=Precision.FP16)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.guided import GUIDANCE, guided_step_spec
 from runtime.pipelines import get_pipeline
-from runtime.specs import DType, Precision
+from runtime.specs.core import DType, Precision
+from runtime.specs.guided import GUIDANCE, guided_step_spec
 
 SHARED = ("sample", "timestep", "afm_scale")
 
@@ -43,8 +43,8 @@ def test_fused_specs_replace_the_step_and_follow_precision(tiny):
 
 def test_guided_module_equals_two_halves_combined(guided_spec, tiny_specs, tiny_modules):
     pytest.importorskip("torch")
-    from networks.guided import GuidedStep
-    from networks.runner import run_module
+    from networks.common.guided import GuidedStep
+    from networks.common.runner import run_module
 
     feed = guided_spec.sample_inputs(np.random.default_rng(0), guided_spec.env_at("opt", B=2))
     got = run_module(GuidedStep(tiny_modules["unet"], guided_spec), guided_spec, feed)["noise_pred"]
@@ -58,7 +58,7 @@ def test_guided_module_equals_two_halves_combined(guided_spec, tiny_specs, tiny_
 def test_guided_graph_passes_parity(tmp_path, guided_spec, tiny_modules):
     pytest.importorskip("torch")
     from export.onnx_export import check_parity, export_component
-    from networks.guided import GuidedStep
+    from networks.common.guided import GuidedStep
 
     module = GuidedStep(tiny_modules["unet"], guided_spec)
     path = tmp_path / "guided_unet.onnx"

@@ -10,14 +10,14 @@ import pytest
 from PIL import Image, ImageFile
 
 from runtime.errors import InputError
-from runtime.images import (
+from runtime.finishing.compose import compose
+from runtime.inputs.images import (
     CLIP_MEAN,
     CLIP_STD,
     Placement,
     Product,
     check_canvas_size,
     clip_pixels,
-    compose,
     from_model_image,
     load_image,
     load_product,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import InputError
-from runtime.layout_metrics import METRIC_NAMES, layout_metrics, metrics_for_layouts
+from runtime.layout.metrics import METRIC_NAMES, layout_metrics, metrics_for_layouts
 
 CANVAS = (100, 200)  # w, h: 20,000 px, so an element needs >= 20 px to be valid
 

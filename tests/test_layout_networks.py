@@ -8,16 +8,17 @@ import math
 import numpy as np
 import pytest
 
-from runtime.artifacts import GraphKey, graph_path
-from runtime.layout_specs import FPN_LEVELS, layout_specs
+from runtime.artifacts.graphs import GraphKey, graph_path
+from runtime.artifacts.weights import WeightsSource
 from runtime.presets import get_preset
-from runtime.specs import Precision
-from runtime.weights import WeightsSource
+from runtime.specs.core import Precision
+from runtime.specs.layout import FPN_LEVELS, layout_specs
 
 torch = pytest.importorskip("torch")
 
-from networks.layout import LayoutBackbone, LayoutHead, fpn_levels, roi_align_levels  # noqa: E402
-from networks.runner import run_module  # noqa: E402
+from networks.common.runner import run_module
+from networks.layout.backbone import LayoutBackbone
+from networks.layout.head import LayoutHead, fpn_levels, roi_align_levels
 
 RESNET50_TRUNK_PARAMS = 23_508_032  # torchvision resnet50 without fc (BatchNorm weight and bias included)
 BATCH_ATOL = 1e-5
@@ -30,7 +31,7 @@ def specs(tiny):
 
 @pytest.fixture(scope="module")
 def modules(tiny):
-    from networks.build import build_modules
+    from networks.registry import build_modules
 
     torch.set_num_threads(2)
     return build_modules("layout", tiny, WeightsSource(seed=0))
@@ -228,10 +229,10 @@ def test_sd15_backbone_is_resnet50_fpn():
 def test_layout_weights_folder_round_trip(tiny, modules, tmp_path):
     from safetensors.torch import save_file
 
-    from networks.build import build_modules
     from networks.layout import LAYOUT_PARTS
+    from networks.registry import build_modules
+    from runtime.artifacts.weights import LAYOUT_FILE
     from runtime.errors import WeightsError
-    from runtime.weights import LAYOUT_FILE
 
     text = modules["text_encoder"].model
     (tmp_path / "text_encoder").mkdir()

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from runtime.api import load_pipeline, prepare
-from runtime.boxes import iou
 from runtime.cli import main
 from runtime.errors import InputError
-from runtime.layouts import LAYOUT_CLASSES
+from runtime.layout.boxes import iou
+from runtime.layout.elements import LAYOUT_CLASSES
 
 TEXTS = ["Breathable mesh", "40% off"]
 

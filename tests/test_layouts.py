@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from runtime.box_diffusion import (
+from runtime.diffusion.boxes import (
     SCALE,
     FixedBoxes,
     cosine_alphas_cumprod,
@@ -18,9 +18,9 @@ from runtime.box_diffusion import (
     time_pairs,
     to_scaled,
 )
-from runtime.boxes import cxcywh_to_xyxy, iou, nms, to_pixels, xyxy_to_cxcywh
 from runtime.errors import InputError
-from runtime.layouts import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes, move_off_product
+from runtime.layout.boxes import cxcywh_to_xyxy, iou, nms, to_pixels, xyxy_to_cxcywh
+from runtime.layout.elements import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes, move_off_product
 from runtime.pipelines.layout import select_elements
 from runtime.pipelines.poster import grow_box
 

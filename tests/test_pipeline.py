@@ -8,7 +8,7 @@ import pytest
 
 from runtime.api import generate
 from runtime.backends.base import Component
-from runtime.images import load_product
+from runtime.inputs.images import load_product
 from runtime.pipelines.refadgen import RefAdGenPipeline, RefAdGenRequest
 
 STEPS = 4

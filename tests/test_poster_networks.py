@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from runtime.artifacts import PARITY, GraphKey, graph_path
-from runtime.components import skip_residual_layout
+from runtime.artifacts.graphs import PARITY, GraphKey, graph_path
+from runtime.artifacts.weights import WeightsSource
 from runtime.errors import WeightsError
-from runtime.poster_specs import control_residual_names, poster_specs
 from runtime.presets import get_preset
-from runtime.specs import Precision
-from runtime.weights import WeightsSource
+from runtime.specs.core import Precision
+from runtime.specs.poster import control_residual_names, poster_specs
+from runtime.specs.shared import skip_residual_layout
 
 torch = pytest.importorskip("torch")
 
@@ -29,7 +29,7 @@ def specs(tiny):
 
 @pytest.fixture(scope="module")
 def modules(tiny):
-    from networks.build import build_modules
+    from networks.registry import build_modules
 
     torch.set_num_threads(2)
     return build_modules("poster", tiny, WeightsSource(seed=0))
@@ -169,8 +169,9 @@ def test_sd15_parameter_counts_match_stable_diffusion_and_controlnet():
 
 
 def test_weights_folder_round_trip_and_refusals(tiny, modules, tmp_path):
-    from networks.poster import POSTER_FILE, build_poster, save_poster
     from safetensors.torch import load_file, save_file
+
+    from networks.poster import POSTER_FILE, build_poster, save_poster
 
     save_poster(modules, tmp_path / "w")
     loaded = build_poster(tiny, WeightsSource(path=tmp_path / "w"))

@@ -13,7 +13,7 @@ from PIL import Image
 from runtime.api import load_pipeline, prepare, run
 from runtime.cli import main
 from runtime.errors import InputError
-from runtime.images import load_product, place_on_canvas
+from runtime.inputs.images import load_product, place_on_canvas
 
 TEXTS = ["Breathable mesh", "40% off"]
 STEPS, LAYOUT_STEPS = 3, 4
@@ -61,7 +61,7 @@ def test_cli_poster_end_to_end(tmp_path, product_png, cache_root, poster_ort):
 def test_text_is_drawn_inside_its_boxes_and_nowhere_else(product_png, poster_ort):
     """The finished poster differs from the composited image only inside the text boxes, never
     on the product, and every box received ink."""
-    from runtime.images import compose
+    from runtime.finishing.compose import compose
 
     request = prepare(poster_ort, product=product_png, prompt="studio", text=TEXTS, steps=STEPS,
                       layout_steps=LAYOUT_STEPS, seed=2).request

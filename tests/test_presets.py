@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from networks.encoders import text_config, vae_from_preset  # noqa: E402
-from networks.refadgen import GenerationUNet, ReferenceUNet  # noqa: E402
+from networks.refadgen import GenerationUNet, ReferenceUNet
+from networks.sd import text_config, vae_from_preset
 from runtime.presets import PRESETS, get_preset  # noqa: E402
 
 

@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from runtime.errors import InputError
+from runtime.inputs.tokenizer import MAX_PROMPT_CHARS
 from runtime.pipelines import get_pipeline
-from runtime.pipelines.base import OPTIONS
-from runtime.tokenizer import MAX_PROMPT_CHARS
+from runtime.pipelines.options import OPTIONS
 
 H, W = 160, 128
 
@@ -197,8 +197,8 @@ def test_pipeline_model_over_http(case, files, server, bad_input_tally):
 @pytest.mark.triton
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][1] is not None])
 def test_pipeline_model_over_grpc(case, files, server, bad_input_tally):
-    from runtime.backends.triton_backend import NO_RETRY
     from runtime.errors import ServerRequestError
+    from runtime.serving.client import NO_RETRY
     from runtime.serving.remote import PipelineClient
 
     _, field, rule = CASES[case]
@@ -275,7 +275,7 @@ def test_server_errors_are_typed_and_only_transient_ones_retried(message, status
     pytest.importorskip("tritonclient.grpc")
     from tritonclient.utils import InferenceServerException
 
-    from runtime.backends.triton_backend import classify
+    from runtime.serving.client import classify
 
     error = classify("refadgen", InferenceServerException(message, status=status))
     assert type(error).__name__ == kind and error.retriable is retriable and error.status == status
@@ -284,7 +284,7 @@ def test_server_errors_are_typed_and_only_transient_ones_retried(message, status
 
 def test_connection_errors_and_timeouts():
     pytest.importorskip("tritonclient.grpc")
-    from runtime.backends.triton_backend import RetryPolicy, classify
+    from runtime.serving.client import RetryPolicy, classify
 
     assert classify("m", ConnectionRefusedError(111, "Connection refused")).retriable
     assert not classify("m", TimeoutError("timed out")).retriable  # the request may still be running

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from runtime.artifacts.weights import WeightsSource
 from runtime.errors import InputError
-from runtime.tokenizer import MAX_PROMPT_CHARS, HashTokenizer, check_prompt, load_tokenizer
-from runtime.weights import WeightsSource
+from runtime.inputs.tokenizer import MAX_PROMPT_CHARS, HashTokenizer, check_prompt, load_tokenizer
 
 VOCAB = 49408
 LENGTH = 77

@@ -23,7 +23,6 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
-from runtime.backends.triton_backend import NO_RETRY, RetryPolicy  # noqa: E402
 from runtime.errors import (  # noqa: E402
     ServerAccessError,
     ServerBusyError,
@@ -31,6 +30,7 @@ from runtime.errors import (  # noqa: E402
     ServerUnavailableError,
 )
 from runtime.pipelines import get_pipeline  # noqa: E402
+from runtime.serving.client import NO_RETRY, RetryPolicy
 from runtime.serving.remote import PipelineClient  # noqa: E402
 from runtime.serving.repository import RepositoryOptions  # noqa: E402
 from runtime.serving.serve import start_server, write_runtime_repository  # noqa: E402

@@ -136,7 +136,7 @@ class WrongOutputs:
     ],
 )
 def test_client_checks_every_output_against_the_spec(tiny_specs, returned, message):
-    from runtime.backends.triton_backend import TritonComponent
+    from runtime.serving.client import TritonComponent
 
     component = TritonComponent(tiny_specs["vae_decoder"], WrongOutputs(returned), "refadgen_vae_decoder")
     with pytest.raises(SpecError, match=message):

@@ -26,7 +26,7 @@ pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
 from runtime.api import load_pipeline  # noqa: E402
-from runtime.images import load_product  # noqa: E402
+from runtime.inputs.images import load_product
 from runtime.pipelines import get_pipeline  # noqa: E402
 from runtime.pipelines.refadgen import RefAdGenRequest  # noqa: E402
 from runtime.serving.remote import PipelineClient  # noqa: E402

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from runtime.errors import InputError
-from runtime.fonts import find_font, font_coverage
-from runtime.typeset import contrast_ratio, relative_luminance, typeset
+from runtime.finishing.fonts import find_font, font_coverage
+from runtime.finishing.typeset import contrast_ratio, relative_luminance, typeset
 
 LONG = "Limited offer: buy two bottles and get the third one free, only this week"
 WORD = "Pneumonoultramicroscopicsilicovolcanoconiosis"

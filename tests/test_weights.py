@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.artifacts.weights import REFADGEN_FILE, WeightsSource
 from runtime.errors import WeightsError
-from runtime.weights import REFADGEN_FILE, WeightsSource
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from networks.build import build_refadgen, save_refadgen  # noqa: E402
-from networks.runner import run_module  # noqa: E402
+from networks.common.runner import run_module
+from networks.refadgen import build_refadgen, save_refadgen
 
 CONV_IN_KEY = "unet.unet.conv_in.weight"
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Mapping
 
+from runtime.backends.base import Component, ModelSource
 from runtime.errors import BackendError, InputError
-from runtime.specs import ComponentSpec
-from runtime.backends.base import Component, ModelSource, Progress
+from runtime.specs.core import ComponentSpec
+from runtime.timing import Progress
 
 BACKENDS = {
-    "onnxruntime": "runtime.backends.onnxruntime_backend",
-    "torch": "runtime.backends.torch_backend",
-    "triton": "runtime.backends.triton_backend",
-    "tensorrt": "runtime.backends.tensorrt_backend",
+    "onnxruntime": "runtime.backends.onnxruntime",
+    "torch": "runtime.backends.torch",
+    "triton": "runtime.serving.client",
+    "tensorrt": "runtime.backends.tensorrt",
 }
 
 

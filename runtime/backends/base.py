@@ -10,29 +10,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from runtime.presets import Preset
-from runtime.specs import AttentionKernel, ComponentSpec, Precision
-from runtime.weights import WeightsSource
+from runtime.artifacts.graphs import GraphSource
 from runtime.backends.devices import Device
-
-Progress = Callable[[str], None]
+from runtime.specs.core import ComponentSpec
 
 
 @dataclass(frozen=True)
-class ModelSource:
-    """Everything a backend needs to open the components of one pipeline."""
+class ModelSource(GraphSource):
+    """Everything a backend needs to open the components of one pipeline: where its graphs come
+    from (GraphSource) and where and how they run."""
 
-    pipeline: str
-    preset: Preset
-    weights: WeightsSource = WeightsSource()
-    precision: Precision = Precision.FP32
-    attention: AttentionKernel = AttentionKernel.ORT  # how exported graphs write attention
-    cache_root: Path | None = None  # exported-graph cache (default: runtime.artifacts.default_cache_root())
-    graphs_dir: Path | None = None  # an explicit exported folder, checked against its manifest
     device: Device = Device.CPU
     providers: tuple[str, ...] | None = None  # ONNX Runtime providers; None = the device's (Device.providers)
     engines_dir: Path | None = None  # TensorRT engines made by `adgen engines` (tensorrt backend)
@@ -40,7 +31,6 @@ class ModelSource:
     threads: int | None = None  # intra-op threads; None = the library's default
     spin: bool = True  # let idle ONNX Runtime pool threads busy-wait (lower latency when alone on the cores)
     server_url: str | None = None  # triton backend: host:port (gRPC), grpc://host:port or http://host:port
-
 
     @property
     def ort_providers(self) -> tuple[str, ...]:

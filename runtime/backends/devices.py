@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from runtime.errors import BackendError
-from runtime.specs import Precision
+from runtime.specs.core import Precision
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"

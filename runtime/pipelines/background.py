@@ -28,44 +28,44 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from runtime.background_specs import background_specs, style_residual_names
+from runtime.artifacts.weights import WeightsSource
 from runtime.backends.base import Component
-from runtime.categories import Category, get_category, prompt_tokens
+from runtime.diffusion.schedulers import make_scheduler
 from runtime.errors import InputError
-from runtime.images import (
+from runtime.finishing.compose import compose
+from runtime.inputs.categories import Category, get_category, prompt_tokens
+from runtime.inputs.images import (
     GREY,
     MAX_IMAGE_PIXELS,
     Placement,
     Product,
-    compose,
     from_model_image,
     load_image,
     resize_mask_nearest,
     to_model_image,
 )
-from runtime.presets import Preset
-from runtime.schedulers import make_scheduler
-from runtime.specs import ComponentSpec, Precision
-from runtime.timing import StageTimer
-from runtime.tokenizer import Tokenizer, check_prompt, load_tokenizer
-from runtime.weights import WeightsSource
+from runtime.inputs.tokenizer import Tokenizer, check_prompt, load_tokenizer
 from runtime.pipelines.base import Call, GenerateResult, PipelineDefinition, StepCallback
 from runtime.pipelines.common import (
     PipelineOutput,
-    placed_product,
-    schedule_settings,
     batch_settings,
     check_batch,
     check_range,
     check_seed,
     guide,
     initial_noise,
+    placed_product,
     placement_dict,
     product_only,
     require_components,
     run_cast,
+    schedule_settings,
 )
 from runtime.pipelines.refadgen import DEFAULT_GUIDANCE, DEFAULT_STEPS, GUIDANCE_RANGE
+from runtime.presets import Preset
+from runtime.specs.background import background_specs, style_residual_names
+from runtime.specs.core import ComponentSpec, Precision
+from runtime.timing import StageTimer
 
 COMPONENTS = ("text_encoder", "vae_encoder", "style_branch", "background_unet", "vae_decoder")
 STYLE_SCALE_RANGE = (0.0, 4.0)
@@ -364,7 +364,7 @@ class BackgroundDefinition(PipelineDefinition):
         }
 
     def example_options(self, folder: Path, preset: Preset) -> dict:
-        from runtime.example_product import draw_reference
+        from runtime.inputs.examples import draw_reference
 
         ad, mask = draw_reference(preset.default_width, preset.default_height)
         ad.save(folder / "reference.png")

@@ -10,10 +10,18 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 
 from runtime.backends.base import Component
+from runtime.diffusion.schedulers import make_scheduler
 from runtime.errors import InputError
-from runtime.images import MAX_IMAGE_PIXELS, GREY, Placement, Product, check_canvas_size, load_product, place_on_canvas
+from runtime.inputs.images import (
+    GREY,
+    MAX_IMAGE_PIXELS,
+    Placement,
+    Product,
+    check_canvas_size,
+    load_product,
+    place_on_canvas,
+)
 from runtime.presets import Preset
-from runtime.schedulers import make_scheduler
 
 MAX_STEPS = 500
 

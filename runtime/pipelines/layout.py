@@ -1,10 +1,10 @@
-"""The layout pipeline (RADM, CIKM 2023), read top to bottom. Architecture: networks/layout.py.
+"""The layout pipeline (RADM, CIKM 2023), read top to bottom. Architecture: networks/layout/__init__.py.
 
 Per request, ONCE: each selling point through the text encoder (its pooled end-of-text vector),
 and the canvas (the product placed on grey, resized so its long side is the preset's
 `layout.image_side`, sides multiples of 32) through the ResNet-50 + FPN backbone. Then
 `layout_steps` calls of the cascaded box head (the reference: one DDIM step from t = 999),
-sampling with DiffusionDet's box diffusion (runtime/box_diffusion.py, box renewal on), and the
+sampling with DiffusionDet's box diffusion (runtime/diffusion/boxes.py, box renewal on), and the
 post-processing in numpy: top-k over (box, class) pairs, class-aware NMS at IoU 0.15, score >
 0.25.
 
@@ -28,19 +28,23 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from runtime.artifacts.weights import WeightsSource
 from runtime.backends.base import Component
-from runtime.box_diffusion import FixedBoxes, sample_boxes, time_pairs
-from runtime.boxes import iou, nms, to_pixels
+from runtime.diffusion.boxes import FixedBoxes, sample_boxes, time_pairs
 from runtime.errors import InputError
-from runtime.images import MAX_IMAGE_PIXELS, Placement, Product, to_model_image
-from runtime.layout_metrics import layout_metrics
-from runtime.layout_specs import FPN_LEVELS, NMS_IOU, SCORE_THRESHOLD, layout_image_size, layout_specs
-from runtime.layouts import LAYOUT_CLASSES, TEXT_CLASS, Element, FixedBox, check_texts, draw_layout, load_fixed_boxes
-from runtime.presets import Preset
-from runtime.specs import ComponentSpec, Precision
-from runtime.timing import StageTimer
-from runtime.tokenizer import Tokenizer, load_tokenizer
-from runtime.weights import WeightsSource
+from runtime.inputs.images import MAX_IMAGE_PIXELS, Placement, Product, to_model_image
+from runtime.inputs.tokenizer import Tokenizer, load_tokenizer
+from runtime.layout.boxes import iou, nms, to_pixels
+from runtime.layout.elements import (
+    LAYOUT_CLASSES,
+    TEXT_CLASS,
+    Element,
+    FixedBox,
+    check_texts,
+    draw_layout,
+    load_fixed_boxes,
+)
+from runtime.layout.metrics import layout_metrics
 from runtime.pipelines.base import Call, GenerateResult, PipelineDefinition, StepCallback
 from runtime.pipelines.common import (
     check_batch,
@@ -52,6 +56,10 @@ from runtime.pipelines.common import (
     run_cast,
     selling_point_features,
 )
+from runtime.presets import Preset
+from runtime.specs.core import ComponentSpec, Precision
+from runtime.specs.layout import FPN_LEVELS, NMS_IOU, SCORE_THRESHOLD, layout_image_size, layout_specs
+from runtime.timing import StageTimer
 
 COMPONENTS = ("text_encoder", "layout_backbone", "layout_head")
 DEFAULT_LAYOUT_STEPS = 1  # RADM's reference sampling

@@ -5,7 +5,7 @@ Per request, ONCE: the prompt (and the negative prompt, for guidance) and every 
 (pooled) through the text encoder; the product canvas through the image encoder. Then two loops:
 
 1. PlanNet plans one box per selling point: `layout_steps` calls, DiffusionDet's box diffusion
-   (runtime/box_diffusion.py) from a random layout. Boxes from `--layout-fixed` (text boxes
+   (runtime/diffusion/boxes.py) from a random layout. Boxes from `--layout-fixed` (text boxes
    only: PlanNet plans text) hold their selling point's slot and come out exactly as given.
    A planned box smaller than the smallest legible text block is grown around its centre, and
    one that covers more than a tenth of the product slides to the nearest place that covers
@@ -15,7 +15,7 @@ Per request, ONCE: the prompt (and the negative prompt, for guidance) and every 
    residuals feeding the U-Net's skip connections.
 
 Then the VAE decoder, compositing the product through its mask (its pixels exact), and
-typesetting every selling point inside its box (runtime/typeset.py). Text is never drawn over
+typesetting every selling point inside its box (runtime/finishing/typeset.py). Text is never drawn over
 the product: its pixels are restored after typesetting, so the product stays exact even where a
 box overlaps it (a fixed box, or where no place is free; the `occlusion` metric says how much).
 """
@@ -29,23 +29,19 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from runtime.artifacts.weights import WeightsSource
 from runtime.backends.base import Component
-from runtime.box_diffusion import FixedBoxes, sample_boxes, time_pairs
-from runtime.boxes import to_pixels
+from runtime.diffusion.boxes import FixedBoxes, sample_boxes, time_pairs
+from runtime.diffusion.schedulers import make_scheduler
 from runtime.errors import InputError
-from runtime.images import MAX_IMAGE_PIXELS, Placement, Product, clip_pixels, compose, from_model_image, to_model_image
-from runtime.layouts import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes, move_off_product
-from runtime.poster_specs import control_residual_names, poster_specs
-from runtime.presets import Preset
-from runtime.schedulers import make_scheduler
-from runtime.specs import ComponentSpec, Precision
-from runtime.timing import StageTimer
-from runtime.tokenizer import Tokenizer, check_prompt, load_tokenizer
-from runtime.typeset import typeset
-from runtime.weights import WeightsSource
+from runtime.finishing.compose import compose
+from runtime.finishing.typeset import typeset
+from runtime.inputs.images import MAX_IMAGE_PIXELS, Placement, Product, clip_pixels, from_model_image, to_model_image
+from runtime.inputs.tokenizer import Tokenizer, check_prompt, load_tokenizer
+from runtime.layout.boxes import to_pixels
+from runtime.layout.elements import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes, move_off_product
 from runtime.pipelines.base import Call, GenerateResult, PipelineDefinition, StepCallback
 from runtime.pipelines.common import (
-    require_components,
     PipelineOutput,
     batch_settings,
     check_batch,
@@ -56,12 +52,17 @@ from runtime.pipelines.common import (
     placed_product,
     placement_dict,
     product_only,
+    require_components,
     run_cast,
     schedule_settings,
     selling_point_features,
 )
 from runtime.pipelines.layout import Layout, layout_report, scored_layout
 from runtime.pipelines.refadgen import DEFAULT_GUIDANCE, GUIDANCE_RANGE
+from runtime.presets import Preset
+from runtime.specs.core import ComponentSpec, Precision
+from runtime.specs.poster import control_residual_names, poster_specs
+from runtime.timing import StageTimer
 
 COMPONENTS = ("text_encoder", "image_encoder", "plannet", "render_cond", "controlnet", "poster_unet", "vae_decoder")
 DEFAULT_STEPS = 30

@@ -17,40 +17,40 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from runtime.artifacts.weights import WeightsSource
 from runtime.backends.base import Component
-from runtime.components import refadgen_specs
+from runtime.diffusion.schedulers import make_scheduler
 from runtime.errors import InputError
-from runtime.images import (
+from runtime.finishing.compose import compose
+from runtime.inputs.images import (
     MAX_IMAGE_PIXELS,
     Placement,
     Product,
     clip_pixels,
-    compose,
     from_model_image,
     resize_mask_nearest,
     to_model_image,
 )
-from runtime.presets import Preset
-from runtime.schedulers import make_scheduler
-from runtime.specs import ComponentSpec, Precision
-from runtime.timing import StageTimer
-from runtime.tokenizer import Tokenizer, check_prompt, load_tokenizer
-from runtime.weights import WeightsSource
+from runtime.inputs.tokenizer import Tokenizer, check_prompt, load_tokenizer
 from runtime.pipelines.base import Call, GenerateResult, PipelineDefinition, StepCallback
 from runtime.pipelines.common import (
     PipelineOutput,
-    placed_product,
-    schedule_settings,
     batch_settings,
     check_batch,
     check_range,
     check_seed,
     guide,
     initial_noise,
+    placed_product,
     placement_dict,
     product_only,
     run_cast,
+    schedule_settings,
 )
+from runtime.presets import Preset
+from runtime.specs.core import ComponentSpec, Precision
+from runtime.specs.refadgen import refadgen_specs
+from runtime.timing import StageTimer
 
 GUIDED_STEP = "guided_unet"
 COMPONENTS = ("text_encoder", "image_encoder", "vae_encoder", "reference_unet", "afm_kv", "unet", "vae_decoder")

@@ -1,7 +1,7 @@
 """The tensors of a pipeline model's request and response, derived from the option catalog.
 
 A pipeline model takes the same request as `adgen generate`: each option the pipeline reads
-(`PipelineDefinition.options`, defined once in `runtime.pipelines.base.OPTIONS`) becomes one
+(`PipelineDefinition.options`, defined once in `runtime.pipelines.options.OPTIONS`) becomes one
 input tensor of shape (1,), typed by the option's kind, required when the pipeline requires it;
 a repeatable text option (`--text` given several times) is one BYTES tensor of shape (n,).
 A file option (the product photo, its mask) travels as the file's bytes, never as a path: the
@@ -23,8 +23,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from runtime.errors import BackendError, InputError
-from runtime.pipelines.base import OPTIONS, PipelineDefinition
-from runtime.specs import ComponentSpec, Dim
+from runtime.pipelines.base import PipelineDefinition
+from runtime.pipelines.options import OPTIONS
+from runtime.specs.core import ComponentSpec, Dim
 
 IMAGE_OUTPUT = "image"
 REPORT_OUTPUT = "report"

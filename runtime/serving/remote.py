@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from runtime.backends.triton_backend import DEFAULT_TIMEOUT_S, RetryPolicy, TritonConnection
 from runtime.pipelines.base import GenerateResult, PipelineDefinition
+from runtime.serving.client import DEFAULT_TIMEOUT_S, RetryPolicy, TritonConnection
 from runtime.serving.protocol import IMAGE_OUTPUT, REPORT_OUTPUT, decode_response, encode_request
 
 

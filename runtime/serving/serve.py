@@ -14,12 +14,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from runtime.backends.base import ModelSource
+from runtime.artifacts.graphs import GraphSource, ensure_graphs
+from runtime.artifacts.weights import WeightsSource
 from runtime.pipelines import get_pipeline
 from runtime.presets import get_preset
-from runtime.weights import WeightsSource
 from runtime.serving.repository import RepositoryOptions, write_repository
-from runtime.serving.server import WORKDIR_PREFIX, Installation, Ports, TritonServer, bundled_installation, given_installation
+from runtime.serving.server import (
+    WORKDIR_PREFIX,
+    Installation,
+    Ports,
+    TritonServer,
+    bundled_installation,
+    given_installation,
+)
 
 RUNTIME_ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,13 +42,12 @@ def write_runtime_repository(
     options: RepositoryOptions = RepositoryOptions(),
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    from runtime.backends.onnxruntime_backend import ensure_graphs
 
     size = get_preset(preset)
     source_weights = WeightsSource(seed=init_seed, path=weights)
     for name in pipelines:
         definition = get_pipeline(name)
-        source = ModelSource(
+        source = GraphSource(
             pipeline=name, preset=size, weights=source_weights, precision=options.precision,
             cache_root=cache_dir, graphs_dir=graphs_dir,
         )

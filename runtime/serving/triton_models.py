@@ -24,14 +24,22 @@ from typing import Any, Mapping
 import numpy as np
 
 from runtime.api import LoadedPipeline, run
-from runtime.artifacts import graph_bytes, graph_path, read_manifest
+from runtime.artifacts.graphs import graph_bytes, graph_path, read_manifest
+from runtime.artifacts.weights import WeightsSource
 from runtime.backends.base import Component, ModelSource
 from runtime.errors import AdgenError, BackendError, InputError, SpecError
 from runtime.pipelines import get_pipeline
 from runtime.presets import get_preset
-from runtime.specs import ComponentSpec, Precision, specs_hash
-from runtime.weights import WeightsSource
-from runtime.serving.protocol import batch_dim, decode_request, encode_response, from_wire, model_name, request_tensors, to_wire
+from runtime.serving.protocol import (
+    batch_dim,
+    decode_request,
+    encode_response,
+    from_wire,
+    model_name,
+    request_tensors,
+    to_wire,
+)
+from runtime.specs.core import ComponentSpec, Precision, specs_hash
 
 
 def _pb_utils():
@@ -66,7 +74,7 @@ def check_component_graph(folder: Path, spec: ComponentSpec) -> Path:
 
 class ComponentModel:
     def __init__(self, args: Mapping[str, str]):
-        from runtime.backends.onnxruntime_backend import OnnxRuntimeComponent
+        from runtime.backends.onnxruntime import OnnxRuntimeComponent
 
         self.pb = _pb_utils()
         self.name = args["model_name"]

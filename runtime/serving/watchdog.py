@@ -31,8 +31,8 @@ import numpy as np
 from runtime.errors import BackendError
 from runtime.pipelines import get_pipeline
 from runtime.presets import get_preset
-from runtime.specs import Precision
 from runtime.serving.protocol import OptionKind, request_tensors, to_wire
+from runtime.specs.core import Precision
 
 CANARY_BYTES = b"adgen-watchdog-canary: not an image"
 

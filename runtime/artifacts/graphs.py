@@ -1,0 +1,194 @@
+"""The exported-graph cache: one folder per (pipeline, preset, precision, spec hash, weights).
+
+A folder is reused only when its `manifest.json` matches what the caller needs: the same
+spec hash per component, precision, opset and weights fingerprint, and every graph file present
+with the recorded size. A folder is written under a temporary name and renamed into place, so
+a crashed or concurrent export never leaves a half-written folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+from runtime.artifacts.weights import WeightsSource
+from runtime.errors import BackendError, ExportError
+from runtime.presets import Preset
+from runtime.specs.core import AttentionKernel, ComponentSpec, Precision, specs_hash
+from runtime.timing import Progress
+
+CACHE_ENV = "ADGEN_CACHE"
+MANIFEST = "manifest.json"
+PARITY = "parity.json"
+OPSET = 17
+
+
+def default_cache_root() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adgen"
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """What an exported graph set depends on; its folder name is derived from all of it."""
+
+    pipeline: str
+    preset: str
+    precision: Precision
+    specs_hash: str
+    weights: str  # WeightsSource.fingerprint
+    attention: AttentionKernel = AttentionKernel.ORT
+    opset: int = OPSET
+
+    @classmethod
+    def of(
+        cls,
+        pipeline: str,
+        preset: str,
+        precision: Precision,
+        specs: Mapping[str, ComponentSpec],
+        weights: str,
+        attention: AttentionKernel = AttentionKernel.ORT,
+    ) -> "GraphKey":
+        return cls(pipeline, preset, precision, specs_hash(specs), weights, attention)
+
+    @property
+    def dirname(self) -> str:
+        return (
+            f"{self.pipeline}-{self.preset}-{self.precision.value}-{self.attention.value}attn-opset{self.opset}"
+            f"-{self.specs_hash}-{self.weights}"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"precision": self.precision.value, "attention": self.attention.value}
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BackendError(f"{folder}: no {MANIFEST}; not an exported graph folder")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BackendError(f"{path}: unreadable manifest ({e})") from e
+
+
+def graph_path(folder: Path, component: str) -> Path:
+    return folder / f"{component}.onnx"
+
+
+def check_manifest(folder: Path, key: GraphKey, specs: Mapping[str, ComponentSpec]) -> dict:
+    """Return the manifest of `folder` if it serves `key`; raise BackendError naming the mismatch."""
+    path = folder / MANIFEST
+    manifest = read_manifest(folder)
+    recorded = manifest.get("key", {})
+    for field_name, wanted in key.to_dict().items():
+        if recorded.get(field_name) != wanted:
+            raise BackendError(
+                f"{path}: built for {field_name}={recorded.get(field_name)!r}, need {wanted!r}; re-export"
+            )
+    components = manifest.get("components", {})
+    for name, spec in specs.items():
+        entry = components.get(name)
+        if entry is None:
+            raise BackendError(f"{path}: component {name} missing; re-export")
+        if entry.get("spec_hash") != spec.spec_hash():
+            raise BackendError(f"{path}: {name} spec hash {entry.get('spec_hash')} != {spec.spec_hash()}; re-export")
+        size = _size(graph_path(folder, name))
+        if size != entry.get("bytes"):
+            raise BackendError(f"{path}: {name}.onnx is {size} bytes, manifest says {entry.get('bytes')}; re-export")
+    return manifest
+
+
+def find_graphs(root: Path, key: GraphKey, specs: Mapping[str, ComponentSpec]) -> Path | None:
+    """The cached folder for `key` if a valid one exists, else None."""
+    folder = root / key.dirname
+    if not folder.exists():
+        return None
+    try:
+        check_manifest(folder, key, specs)
+    except BackendError:
+        return None
+    return folder
+
+
+def _size(path: Path) -> int | None:
+    try:
+        total = path.stat().st_size
+    except OSError:
+        return None
+    data = path.with_name(path.name + ".data")  # external weights of graphs past protobuf's 2 GB
+    return total + (data.stat().st_size if data.exists() else 0)
+
+
+def graph_bytes(path: Path) -> int:
+    size = _size(path)
+    if size is None:
+        raise BackendError(f"missing graph {path}")
+    return size
+
+
+@dataclass(frozen=True)
+class GraphSource:
+    """What a pipeline's graphs are exported from, and where to find them: an explicit folder
+    from `adgen export` (checked against its manifest), else the cache."""
+
+    pipeline: str
+    preset: Preset
+    weights: WeightsSource = WeightsSource()
+    precision: Precision = Precision.FP32
+    attention: AttentionKernel = AttentionKernel.ORT  # how exported graphs write attention
+    cache_root: Path | None = None  # exported-graph cache (default: default_cache_root())
+    graphs_dir: Path | None = None  # an explicit exported folder
+
+
+def graph_key(specs: Mapping[str, ComponentSpec], source: GraphSource, attention: AttentionKernel | None = None) -> GraphKey:
+    fingerprint = source.weights.fingerprint(source.preset.name)
+    return GraphKey.of(source.pipeline, source.preset.name, source.precision, specs, fingerprint, attention or source.attention)
+
+
+def ensure_graphs(specs: Mapping[str, ComponentSpec], source: GraphSource, progress: Progress | None = None) -> Path:
+    """The folder of exported graphs for `source`, exporting them on a cache miss."""
+    if source.graphs_dir is not None:
+        folder = Path(source.graphs_dir)
+        recorded = read_manifest(folder).get("key", {}).get("attention")
+        # ONNX Runtime runs both attention forms, so an explicit folder may hold either.
+        attention = AttentionKernel(recorded) if recorded in {k.value for k in AttentionKernel} else None
+        check_manifest(folder, graph_key(specs, source, attention), specs)
+        return folder
+    key = graph_key(specs, source)
+    root = source.cache_root or default_cache_root()
+    folder = root / key.dirname
+    if folder.exists():
+        try:
+            check_manifest(folder, key, specs)
+            return folder
+        except BackendError as stale:
+            if progress:
+                progress(f"replacing unusable cache folder: {stale}")
+            shutil.rmtree(folder)
+    try:
+        from export.onnx_export import export_pipeline
+        from networks.common.guided import WithGuidedSteps
+        from networks.registry import LazyModules
+    except ImportError as e:
+        raise BackendError(
+            f"no exported graphs for {key.dirname} under {root}, and exporting needs torch "
+            f"({e.name} missing): pip install 'adgen[export]', or pass a folder made by `adgen export`"
+        ) from e
+    if progress:
+        progress(f"exporting {source.pipeline} ({source.preset.name}) to ONNX once; cached in {root / key.dirname}")
+    modules = WithGuidedSteps(LazyModules(source.pipeline, source.preset, source.weights), specs)
+    try:
+        return export_pipeline(modules, specs, key, folder, progress)
+    except (ExportError, OSError):
+        found = find_graphs(root, key, specs)  # another process finished the same export first
+        if found is None:
+            raise
+        return found

@@ -1,0 +1,124 @@
+"""Diffusion over boxes (DiffusionDet, as RADM and the PlanNet loop use it), in numpy.
+
+A layout is (N, 4) boxes in a "scaled" space: normalized (cx, cy, w, h) mapped from [0, 1] to
+[-scale, scale] (scale 2). The forward process uses the cosine schedule over 1000 steps; the
+network predicts the CLEAN boxes (x0), and DDIM derives the noise from them. The reference
+samples with ONE step from t = 999; more steps walk the same trunc(linspace(-1, 999, k + 1))
+grid DiffusionDet uses.
+
+Batch rule: every random draw (initial boxes, DDIM noise, renewed boxes) comes from the
+request's own generator, in the same order whatever else is in the batch, so a request's layout
+does not depend on its batch neighbours.
+
+User-fixed boxes (controllability): their slots hold the user's clean box at every step, so the
+network plans the other boxes around them, and the result keeps them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from runtime.errors import InputError
+from runtime.layout.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
+
+TRAIN_STEPS = 1000
+SCALE = 2.0  # DiffusionDet's signal scale
+RENEWAL_THRESHOLD = 0.5  # DiffusionDet: boxes below this class score are replaced by fresh noise
+MAX_LAYOUT_STEPS = 100
+
+# (x_t (B, N, 4) float32, t (B,) float32) -> (clean boxes, normalized xyxy (B, N, 4); class logits (B, N, C) or None)
+Predict = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+
+
+def cosine_alphas_cumprod(steps: int = TRAIN_STEPS, s: float = 0.008) -> np.ndarray:
+    """(steps,) float64 alpha-bar of the cosine schedule (Nichol & Dhariwal), betas clipped at 0.999."""
+    x = np.linspace(0, steps, steps + 1, dtype=np.float64)
+    f = np.cos(((x / steps) + s) / (1 + s) * math.pi * 0.5) ** 2
+    betas = np.clip(1 - f[1:] / f[:-1], 0, 0.999)
+    return np.cumprod(1 - betas)
+
+
+def time_pairs(steps: int) -> list[tuple[int, int]]:
+    """DiffusionDet's (t, t_next) pairs: one step is [(999, -1)]."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_LAYOUT_STEPS:
+        raise InputError("layout_steps", f"expected an integer in [1, {MAX_LAYOUT_STEPS}]", steps)
+    times = np.trunc(np.linspace(-1, TRAIN_STEPS - 1, steps + 1)).astype(int)[::-1].tolist()
+    return list(zip(times[:-1], times[1:]))
+
+
+def to_scaled(xyxy: np.ndarray) -> np.ndarray:
+    """Normalized xyxy -> the diffusion space, clipped to [-SCALE, SCALE]."""
+    return np.clip((xyxy_to_cxcywh(xyxy) * 2 - 1) * SCALE, -SCALE, SCALE).astype(np.float32)
+
+
+def from_scaled(x: np.ndarray) -> np.ndarray:
+    """The diffusion space -> normalized xyxy (what the networks see of a noisy box)."""
+    return cxcywh_to_xyxy((np.clip(x, -SCALE, SCALE) / SCALE + 1) / 2)
+
+
+@dataclass(frozen=True)
+class FixedBoxes:
+    """Per request: which slots hold user boxes and those boxes (normalized xyxy)."""
+
+    mask: np.ndarray  # (B, N) bool
+    boxes: np.ndarray  # (B, N, 4) float, rows outside the mask ignored
+
+    @classmethod
+    def none(cls, batch: int, slots: int) -> "FixedBoxes":
+        return cls(np.zeros((batch, slots), dtype=bool), np.zeros((batch, slots, 4)))
+
+
+@dataclass
+class BoxSample:
+    boxes: np.ndarray  # (B, N, 4) normalized xyxy, fixed slots exactly the user's boxes
+    class_logits: np.ndarray | None  # (B, N, C) of the last network call
+
+
+def sample_boxes(
+    predict: Predict,
+    generators: Sequence[np.random.Generator],
+    slots: int,
+    steps: int,
+    fixed: FixedBoxes | None = None,
+    eta: float = 1.0,
+    renewal: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
+) -> BoxSample:
+    """DDIM from pure noise to a layout of `slots` boxes per request (module docstring)."""
+    pairs = time_pairs(steps)
+    batch = len(generators)
+    fixed = fixed or FixedBoxes.none(batch, slots)
+    alpha_bar = cosine_alphas_cumprod()
+    fixed_scaled = to_scaled(fixed.boxes)
+    x = np.stack([g.standard_normal((slots, 4)) for g in generators]).astype(np.float32)  # (B, N, 4)
+    logits = None
+    for i, (t, t_next) in enumerate(pairs):
+        x = np.where(fixed.mask[..., None], fixed_scaled, x)
+        boxes, logits = predict(x, np.full(batch, t, dtype=np.float32))
+        x0 = np.where(fixed.mask[..., None], fixed_scaled, to_scaled(boxes))
+        if on_step:
+            on_step(i + 1, len(pairs))
+        if t_next < 0:
+            x = x0
+            break
+        a, a_next = alpha_bar[t], alpha_bar[t_next]
+        eps = (np.sqrt(1 / a) * x - x0) / np.sqrt(1 / a - 1)
+        sigma = eta * math.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
+        c = math.sqrt(max(1 - a_next - sigma**2, 0.0))
+        noise = np.stack([g.standard_normal((slots, 4)) for g in generators])
+        x = (x0 * math.sqrt(a_next) + c * eps + sigma * noise).astype(np.float32)
+        if renewal and logits is not None:
+            fresh = np.stack([g.standard_normal((slots, 4)) for g in generators]).astype(np.float32)
+            weak = _sigmoid(logits).max(-1) <= RENEWAL_THRESHOLD  # (B, N): per request, never sample 0's
+            x = np.where(weak[..., None], fresh, x)
+    result = from_scaled(x)
+    result = np.where(fixed.mask[..., None], fixed.boxes, result)
+    return BoxSample(boxes=result, class_logits=logits)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x.astype(np.float64)))

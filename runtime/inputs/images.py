@@ -1,0 +1,431 @@
+"""Image input/output for adgen: loading the merchant's product, placing it on the canvas, and
+the array conversions the pipelines need (pasting it back is runtime.finishing.compose).
+
+Only numpy and Pillow are used here (no torch). Every bad input raises `InputError` naming the
+field ("product", "mask", "width", ...) and the rule it broke.
+
+Choices, in one place:
+
+* Loading is lazy-first: `Image.open` only parses the header, so the pixel count is checked
+  against `max_pixels` before anything is decoded (decompression bombs). Pillow's own bomb
+  guard (`Image.MAX_IMAGE_PIXELS`, a global we do not change) is turned into an error and
+  reported as `InputError` too, so the effective cap is the smaller of the two.
+* Truncated files are rejected: this module never sets `ImageFile.LOAD_TRUNCATED_IMAGES`.
+* Only still images: animated GIF/PNG/WebP and multi-page TIFF are rejected. MPO (the JPEG
+  variant many phones write, with a preview or depth image after the main picture) is not
+  an animation, so its first (primary) picture is used.
+* The EXIF orientation tag is applied, so the image is what a viewer shows.
+* Modes are normalized to one of RGB, RGBA, L or LA:
+  - 1 -> L; RGBX/YCbCr/other colour modes -> RGB; RGBa/La (premultiplied) -> RGBA/LA;
+  - P and PA -> RGBA when the palette carries transparency, else RGB; L/RGB with a
+    transparent colour key (PNG tRNS) -> RGBA;
+  - CMYK -> RGB, through the embedded ICC profile to sRGB when there is one (littleCMS),
+    else Pillow's plain conversion;
+  - 16-bit greyscale (I;16, I;16B, I;16L, I;16N, and I holding values in [0, 65535]) ->
+    L, scaled with round(v * 255 / 65535);
+  - I with values outside [0, 65535] and F (float) are rejected.
+  RGB pixels are taken as sRGB (an embedded RGB profile is not applied).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from runtime.errors import InputError
+from runtime.specs.core import describe_array
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "GREY",
+    "MAX_IMAGE_PIXELS",
+    "Placement",
+    "Product",
+    "check_canvas_size",
+    "clip_pixels",
+    "from_model_image",
+    "load_image",
+    "load_product",
+    "place_on_canvas",
+    "resize_mask_nearest",
+    "save_png",
+    "to_model_image",
+]
+
+MAX_IMAGE_PIXELS = 40_000_000
+"""Default cap on width * height of an input image, checked from the header before decoding."""
+
+GREY = 127
+"""Neutral grey used to fill canvas area outside the placed product and to pad squares."""
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_MASK_THRESHOLD = 128
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+
+
+def load_image(
+    path: str | os.PathLike[str], field: str, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """Open a still image from a local path, safely, and return it decoded in mode RGB, RGBA,
+    L or LA (see the module docstring for how other modes are converted).
+
+    The pixel count from the header is checked against `max_pixels` before decoding. Raises
+    `InputError(field, ...)` when the file is missing, not a file, not an image, too large,
+    animated, truncated or corrupt, or in a mode that cannot be converted faithfully.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(field, "file not found", str(p))
+    if not p.is_file():
+        raise InputError(field, "expected an image file, not a directory or device", str(p))
+
+    with warnings.catch_warnings():
+        # Pillow's own bomb guard warns above Image.MAX_IMAGE_PIXELS: make that an error.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(p)
+        except UnidentifiedImageError:
+            raise InputError(field, "is not a recognized image file", str(p)) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise InputError(
+                field, f"has too many pixels: at most {max_pixels} allowed", str(e)
+            ) from None
+        except Exception as e:  # OSError, SyntaxError, ValueError from a damaged header
+            raise InputError(field, "could not be read as an image", f"{type(e).__name__}: {e}") from None
+
+        with im:
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise InputError(field, "has an empty size", f"{w}x{h}")
+            if w * h > max_pixels:
+                raise InputError(
+                    field,
+                    f"has too many pixels: at most {max_pixels} allowed",
+                    f"{w}x{h} = {w * h}",
+                )
+            try:
+                frames = int(getattr(im, "n_frames", 1))
+            except Exception as e:
+                raise InputError(field, "could not be read as an image", f"{type(e).__name__}: {e}") from None
+            if frames > 1 and im.format != "MPO":
+                raise InputError(field, "expected a still image", f"{im.format} with {frames} frames")
+
+            if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone else flipped the global: do not accept
+                raise InputError(
+                    field, "cannot be checked for truncation (PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set)"
+                )
+            try:
+                im.load()
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise InputError(
+                    field, f"has too many pixels: at most {max_pixels} allowed", str(e)
+                ) from None
+            except Exception as e:  # "image file is truncated", broken data streams, ...
+                raise InputError(
+                    field, "could not be decoded (truncated or corrupt file)", f"{type(e).__name__}: {e}"
+                ) from None
+
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:
+                pass  # a broken EXIF block is not worth rejecting the picture for
+            return _normalize_mode(im, field)
+
+
+def _normalize_mode(im: Image.Image, field: str) -> Image.Image:
+    """Convert a decoded image to RGB, RGBA, L or LA (rules in the module docstring)."""
+    mode = im.mode
+    has_key = "transparency" in im.info
+    if mode in ("RGB", "L"):
+        return im.convert("RGBA") if has_key else im.copy()
+    if mode in ("RGBA", "LA"):
+        return im.copy()
+    if mode == "1":
+        return im.convert("L")
+    if mode in ("P", "PA"):
+        if mode == "PA" or has_key or im.palette is not None and im.palette.mode == "RGBA":
+            return im.convert("RGBA")
+        return im.convert("RGB")
+    if mode == "RGBa":
+        return im.convert("RGBA")
+    if mode == "La":
+        return im.convert("LA")
+    if mode == "CMYK":
+        return _cmyk_to_rgb(im)
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        a = np.asarray(im)
+        if a.ndim != 2:
+            raise InputError(field, f"has an unsupported {mode} layout", a.shape)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise InputError(
+                field, "expected 8- or 16-bit pixel values (mode I with values in [0, 65535])",
+                f"values in [{lo}, {hi}]",
+            )
+        a8 = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(a8)
+    if mode == "F":
+        raise InputError(field, "expected an 8- or 16-bit image, not floating point", mode)
+    try:  # RGBX, YCbCr, LAB, HSV, ...
+        return im.convert("RGB")
+    except Exception:
+        raise InputError(field, "has an unsupported pixel mode", mode) from None
+
+
+def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
+    """CMYK -> sRGB through the embedded ICC profile when there is one, else Pillow's formula."""
+    icc = im.info.get("icc_profile")
+    if icc:
+        try:
+            import io
+
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            dst = ImageCms.createProfile("sRGB")
+            out = ImageCms.profileToProfile(im, src, dst, outputMode="RGB")
+            if out is not None:
+                return out
+        except Exception:
+            pass  # no littleCMS, or a broken profile: fall back to the plain conversion
+    return im.convert("RGB")
+
+
+
+
+@dataclass(frozen=True)
+class Product:
+    """The product to advertise: `rgb` (H, W, 3) uint8 and `mask` (H, W) bool, True on the
+    product. Pixels where `mask` is True are pasted back bit-exactly by `compose`."""
+
+    rgb: np.ndarray
+    mask: np.ndarray
+
+    def __post_init__(self) -> None:
+        rgb, mask = self.rgb, self.mask
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"Product.rgb: expected an (H, W, 3) uint8 array, got {describe_array(rgb)}")
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.shape != rgb.shape[:2]:
+            raise ValueError(
+                f"Product.mask: expected an {rgb.shape[:2]} bool array, got {describe_array(mask)}"
+            )
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+
+def load_product(
+    product_path: str | os.PathLike[str],
+    mask_path: str | os.PathLike[str] | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> Product:
+    """Load the product photo and its mask.
+
+    With `mask_path`, the mask image (any mode) must have the product's size; it is read as
+    greyscale (transparent parts of a mask with alpha count as black) and is True where the
+    value is >= 128. The product's own alpha, if any, is then ignored for the mask. Without
+    `mask_path`, the product must carry alpha (RGBA, LA, or a palette/colour key with
+    transparency) and the mask is alpha >= 128.
+
+    Colours of fully transparent product pixels are meaningless (often black); they are
+    replaced by neutral grey so they cannot bleed into resized edges.
+
+    Raises InputError when the mask is missing, of another size, empty, or covers the whole
+    image (then there is nothing left to generate).
+    """
+    im = load_image(product_path, "product", max_pixels)
+    alpha = None
+    if im.mode in ("RGBA", "LA"):
+        alpha = np.asarray(im.getchannel("A"))
+    rgb = np.array(im.convert("RGB"), dtype=np.uint8)
+
+    if mask_path is not None:
+        m = load_image(mask_path, "mask", max_pixels)
+        if m.size != im.size:
+            raise InputError(
+                "mask",
+                f"expected the product's size {im.size[0]}x{im.size[1]}",
+                f"{m.size[0]}x{m.size[1]}",
+            )
+        mask = _mask_from_image(m)
+    elif alpha is not None:
+        mask = alpha >= _MASK_THRESHOLD
+    else:
+        raise InputError(
+            "product",
+            "expected an RGBA image (alpha = product mask) or --mask for an RGB image",
+            im.mode,
+        )
+
+    if alpha is not None:
+        rgb[alpha == 0] = GREY
+    _check_mask(mask)
+    return Product(rgb=rgb, mask=mask)
+
+
+def _mask_from_image(m: Image.Image) -> np.ndarray:
+    if m.mode in ("RGBA", "LA"):
+        value = np.asarray(m.convert("L"), dtype=np.uint16)
+        a = np.asarray(m.getchannel("A"), dtype=np.uint16)
+        value = (value * a + 127) // 255  # composite over black
+    else:
+        value = np.asarray(m.convert("L"))
+    return value >= _MASK_THRESHOLD
+
+
+def _check_mask(mask: np.ndarray, when: str = "") -> None:
+    if not mask.any():
+        raise InputError(
+            "mask",
+            f"is empty{when}: no pixel marks the product (expected mask/alpha >= {_MASK_THRESHOLD} on it)",
+        )
+    if mask.all():
+        raise InputError("mask", f"covers the whole image{when}: nothing left to generate")
+
+
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the product went on the canvas: `scale` applied to it, `offset` (x, y) of its
+    top-left corner, and `size` (w, h) of the placed product."""
+
+    scale: float
+    offset: tuple[int, int]
+    size: tuple[int, int]
+
+
+def place_on_canvas(product: Product, width: int, height: int) -> tuple[Product, Placement]:
+    """Fit the product inside a width x height canvas.
+
+    A product that is already width x height is returned unchanged (the same object, so its
+    pixels stay bit-exact) with scale 1.0 and offset (0, 0). Otherwise it is scaled to fit,
+    keeping its aspect ratio (rgb with Lanczos; the mask resized with Lanczos as 0/255 and
+    thresholded at 128), centred, on a grey (127) background with mask False outside it. The
+    returned Product is what later stages treat as the input product.
+    """
+    for name, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise InputError(name, "expected a positive integer", v)
+    width, height = int(width), int(height)
+    h, w = product.rgb.shape[:2]
+    if (w, h) == (width, height):
+        return product, Placement(scale=1.0, offset=(0, 0), size=(w, h))
+
+    scale = min(width / w, height / h)
+    nw = min(width, max(1, round(w * scale)))
+    nh = min(height, max(1, round(h * scale)))
+    x0, y0 = (width - nw) // 2, (height - nh) // 2
+
+    rgb_small = Image.fromarray(np.ascontiguousarray(product.rgb)).resize((nw, nh), Image.LANCZOS)
+    mask_l = Image.fromarray(product.mask.astype(np.uint8) * 255)
+    mask_small = np.asarray(mask_l.resize((nw, nh), Image.LANCZOS)) >= _MASK_THRESHOLD
+
+    rgb = np.full((height, width, 3), GREY, dtype=np.uint8)
+    mask = np.zeros((height, width), dtype=bool)
+    rgb[y0 : y0 + nh, x0 : x0 + nw] = np.asarray(rgb_small)
+    mask[y0 : y0 + nh, x0 : x0 + nw] = mask_small
+    _check_mask(mask, when=f" after scaling the product to {nw}x{nh} for the {width}x{height} canvas")
+    return Product(rgb=rgb, mask=mask), Placement(scale=float(scale), offset=(x0, y0), size=(nw, nh))
+
+
+def check_canvas_size(width, height, min_side: int, max_side: int, multiple: int = 8) -> None:
+    """Raise InputError("width"/"height", ...) unless each side is an integer multiple of
+    `multiple` within [min_side, max_side]."""
+    for name, v in (("width", width), ("height", height)):
+        ok = (
+            not isinstance(v, bool)
+            and isinstance(v, (int, np.integer))
+            and v % multiple == 0
+            and min_side <= v <= max_side
+        )
+        if not ok:
+            raise InputError(name, f"expected a multiple of {multiple} in [{min_side}, {max_side}]", v)
+
+
+
+
+def to_model_image(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> float32 (1, 3, H, W) in [-1, 1] (x / 127.5 - 1)."""
+    _check_rgb(rgb, "to_model_image: rgb")
+    x = rgb.astype(np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def from_model_image(x: np.ndarray) -> list[np.ndarray]:
+    """(B, 3, H, W) (or (3, H, W)) float in [-1, 1] -> list of B (H, W, 3) uint8 arrays,
+    computed as round((clip(x, -1, 1) + 1) * 127.5). NaN or inf raise ValueError: they mean
+    the model failed and must not turn silently into some colour."""
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] != 3 or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"from_model_image: expected a (B, 3, H, W) float array, got {describe_array(x)}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("from_model_image: the model image contains NaN or inf values")
+    u8 = np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in u8]
+
+
+def resize_mask_nearest(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H, W) bool mask -> float32 (h, w) of 0.0/1.0, nearest-neighbour (e.g. to latent size)."""
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        raise ValueError(f"resize_mask_nearest: expected an (H, W) bool array, got {describe_array(mask)}")
+    if h <= 0 or w <= 0:
+        raise ValueError(f"resize_mask_nearest: expected a positive size, got {h}x{w}")
+    im = Image.fromarray(mask.astype(bool).astype(np.uint8) * 255)
+    small = np.asarray(im.resize((int(w), int(h)), Image.NEAREST))
+    return (small >= _MASK_THRESHOLD).astype(np.float32)
+
+
+def clip_pixels(
+    rgb: np.ndarray,
+    size: int = 224,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> np.ndarray:
+    """CLIP image input: pad (H, W, 3) uint8 to a centred square with grey, resize to
+    size x size (bicubic), scale to [0, 1] and normalize per channel -> float32 (1, 3, size, size)."""
+    _check_rgb(rgb, "clip_pixels: rgb")
+    if size <= 0:
+        raise ValueError(f"clip_pixels: expected a positive size, got {size}")
+    h, w = rgb.shape[:2]
+    side = max(h, w)
+    square = np.full((side, side, 3), GREY, dtype=np.uint8)
+    y0, x0 = (side - h) // 2, (side - w) // 2
+    square[y0 : y0 + h, x0 : x0 + w] = rgb
+    im = Image.fromarray(square).resize((int(size), int(size)), Image.BICUBIC)
+    x = np.asarray(im).astype(np.float32) / 255.0
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def save_png(path: str | os.PathLike[str], rgb: np.ndarray, field: str = "output") -> None:
+    """Write an (H, W, 3) uint8 array as a PNG. An unwritable path raises InputError(field)."""
+    _check_rgb(rgb, "save_png: rgb")
+    try:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(Path(path), format="PNG")
+    except OSError as e:
+        raise InputError(field, "could not be written", f"{path}: {e.strerror or e}") from None
+
+
+def _check_rgb(rgb: object, name: str) -> None:
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"{name}: expected an (H, W, 3) uint8 array, got {describe_array(rgb)}")

@@ -1,0 +1,147 @@
+"""Specs of the poster pipeline's own components: Planning & Rendering (P&R, arXiv 2312.08822;
+see networks/poster.py for the architecture and its assumptions).
+
+- `plannet`: the layout decoder. One denoising step of DiffusionDet-style box diffusion: the
+  noisy layout (one box per selling point, scaled (cx, cy, w, h)) and the timestep in, the
+  predicted clean layout out as (x0, y0, x1, y1) in [0, 1]. Its image and text conditioning are
+  per-request invariants; the layout and the timestep change every step.
+- `render_cond`: RenderNet's encoders and spatial fusion: the planned layout's mask and the
+  product image -> ControlNet's conditioning features at latent size. Once per request.
+- `controlnet`: the ControlNet that guides Stable Diffusion, with RenderNet in place of its
+  conditioning embedding. Reads the noisy latent and the timestep, so it runs every step.
+- `poster_unet`: the SD 1.5 U-Net, adding the ControlNet residuals to its skip connections.
+
+Shared components: `text_encoder` (prompt, and one pooled vector per selling point),
+`image_encoder` (product canvas -> tokens, as RefAdGen's) and `vae_decoder`.
+"""
+
+from __future__ import annotations
+
+from runtime.presets import Preset
+from runtime.specs.background import MASK_BIAS
+from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
+from runtime.specs.shared import (
+    image_encoder_spec,
+    latent_dims,
+    level_dims,
+    level_shape,
+    network_batch,
+    skip_residual_layout,
+    skip_residual_names,
+    text_encoder_spec,
+    vae_decoder_spec,
+)
+
+LAYOUT_SCALE = 2.0  # DiffusionDet's signal scale: boxes live in [-2, 2] while they are noised
+
+
+def control_residual_names(preset: Preset) -> tuple[str, ...]:
+    """`control_down_00` .. `control_down_11`, then `control_mid`: diffusers' residual order."""
+    return skip_residual_names("control", preset)
+
+
+def _control_residuals(preset: Preset, dtype: DType) -> tuple[TensorSpec, ...]:
+    return tuple(
+        TensorSpec(name, dtype, ("B", channels, *level_shape(level)), doc=f"level {level}, times control_scale")
+        for name, (level, channels) in zip(control_residual_names(preset), skip_residual_layout(preset))
+    )
+
+
+def plannet_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
+    f = precision.float_dtype
+    return ComponentSpec(
+        name="plannet",
+        inputs=(
+            TensorSpec("layout", f, ("B", "texts", 4), value_range=(-LAYOUT_SCALE, LAYOUT_SCALE),
+                       doc="noisy boxes, (cx, cy, w, h) in [0, 1] mapped to [-2, 2] (DiffusionDet)"),
+            TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, 999), doc="per sample"),
+            TensorSpec("image_tokens", f, ("B", preset.image.num_tokens, preset.unet.cross_attention_dim), invariant=True,
+                       doc="image_encoder output on the product canvas"),
+            TensorSpec("text_features", f, ("B", "texts", preset.text.hidden_size), invariant=True,
+                       doc="one pooled text_encoder vector per selling point"),
+            TensorSpec("text_mask", DType.FLOAT32, ("B", "texts"), invariant=True, value_range=(0.0, 1.0),
+                       doc="1 for a real selling point, 0 for padding"),
+        ),
+        outputs=(TensorSpec("layout_pred", f, ("B", "texts", 4),
+                            doc="predicted clean boxes (x0, y0, x1, y1) in [0, 1], x0 <= x1, y0 <= y1"),),
+        dims=(Dim("B", 1, 1, preset.max_batch), Dim("texts", 1, 4, preset.layout.max_texts)),
+        doc=(
+            "PlanNet layout decoder: noisy layout + timestep -> clean layout, conditioned on the product's image "
+            "tokens and the selling points' text features. Run every layout denoising step."
+        ),
+        constants={"mask_bias": MASK_BIAS, "layout_scale": LAYOUT_SCALE},
+    )
+
+
+def render_cond_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
+    f = precision.float_dtype
+    s = preset.vae_scale
+    return ComponentSpec(
+        name="render_cond",
+        inputs=(
+            TensorSpec("layout_mask", DType.FLOAT32, ("B", 1, "height", "width"), invariant=True, value_range=(0.0, 1.0),
+                       doc="1 inside the planned text boxes, at canvas size"),
+            TensorSpec("product_image", f, ("B", 3, "height", "width"), invariant=True,
+                       doc="RGB in [-1, 1]: the product on grey at canvas size"),
+        ),
+        outputs=(TensorSpec("control_cond", f, ("B", preset.unet.block_out_channels[0], "latent_h", "latent_w"),
+                            invariant=True, doc="fused layout and visual features; ControlNet adds them after conv_in"),),
+        dims=(
+            network_batch(preset),
+            Dim("height", preset.min_side, preset.default_height, preset.max_side, multiple=s),
+            Dim("width", preset.min_side, preset.default_width, preset.max_side, multiple=s),
+            DerivedDim("latent_h", (("height", 1, s),)),
+            DerivedDim("latent_w", (("width", 1, s),)),
+        ),
+        doc="RenderNet: layout-mask encoder + product visual encoder + spatial fusion. Run once per request.",
+    )
+
+
+def controlnet_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
+    f = precision.float_dtype
+    return ComponentSpec(
+        name="controlnet",
+        inputs=(
+            TensorSpec("sample", f, ("B", preset.latent_channels, "latent_h", "latent_w"), doc="noisy latent"),
+            TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, 999), doc="per sample"),
+            TensorSpec("text_embeds", f, ("B", preset.text.max_length, preset.unet.cross_attention_dim), invariant=True),
+            TensorSpec("control_cond", f, ("B", preset.unet.block_out_channels[0], "latent_h", "latent_w"), invariant=True,
+                       doc="render_cond output"),
+            TensorSpec("control_scale", DType.FLOAT32, ("B",), invariant=True, value_range=(0.5, 1.5),
+                       doc="ControlNet conditioning scale per sample; multiplies every residual"),
+        ),
+        outputs=_control_residuals(preset, f),
+        dims=(network_batch(preset), *latent_dims(preset), *level_dims()),
+        doc="ControlNet (SD 1.5 encoder copy, zero convs) conditioned on RenderNet's features. Run every step.",
+    )
+
+
+def poster_unet_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
+    f = precision.float_dtype
+    return ComponentSpec(
+        name="poster_unet",
+        inputs=(
+            TensorSpec("sample", f, ("B", preset.latent_channels, "latent_h", "latent_w"), doc="noisy latent"),
+            TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, 999), doc="per sample"),
+            TensorSpec("text_embeds", f, ("B", preset.text.max_length, preset.unet.cross_attention_dim), invariant=True),
+            *_control_residuals(preset, f),
+        ),
+        outputs=(TensorSpec("noise_pred", f, ("B", preset.latent_channels, "latent_h", "latent_w")),),
+        dims=(network_batch(preset), *latent_dims(preset), *level_dims()),
+        doc="SD 1.5 U-Net with the ControlNet residuals added to its skip connections. Run every step.",
+    )
+
+
+POSTER_SPEC_BUILDERS = {
+    "text_encoder": text_encoder_spec,
+    "image_encoder": image_encoder_spec,
+    "plannet": plannet_spec,
+    "render_cond": render_cond_spec,
+    "controlnet": controlnet_spec,
+    "poster_unet": poster_unet_spec,
+    "vae_decoder": vae_decoder_spec,
+}
+
+
+def poster_specs(preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
+    return {name: build(preset, precision) for name, build in POSTER_SPEC_BUILDERS.items()}

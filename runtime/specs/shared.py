@@ -1,0 +1,138 @@
+"""Specs of the components every pipeline shares (text_encoder, image_encoder, vae_encoder,
+vae_decoder) and the dims every U-Net-shaped spec uses, built from a size preset.
+
+Batch `B` is the network batch: 2 x requests under classifier-free guidance. Latent dims
+`latent_h`/`latent_w` are image size / 8; any integer in bounds works because the exported
+U-Net carries explicit upsample sizes.
+"""
+
+from __future__ import annotations
+
+from runtime.errors import InputError
+from runtime.presets import Preset
+from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
+
+
+def network_batch(preset: Preset) -> Dim:
+    return Dim("B", 1, 2, preset.max_batch)
+
+
+def latent_dims(preset: Preset) -> tuple[Dim, Dim]:
+    s = preset.vae_scale
+    return (
+        Dim("latent_h", preset.min_side // s, preset.default_height // s, preset.max_side // s),
+        Dim("latent_w", preset.min_side // s, preset.default_width // s, preset.max_side // s),
+    )
+
+
+LEVELS = 4  # SD 1.5: latent resolution and three stride-2 downsamplings
+
+
+def skip_residual_layout(preset: Preset) -> tuple[tuple[int, int], ...]:
+    """(level, channels) of every skip connection the U-Net decoder consumes, then the mid block.
+
+    conv_in output, then per down block its `layers_per_block` resnet outputs and (all but the
+    last block) its downsampler output, then the mid block output: 12 + 1 for SD 1.5. A branch
+    that adds residuals to them (ControlNet, the background style branch) returns this layout.
+    """
+    c = preset.unet.block_out_channels
+    layout = [(0, c[0])]
+    for level, channels in enumerate(c):
+        layout += [(level, channels)] * preset.unet.layers_per_block
+        if level < len(c) - 1:
+            layout.append((level + 1, channels))
+    layout.append((len(c) - 1, c[-1]))
+    return tuple(layout)
+
+
+def skip_residual_names(prefix: str, preset: Preset) -> tuple[str, ...]:
+    """`{prefix}_down_00` .. `{prefix}_down_11`, then `{prefix}_mid`: diffusers' residual order."""
+    return tuple(f"{prefix}_down_{i:02d}" for i in range(len(skip_residual_layout(preset)) - 1)) + (f"{prefix}_mid",)
+
+
+def level_dims() -> tuple[DerivedDim, ...]:
+    """`latent_h_l1` .. `latent_w_l3`: a stride-2 convolution with padding 1 (and a ceil-mode max
+    pool) maps n to ceil(n / 2)."""
+    return tuple(
+        DerivedDim(f"{axis}_l{level}", ((axis, 1, 2**level),))
+        for level in range(1, LEVELS)
+        for axis in ("latent_h", "latent_w")
+    )
+
+
+def level_shape(level: int) -> tuple[str, str]:
+    if level == 0:
+        return ("latent_h", "latent_w")
+    return (f"latent_h_l{level}", f"latent_w_l{level}")
+
+
+def text_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
+    t = preset.text
+    return ComponentSpec(
+        name="text_encoder",
+        inputs=(TensorSpec("input_ids", DType.INT64, ("B", t.max_length), value_range=(0, t.vocab_size)),),
+        outputs=(TensorSpec("text_embeds", precision.float_dtype, ("B", t.max_length, t.hidden_size)),),
+        dims=(network_batch(preset),),
+        doc="CLIP text encoder: token ids -> last hidden state (the U-Net's cross-attention context).",
+    )
+
+
+def image_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
+    i = preset.image
+    return ComponentSpec(
+        name="image_encoder",
+        inputs=(TensorSpec("pixel_values", precision.float_dtype, ("B", 3, i.image_size, i.image_size)),),
+        outputs=(TensorSpec("image_tokens", precision.float_dtype, ("B", i.num_tokens, preset.unet.cross_attention_dim)),),
+        dims=(network_batch(preset),),
+        doc="CLIP vision tower (penultimate hidden state) + resampler: product image -> 16 context tokens.",
+    )
+
+
+def vae_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
+    s = preset.vae_scale
+    return ComponentSpec(
+        name="vae_encoder",
+        inputs=(TensorSpec("image", precision.float_dtype, ("B", 3, "height", "width"), doc="RGB in [-1, 1]"),),
+        outputs=(TensorSpec("latent", precision.float_dtype, ("B", preset.latent_channels, "latent_h", "latent_w"),
+                            doc="posterior mode x scaling factor"),),
+        dims=(
+            network_batch(preset),
+            Dim("height", preset.min_side, preset.default_height, preset.max_side, multiple=s),
+            Dim("width", preset.min_side, preset.default_width, preset.max_side, multiple=s),
+            DerivedDim("latent_h", (("height", 1, s),)),
+            DerivedDim("latent_w", (("width", 1, s),)),
+        ),
+        doc="VAE encoder: image -> scaled latent.",
+    )
+
+
+def vae_decoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
+    s = preset.vae_scale
+    return ComponentSpec(
+        name="vae_decoder",
+        inputs=(TensorSpec("latent", precision.float_dtype, ("B", preset.latent_channels, "latent_h", "latent_w")),),
+        outputs=(TensorSpec("image", precision.float_dtype, ("B", 3, "height", "width"), doc="RGB in about [-1, 1]"),),
+        dims=(
+            network_batch(preset),
+            *latent_dims(preset),
+            DerivedDim("height", (("latent_h", s, 1),)),
+            DerivedDim("width", (("latent_w", s, 1),)),
+        ),
+        doc="VAE decoder: scaled latent -> image.",
+    )
+
+
+def level_size(side: int, level: int) -> int:
+    """Latent side `side` after `level` stride-2 downsamplings: ceil(side / 2^level)."""
+    return -(-side // 2**level)
+
+
+def canvas_env(preset: Preset, width: int, height: int) -> dict[str, int]:
+    """Every size dim the specs name, for one canvas: what a fixed-size engine profile pins."""
+    s = preset.vae_scale
+    if width % s or height % s:
+        raise InputError("sizes", f"expected multiples of {s}", f"{width}x{height}")
+    h, w = height // s, width // s
+    env = {"height": height, "width": width, "latent_h": h, "latent_w": w}
+    env.update({f"tokens_l{level}": level_size(h, level) * level_size(w, level) for level in range(4)})
+    return env
