@@ -76,7 +76,7 @@ from networks.weights import (
 from runtime.artifacts.weights import WeightsSource, weight_files
 from runtime.presets import Preset
 from runtime.specs.background import MASK_BIAS
-from runtime.specs.poster import LAYOUT_SCALE
+from runtime.specs.layout import BOX_SCALE
 from runtime.specs.shared import skip_residual_layout
 
 POSTER_FILE = "poster.safetensors"
@@ -150,7 +150,7 @@ class PlanNet(nn.Module):
 
     def forward(self, layout, timestep, image_tokens, text_features, text_mask):
         slots = self.slot_embed[: layout.shape[1]]  # (T, C)
-        boxes = (layout.clamp(-LAYOUT_SCALE, LAYOUT_SCALE) / LAYOUT_SCALE + 1.0) / 2.0  # (B, T, 4) cx, cy, w, h in [0, 1]
+        boxes = (layout.clamp(-BOX_SCALE, BOX_SCALE) / BOX_SCALE + 1.0) / 2.0  # (B, T, 4) cx, cy, w, h in [0, 1]
         x = self.box_embed(boxes) + slots  # (B, T, C)
         time = self.time_embed(self.time_proj(timestep).to(x.dtype))  # (B, C)
         visual = self.visual_proj(image_tokens)  # (B, 16, C)

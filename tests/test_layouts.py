@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from runtime.diffusion.boxes import (
-    SCALE,
     FixedBoxes,
     cosine_alphas_cumprod,
     from_scaled,
@@ -20,9 +19,9 @@ from runtime.diffusion.boxes import (
 )
 from runtime.errors import InputError
 from runtime.layout.boxes import cxcywh_to_xyxy, iou, nms, to_pixels, xyxy_to_cxcywh
-from runtime.layout.elements import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes, move_off_product
-from runtime.pipelines.layout import select_elements
-from runtime.pipelines.poster import grow_box
+from runtime.layout.elements import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes
+from runtime.layout.postprocess import grow_box, move_off_product, select_elements
+from runtime.specs.layout import BOX_SCALE
 
 
 def _iou_scalar(a, b) -> float:
@@ -81,7 +80,7 @@ def test_box_conversions_round_trip():
     b = _random_boxes(rng, 6)
     np.testing.assert_allclose(cxcywh_to_xyxy(xyxy_to_cxcywh(b)), b, atol=1e-12)
     np.testing.assert_allclose(from_scaled(to_scaled(b)), b, atol=1e-6)
-    assert np.abs(to_scaled(np.array([[0.0, 0.0, 1.0, 1.0]]))).max() <= SCALE
+    assert np.abs(to_scaled(np.array([[0.0, 0.0, 1.0, 1.0]]))).max() <= BOX_SCALE
 
 
 def test_to_pixels_stays_on_canvas_and_at_least_one_pixel():
@@ -103,7 +102,7 @@ def test_cosine_schedule_and_time_grid():
 
 def _predict_per_sample(x, t):
     """A deterministic per-sample 'network': each sample's clean boxes depend only on its own x."""
-    boxes = np.clip(from_scaled(np.tanh(x) * SCALE), 0, 1)
+    boxes = np.clip(from_scaled(np.tanh(x) * BOX_SCALE), 0, 1)
     boxes = np.concatenate([np.minimum(boxes[..., :2], boxes[..., 2:]), np.maximum(boxes[..., :2], boxes[..., 2:])], -1)
     logits = np.stack([x.sum(-1), -x.sum(-1), x[..., 0], x[..., 1]], axis=-1)
     return boxes.astype(np.float32), logits.astype(np.float32)

@@ -54,8 +54,9 @@ def test_cli_poster_end_to_end(tmp_path, product_png, cache_root, poster_ort):
         assert x0 <= ix0 < ix1 <= x1 and y0 <= iy0 < iy1 <= y1, (t, boxes[t["text"]])
     timings = report["timings_s"]
     assert len(timings["layout_step"]["samples"]) == LAYOUT_STEPS and len(timings["denoise_step"]["samples"]) == STEPS
-    for once in ("text_encode", "image_encode", "render_cond", "vae_decode", "typeset"):
-        assert isinstance(timings[once], float)
+    once = ("text_encode", "image_encode", "render_cond", "vae_decode", "compose", "typeset")
+    loops = timings["layout_step"]["total"] + timings["denoise_step"]["total"]
+    assert sum(timings[stage] for stage in once) + loops <= timings["total"]  # stages nest in the total, none twice
 
 
 def test_text_is_drawn_inside_its_boxes_and_nowhere_else(product_png, poster_ort):
@@ -65,7 +66,7 @@ def test_text_is_drawn_inside_its_boxes_and_nowhere_else(product_png, poster_ort
 
     request = prepare(poster_ort, product=product_png, prompt="studio", text=TEXTS, steps=STEPS,
                       layout_steps=LAYOUT_STEPS, seed=2).request
-    output = poster_ort.runner([request], steps=STEPS, layout_steps=LAYOUT_STEPS)
+    output = poster_ort.runner([request], steps=STEPS)  # the request carries its layout steps
     changed = np.any(output.images[0] != compose(output.generated[0], request.product), axis=-1)
     inside = np.zeros_like(changed)
     for e in output.layouts[0].elements:
@@ -96,23 +97,33 @@ def test_backends_agree(product_png, poster_ort, poster_torch):
 
 
 def test_layout_is_planned_before_the_image_and_runs_once(product_png, poster_ort):
-    counts = {}
+    """The order of the component calls: PlanNet's loop ends before RenderNet encodes its layout,
+    RenderNet runs once before the first denoising step, and the decoder runs once after the last."""
+    calls = []
     originals = {}
     for name, component in poster_ort.runner.components.items():
         originals[name] = component.run
 
-        def counting(feed, _name=name, _run=component.run):
-            counts[_name] = counts.get(_name, 0) + 1
+        def logged(feed, _name=name, _run=component.run):
+            calls.append(_name)
             return _run(feed)
 
-        component.run = counting
+        component.run = logged
     try:
         _poster(poster_ort, product_png)
     finally:
         for name, component in poster_ort.runner.components.items():
             component.run = originals[name]
-    assert counts["plannet"] == LAYOUT_STEPS and counts["controlnet"] == STEPS and counts["poster_unet"] == STEPS
-    assert counts["render_cond"] == 1 and counts["image_encoder"] == 1 and counts["vae_decoder"] == 1
+    first = {name: calls.index(name) for name in set(calls)}
+    last = {name: len(calls) - 1 - calls[::-1].index(name) for name in set(calls)}
+    assert calls.count("plannet") == LAYOUT_STEPS and calls.count("controlnet") == STEPS
+    assert calls.count("poster_unet") == STEPS
+    assert [calls.count(n) for n in ("render_cond", "image_encoder", "vae_decoder")] == [1, 1, 1]
+    assert last["image_encoder"] < first["plannet"]  # PlanNet sees the product's image tokens
+    assert last["plannet"] < first["render_cond"] < first["controlnet"]  # planned, then rendered
+    assert last["poster_unet"] < first["vae_decoder"] == len(calls) - 1
+    steps = calls[first["controlnet"]:last["poster_unet"] + 1]
+    assert steps == ["controlnet", "poster_unet"] * STEPS  # each step: ControlNet's residuals, then the U-Net
 
 
 @pytest.mark.parametrize("options, field", [
@@ -145,3 +156,20 @@ def test_poster_refuses_fixed_boxes_of_other_classes(tmp_path, product_png, bad_
     with pytest.raises(InputError, match=r"layout_fixed\[0\]\.class.*expected one of text") as info:
         get_pipeline("poster").prepare(get_preset("tiny"), product=product_png, prompt="s", text=TEXTS, layout_fixed=path)
     bad_input_tally.record("api", "poster fixed logo box", "clear", str(info.value))
+
+
+def test_text_no_font_can_draw_fails_before_any_model_loads(tmp_path, product_png, monkeypatch, capsys, bad_input_tally):
+    """Refused when the request is prepared, not after the whole denoising loop at typesetting."""
+    import runtime.api
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was loaded for a request that cannot be typeset")
+
+    monkeypatch.setattr(runtime.api, "load_pipeline", no_models)
+    undrawable = "Sale \U0010fffd"  # supplementary private use: no font has a glyph for it
+    code = main(["generate", "--pipeline", "poster", "--product", str(product_png), "--prompt", "studio",
+                 "--text", TEXTS[0], "--text", undrawable, "--out", str(tmp_path / "p.png"), "--quiet"])
+    message = capsys.readouterr().err
+    assert code == 2 and "no installed font can draw" in message and "\\U0010fffd" in message, message
+    assert not (tmp_path / "p.png").exists()
+    bad_input_tally.record("cli", "poster text no font covers", "clear", message)

@@ -6,9 +6,6 @@ computes in float64, diffusers in float32; observed worst error is about half of
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

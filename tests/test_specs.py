@@ -5,7 +5,6 @@ modules against their specs."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import subprocess
 import sys

@@ -57,3 +57,9 @@ class Component(ABC):
     @abstractmethod
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the backend; outputs keyed by spec output name."""
+
+
+def run_cast(component: Component, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with float inputs in the dtypes the component's spec declares (float16 graphs take
+    float16); what the spec does not declare is left for `Component.run` to refuse."""
+    return component.run(component.spec.cast_inputs(feed))

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from runtime.backends.base import Component, run_cast
 from runtime.errors import InputError
 from runtime.layout.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
+from runtime.specs.layout import BOX_SCALE, BOX_TRAIN_STEPS
+from runtime.timing import StageTimer
 
-TRAIN_STEPS = 1000
-SCALE = 2.0  # DiffusionDet's signal scale
+STEP_STAGE = "layout_step"
 RENEWAL_THRESHOLD = 0.5  # DiffusionDet: boxes below this class score are replaced by fresh noise
 MAX_LAYOUT_STEPS = 100
 
@@ -34,7 +36,7 @@ MAX_LAYOUT_STEPS = 100
 Predict = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
-def cosine_alphas_cumprod(steps: int = TRAIN_STEPS, s: float = 0.008) -> np.ndarray:
+def cosine_alphas_cumprod(steps: int = BOX_TRAIN_STEPS, s: float = 0.008) -> np.ndarray:
     """(steps,) float64 alpha-bar of the cosine schedule (Nichol & Dhariwal), betas clipped at 0.999."""
     x = np.linspace(0, steps, steps + 1, dtype=np.float64)
     f = np.cos(((x / steps) + s) / (1 + s) * math.pi * 0.5) ** 2
@@ -46,18 +48,18 @@ def time_pairs(steps: int) -> list[tuple[int, int]]:
     """DiffusionDet's (t, t_next) pairs: one step is [(999, -1)]."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_LAYOUT_STEPS:
         raise InputError("layout_steps", f"expected an integer in [1, {MAX_LAYOUT_STEPS}]", steps)
-    times = np.trunc(np.linspace(-1, TRAIN_STEPS - 1, steps + 1)).astype(int)[::-1].tolist()
+    times = np.trunc(np.linspace(-1, BOX_TRAIN_STEPS - 1, steps + 1)).astype(int)[::-1].tolist()
     return list(zip(times[:-1], times[1:]))
 
 
 def to_scaled(xyxy: np.ndarray) -> np.ndarray:
-    """Normalized xyxy -> the diffusion space, clipped to [-SCALE, SCALE]."""
-    return np.clip((xyxy_to_cxcywh(xyxy) * 2 - 1) * SCALE, -SCALE, SCALE).astype(np.float32)
+    """Normalized xyxy -> the diffusion space, clipped to [-BOX_SCALE, BOX_SCALE]."""
+    return np.clip((xyxy_to_cxcywh(xyxy) * 2 - 1) * BOX_SCALE, -BOX_SCALE, BOX_SCALE).astype(np.float32)
 
 
 def from_scaled(x: np.ndarray) -> np.ndarray:
     """The diffusion space -> normalized xyxy (what the networks see of a noisy box)."""
-    return cxcywh_to_xyxy((np.clip(x, -SCALE, SCALE) / SCALE + 1) / 2)
+    return cxcywh_to_xyxy((np.clip(x, -BOX_SCALE, BOX_SCALE) / BOX_SCALE + 1) / 2)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,36 @@ class FixedBoxes:
     @classmethod
     def none(cls, batch: int, slots: int) -> "FixedBoxes":
         return cls(np.zeros((batch, slots), dtype=bool), np.zeros((batch, slots, 4)))
+
+    @classmethod
+    def of(cls, held: Sequence[Mapping[int, np.ndarray]], slots: int) -> "FixedBoxes":
+        """Per request, the boxes it holds by slot (normalized xyxy)."""
+        fixed = cls.none(len(held), slots)
+        for b, boxes in enumerate(held):
+            for slot, box in boxes.items():
+                fixed.mask[b, slot] = True
+                fixed.boxes[b, slot] = box
+        return fixed
+
+
+@dataclass
+class BoxDenoiser:
+    """A box network as the sampler's `predict`: its per-request `conditioning` fixed, the noisy
+    boxes (input `boxes`) and the timestep fed every step, timed under `layout_step`. `output`
+    names the predicted clean boxes (normalized xyxy), `logits` the class logits if it has them."""
+
+    component: Component
+    conditioning: Mapping[str, np.ndarray]
+    boxes: str
+    output: str
+    timer: StageTimer
+    logits: str | None = None
+
+    def __call__(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        with self.timer.stage(STEP_STAGE, repeated=True):
+            out = run_cast(self.component, {self.boxes: x, "timestep": t, **self.conditioning})
+        logits = None if self.logits is None else out[self.logits].astype(np.float32)
+        return out[self.output].astype(np.float32), logits
 
 
 @dataclass

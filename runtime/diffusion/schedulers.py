@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import AdgenError, InputError
+from runtime.specs.shared import LATENT_TRAIN_STEPS
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -54,7 +55,7 @@ class SchedulerConfig:
         on alpha_bar[0].
     """
 
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = LATENT_TRAIN_STEPS
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"

@@ -244,9 +244,16 @@ def _best_layout(path: Path, text: str, width: int, height: int) -> _Layout | No
     return whole
 
 
-def _normalize(text: str) -> str:
+def normalize_text(text: str) -> str:
     lines = [" ".join(line.replace("\t", " ").split()) for line in text.strip().splitlines()]
     return "\n".join(lines)
+
+
+def check_drawable(texts: Sequence[str], font_dirs: Sequence[os.PathLike | str] | None = None) -> None:
+    """Raise InputError("text", ...) naming the characters when no installed font can draw one of
+    `texts`: a request can be refused before any model runs instead of after the whole loop."""
+    for text in texts:
+        find_font(normalize_text(text), font_dirs)
 
 
 def _check_inputs(image: np.ndarray, boxes: Sequence[Sequence[int]], texts: Sequence[str], padding_frac: float) -> list[Box]:
@@ -291,7 +298,7 @@ def typeset(
     draw = ImageDraw.Draw(canvas)
     placements = []
     for i, (box, raw) in enumerate(zip(checked, texts)):
-        text = _normalize(raw)
+        text = normalize_text(raw)
         font_path = find_font(text, font_dirs)
         x0, y0, x1, y1 = box
         pad = round(padding_frac * min(x1 - x0, y1 - y0))

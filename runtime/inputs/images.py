@@ -39,21 +39,30 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from runtime.errors import InputError
+from runtime.presets import Preset
 from runtime.specs.core import describe_array
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "GREY",
+    "MASK_THRESHOLD",
     "MAX_IMAGE_PIXELS",
+    "PlacedProduct",
     "Placement",
     "Product",
+    "canvas_size",
     "check_canvas_size",
     "clip_pixels",
+    "decode_mask",
     "from_model_image",
     "load_image",
     "load_product",
+    "mask_values",
     "place_on_canvas",
+    "placed_product",
+    "product_only",
+    "resize_mask",
     "resize_mask_nearest",
     "save_png",
     "to_model_image",
@@ -68,7 +77,8 @@ GREY = 127
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_MASK_THRESHOLD = 128
+MASK_THRESHOLD = 128
+"""A mask (or alpha) value at or above this marks the product."""
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
@@ -263,9 +273,9 @@ def load_product(
                 f"expected the product's size {im.size[0]}x{im.size[1]}",
                 f"{m.size[0]}x{m.size[1]}",
             )
-        mask = _mask_from_image(m)
+        mask = decode_mask(m)
     elif alpha is not None:
-        mask = alpha >= _MASK_THRESHOLD
+        mask = alpha >= MASK_THRESHOLD
     else:
         raise InputError(
             "product",
@@ -279,21 +289,32 @@ def load_product(
     return Product(rgb=rgb, mask=mask)
 
 
-def _mask_from_image(m: Image.Image) -> np.ndarray:
+def mask_values(m: Image.Image) -> np.ndarray:
+    """(H, W) uint8 greyscale value of a mask image; transparent parts count as black (the value
+    is composited over black)."""
     if m.mode in ("RGBA", "LA"):
         value = np.asarray(m.convert("L"), dtype=np.uint16)
         a = np.asarray(m.getchannel("A"), dtype=np.uint16)
-        value = (value * a + 127) // 255  # composite over black
-    else:
-        value = np.asarray(m.convert("L"))
-    return value >= _MASK_THRESHOLD
+        return ((value * a + 127) // 255).astype(np.uint8)
+    return np.asarray(m.convert("L"))
+
+
+def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W) bool -> (height, width) bool: resized with Lanczos as 0/255, thresholded like a mask image."""
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.LANCZOS)
+    return np.asarray(resized) >= MASK_THRESHOLD
+
+
+def decode_mask(m: Image.Image) -> np.ndarray:
+    """(H, W) bool: True where the mask image marks the product (value >= MASK_THRESHOLD)."""
+    return mask_values(m) >= MASK_THRESHOLD
 
 
 def _check_mask(mask: np.ndarray, when: str = "") -> None:
     if not mask.any():
         raise InputError(
             "mask",
-            f"is empty{when}: no pixel marks the product (expected mask/alpha >= {_MASK_THRESHOLD} on it)",
+            f"is empty{when}: no pixel marks the product (expected mask/alpha >= {MASK_THRESHOLD} on it)",
         )
     if mask.all():
         raise InputError("mask", f"covers the whole image{when}: nothing left to generate")
@@ -309,6 +330,9 @@ class Placement:
     scale: float
     offset: tuple[int, int]
     size: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {"scale": round(self.scale, 6), "offset": list(self.offset), "size": list(self.size)}
 
 
 def place_on_canvas(product: Product, width: int, height: int) -> tuple[Product, Placement]:
@@ -334,8 +358,7 @@ def place_on_canvas(product: Product, width: int, height: int) -> tuple[Product,
     x0, y0 = (width - nw) // 2, (height - nh) // 2
 
     rgb_small = Image.fromarray(np.ascontiguousarray(product.rgb)).resize((nw, nh), Image.LANCZOS)
-    mask_l = Image.fromarray(product.mask.astype(np.uint8) * 255)
-    mask_small = np.asarray(mask_l.resize((nw, nh), Image.LANCZOS)) >= _MASK_THRESHOLD
+    mask_small = resize_mask(product.mask, nw, nh)
 
     rgb = np.full((height, width, 3), GREY, dtype=np.uint8)
     mask = np.zeros((height, width), dtype=bool)
@@ -359,6 +382,55 @@ def check_canvas_size(width, height, min_side: int, max_side: int, multiple: int
             raise InputError(name, f"expected a multiple of {multiple} in [{min_side}, {max_side}]", v)
 
 
+
+
+def canvas_size(product_w: int, product_h: int, width: int | None, height: int | None, preset: Preset) -> tuple[int, int]:
+    """The requested size; else the product's own size when the preset allows it; else the preset default."""
+    if width is None and height is None:
+        try:
+            check_canvas_size(product_w, product_h, preset.min_side, preset.max_side)
+            return product_w, product_h
+        except InputError:
+            return preset.default_width, preset.default_height
+    width = preset.default_width if width is None else width
+    height = preset.default_height if height is None else height
+    check_canvas_size(width, height, preset.min_side, preset.max_side)
+    return width, height
+
+
+@dataclass(frozen=True)
+class PlacedProduct:
+    """A request's product: the file it came from, its size as loaded, where it went on the
+    canvas, and the product on the canvas (what every later stage treats as the product)."""
+
+    path: str
+    size: tuple[int, int]
+    placement: Placement
+    product: Product
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "size": list(self.size), "placement": self.placement.to_dict()}
+
+
+def placed_product(
+    preset: Preset,
+    product: str | os.PathLike[str],
+    mask: str | os.PathLike[str] | None,
+    width: int | None,
+    height: int | None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> PlacedProduct:
+    """Load the product (and its mask) and place it on its canvas: the size asked for, else its
+    own when the preset allows it, else the preset's default."""
+    item = load_product(product, mask, max_pixels=max_pixels)
+    width, height = canvas_size(item.width, item.height, width, height, preset)
+    placed, placement = place_on_canvas(item, width, height)
+    return PlacedProduct(str(product), (item.width, item.height), placement, placed)
+
+
+def product_only(product: Product) -> np.ndarray:
+    """The product on neutral grey, (H, W, 3) uint8: what the encoders see of it."""
+    return np.where(product.mask[..., None], product.rgb, np.uint8(GREY))
 
 
 def to_model_image(rgb: np.ndarray) -> np.ndarray:
@@ -392,7 +464,7 @@ def resize_mask_nearest(mask: np.ndarray, h: int, w: int) -> np.ndarray:
         raise ValueError(f"resize_mask_nearest: expected a positive size, got {h}x{w}")
     im = Image.fromarray(mask.astype(bool).astype(np.uint8) * 255)
     small = np.asarray(im.resize((int(w), int(h)), Image.NEAREST))
-    return (small >= _MASK_THRESHOLD).astype(np.float32)
+    return (small >= MASK_THRESHOLD).astype(np.float32)
 
 
 def clip_pixels(

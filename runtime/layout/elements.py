@@ -187,27 +187,3 @@ def layout_mask(elements: Sequence[Element], width: int, height: int, class_name
             x0, y0, x1, y1 = (int(round(v)) for v in e.box)
             mask[max(y0, 0):min(y1, height), max(x0, 0):min(x1, width)] = 1.0
     return mask
-
-
-def move_off_product(box: Sequence[int], mask: np.ndarray, tolerance: float = 0.1, stride: int = 2) -> tuple[tuple[int, int, int, int], bool]:
-    """A pixel box slid to where it covers the least of the product (`mask` (H, W) bool), the
-    nearest such place first; unchanged when it covers at most `tolerance` of its area already."""
-    x0, y0, x1, y1 = (int(v) for v in box)
-    w, h = x1 - x0, y1 - y0
-    H, W = mask.shape
-    table = np.zeros((H + 1, W + 1), dtype=np.int64)
-    table[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)  # summed-area table
-
-    def covered(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return table[y + h, x + w] - table[y, x + w] - table[y + h, x] + table[y, x]
-
-    if covered(np.array(x0), np.array(y0)) <= tolerance * w * h:
-        return (x0, y0, x1, y1), False
-    xs = np.unique(np.append(np.arange(0, W - w + 1, stride), [x0, W - w]))
-    ys = np.unique(np.append(np.arange(0, H - h + 1, stride), [y0, H - h]))
-    gx, gy = np.meshgrid(xs, ys)
-    cost = covered(gx, gy)
-    distance = (gx - x0) ** 2 + (gy - y0) ** 2
-    best = np.lexsort((distance.ravel(), cost.ravel()))[0]
-    nx, ny = int(gx.ravel()[best]), int(gy.ravel()[best])
-    return (nx, ny, nx + w, ny + h), True

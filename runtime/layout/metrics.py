@@ -1,7 +1,7 @@
 """Layout quality metrics in the conventions of PKU PosterLayout (Hsu et al., CVPR 2023,
 `eval.py` of PKU-ICST-MIPL/PosterLayout-CVPR2023) and CGL-GAN / RADM, numpy only.
 
-A layout is N boxes (pixel x0, y0, x1, y1 on a canvas of w x h) with classes from `CLASSES`.
+A layout is N boxes (pixel x0, y0, x1, y1 on a canvas of w x h) with classes from `LAYOUT_CLASSES` (runtime/specs/layout.py).
 Boxes are clipped to the canvas first. An element is valid when its clipped area is at least
 0.1% of the canvas; every metric but validity uses only valid elements. "Content" elements
 are text and logo: PosterLayout's classes are text, logo and underlay, and its overlap and
@@ -46,10 +46,11 @@ from typing import Sequence
 import numpy as np
 
 from runtime.errors import InputError
+from runtime.layout.boxes import area, intersection, iou
+from runtime.specs.layout import LAYOUT_CLASSES
 
-__all__ = ["CLASSES", "METRIC_NAMES", "MIN_AREA_FRACTION", "layout_metrics", "metrics_for_layouts"]
+__all__ = ["METRIC_NAMES", "MIN_AREA_FRACTION", "layout_metrics", "metrics_for_layouts"]
 
-CLASSES = ("logo", "text", "underlay", "embellishment")
 CONTENT_CLASSES = ("logo", "text")
 MIN_AREA_FRACTION = 0.001
 METRIC_NAMES = ("validity", "overlap", "alignment", "underlay_loose", "underlay_strict", "occlusion", "utility")
@@ -67,27 +68,11 @@ class _Scores:
     utility: float
 
 
-def _areas(boxes: np.ndarray) -> np.ndarray:
-    """(N, 4) -> (N,)"""
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
-def _intersections(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, 4), (M, 4) -> (N, M) intersection areas."""
-    w = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    h = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    return np.clip(w, 0, None) * np.clip(h, 0, None)
-
-
 def _overlap(content: np.ndarray) -> float:
     n = len(content)
     if n == 0:
         return 0.0
-    inter = _intersections(content, content)  # (n, n)
-    areas = _areas(content)
-    union = areas[:, None] + areas[None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    return float(np.triu(iou, k=1).sum() / n)
+    return float(np.triu(iou(content, content), k=1).sum() / n)
 
 
 def _alignment(boxes: np.ndarray, width: int, height: int) -> float:
@@ -107,8 +92,8 @@ def _underlay(underlays: np.ndarray, content: np.ndarray) -> tuple[float | None,
         return None, None
     if len(content) == 0:
         return 0.0, 0.0
-    inter = _intersections(underlays, content)  # (U, K)
-    areas = _areas(content)
+    inter = intersection(underlays, content)  # (U, K)
+    areas = area(content)
     share = np.divide(inter, areas[None, :], out=np.zeros_like(inter), where=areas[None, :] > 0)
     inside = (
         (underlays[:, None, 0] <= content[None, :, 0])
@@ -137,9 +122,9 @@ def _check_layout(boxes: object, classes: Sequence[str], width: int, height: int
         raise InputError("boxes", "expected x1 >= x0 and y1 >= y0", boxes.tolist())
     if len(classes) != len(boxes):
         raise InputError("classes", f"expected one class per box ({len(boxes)} boxes)", len(classes))
-    unknown = [c for c in classes if c not in CLASSES]
+    unknown = [c for c in classes if c not in LAYOUT_CLASSES]
     if unknown:
-        raise InputError("classes", f"expected names from {CLASSES}", unknown[0])
+        raise InputError("classes", f"expected names from {LAYOUT_CLASSES}", unknown[0])
     clipped = np.clip(boxes, 0, [width, height, width, height])
     return clipped, np.asarray(classes, dtype=object)
 
@@ -157,12 +142,12 @@ def _check_mask(mask: np.ndarray | None, width: int, height: int) -> np.ndarray:
 
 
 def _score(boxes: np.ndarray, classes: np.ndarray, width: int, height: int, mask: np.ndarray) -> _Scores:
-    valid = _areas(boxes) >= MIN_AREA_FRACTION * width * height
+    valid = area(boxes) >= MIN_AREA_FRACTION * width * height
     boxes, classes = boxes[valid], classes[valid]
     content = boxes[np.isin(classes, CONTENT_CLASSES)]
     loose, strict = _underlay(boxes[classes == "underlay"], content)
     covered = _coverage(boxes, width, height)
-    area = covered.sum()
+    covered_area = covered.sum()
     free = (1.0 - mask).sum()
     return _Scores(
         n_elements=len(valid),
@@ -171,7 +156,7 @@ def _score(boxes: np.ndarray, classes: np.ndarray, width: int, height: int, mask
         alignment=_alignment(boxes, width, height),
         underlay_loose=loose,
         underlay_strict=strict,
-        occlusion=float((mask * covered).sum() / area) if area > 0 else 0.0,
+        occlusion=float((mask * covered).sum() / covered_area) if covered_area > 0 else 0.0,
         utility=float(((1.0 - mask) * covered).sum() / free) if free > 0 else 0.0,
     )
 
@@ -222,6 +207,6 @@ def layout_metrics(
     canvas: tuple[int, int],
     product_mask: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """The metrics of one layout: boxes (N, 4) pixel xyxy, classes (N,) from `CLASSES`,
+    """The metrics of one layout: boxes (N, 4) pixel xyxy, classes (N,) from `LAYOUT_CLASSES`,
     canvas (w, h), product_mask (h, w) bool or [0, 1] float, None for no product."""
     return metrics_for_layouts([(boxes, classes)], canvas, [product_mask])

@@ -9,66 +9,58 @@ Per request, ONCE: the prompt (and the negative prompt, for guidance) and every 
    only: PlanNet plans text) hold their selling point's slot and come out exactly as given.
    A planned box smaller than the smallest legible text block is grown around its centre, and
    one that covers more than a tenth of the product slides to the nearest place that covers
-   the least of it (both recorded under `repairs` in the report): the selling points stay visible.
+   the least of it (runtime/layout/postprocess.py; both recorded under `repairs` in the
+   report): the selling points stay visible.
 2. The text boxes become a layout mask; RenderNet encodes it with the product image ONCE; then
-   `steps` calls of ControlNet + U-Net, each one batch of 2B (conditional first), ControlNet's
-   residuals feeding the U-Net's skip connections.
+   the shared denoising loop (runtime/diffusion/loop.py) runs ControlNet + U-Net every step, one
+   batch of 2B (conditional first), ControlNet's residuals feeding the U-Net's skip connections.
 
 Then the VAE decoder, compositing the product through its mask (its pixels exact), and
-typesetting every selling point inside its box (runtime/finishing/typeset.py). Text is never drawn over
+typesetting every selling point inside its box (runtime/finishing/typeset.py). A selling point
+no installed font can draw is refused when the request is prepared, before any model runs. Text is never drawn over
 the product: its pixels are restored after typesetting, so the product stays exact even where a
 box overlaps it (a fixed box, or where no place is free; the `occlusion` metric says how much).
 """
 
+
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from runtime.artifacts.weights import WeightsSource
-from runtime.backends.base import Component
-from runtime.diffusion.boxes import FixedBoxes, sample_boxes, time_pairs
-from runtime.diffusion.schedulers import make_scheduler
+from runtime.backends.base import Component, run_cast
+from runtime.diffusion.boxes import BoxDenoiser, FixedBoxes, sample_boxes, time_pairs
+from runtime.diffusion.loop import Denoiser, Guidance
 from runtime.errors import InputError
-from runtime.finishing.compose import compose
-from runtime.finishing.typeset import typeset
-from runtime.inputs.images import MAX_IMAGE_PIXELS, Placement, Product, clip_pixels, from_model_image, to_model_image
-from runtime.inputs.tokenizer import Tokenizer, check_prompt, load_tokenizer
+from runtime.finishing.typeset import check_drawable, typeset
+from runtime.inputs.images import MAX_IMAGE_PIXELS, Product, placed_product, product_only, to_model_image
+from runtime.inputs.tokenizer import check_prompt, load_tokenizer
 from runtime.layout.boxes import to_pixels
-from runtime.layout.elements import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes, move_off_product
-from runtime.pipelines.base import Call, GenerateResult, PipelineDefinition, StepCallback
-from runtime.pipelines.common import (
+from runtime.layout.elements import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes
+from runtime.layout.postprocess import Layout, grow_box, layout_report, move_off_product, scored_layout
+from runtime.pipelines.base import (
+    Call,
+    Conditioning,
+    LatentPipeline,
+    PipelineDefinition,
     PipelineOutput,
-    batch_settings,
-    check_batch,
-    check_range,
-    check_seed,
-    guide,
-    initial_noise,
-    placed_product,
-    placement_dict,
-    product_only,
-    require_components,
-    run_cast,
-    schedule_settings,
-    selling_point_features,
+    Prepared,
+    Schedule,
 )
-from runtime.pipelines.layout import Layout, layout_report, scored_layout
-from runtime.pipelines.refadgen import DEFAULT_GUIDANCE, GUIDANCE_RANGE
+from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range, schedule_settings
+from runtime.pipelines.conditioning import image_tokens, prompt_embeddings, selling_point_features
 from runtime.presets import Preset
 from runtime.specs.core import ComponentSpec, Precision
-from runtime.specs.poster import control_residual_names, poster_specs
+from runtime.specs.poster import poster_specs
 from runtime.timing import StageTimer
 
-COMPONENTS = ("text_encoder", "image_encoder", "plannet", "render_cond", "controlnet", "poster_unet", "vae_decoder")
-DEFAULT_STEPS = 30
 DEFAULT_LAYOUT_STEPS = 20
 CONTROL_SCALE_RANGE = (0.0, 2.0)
-MIN_BOX_FRACTION = (0.25, 0.06)  # a planned text box is at least this share of the canvas width, height
 
 
 @dataclass(frozen=True)
@@ -81,103 +73,70 @@ class PosterRequest:
     seed: int = 0
     guidance: float = DEFAULT_GUIDANCE
     control_scale: float = 1.0
+    layout_steps: int = DEFAULT_LAYOUT_STEPS
 
     def validate(self) -> None:
         check_prompt("prompt", self.prompt)
-        check_prompt("negative_prompt", self.negative_prompt)
         check_texts(self.texts)
-        check_seed(self.seed)
-        check_range("guidance", self.guidance, *GUIDANCE_RANGE)
+        check_guided(self)
         check_range("control_scale", self.control_scale, *CONTROL_SCALE_RANGE)
+        time_pairs(self.layout_steps)
 
 
 @dataclass
 class PosterOutput(PipelineOutput):
-    layouts: list[Layout]
-    placements: list[list[dict]]  # typeset text per request
+    layouts: list[Layout] = field(default_factory=list)
+    placements: list[list[dict]] = field(default_factory=list)  # typeset text per request
 
 
-class PosterPipeline:
-    def __init__(self, components: Mapping[str, Component], preset: Preset, tokenizer: Tokenizer):
-        require_components(components, COMPONENTS, "poster")
-        self.components = components
-        self.preset = preset
-        self.tokenizer = tokenizer
-        self.residual_names = control_residual_names(preset)
+class PosterPipeline(LatentPipeline):
+    name = "poster"
+    needs = ("text_encoder", "image_encoder", "plannet", "render_cond", "controlnet", "poster_unet", "vae_decoder")
 
-    def __call__(
-        self,
-        requests: Sequence[PosterRequest],
-        steps: int = DEFAULT_STEPS,
-        layout_steps: int = DEFAULT_LAYOUT_STEPS,
-        scheduler: str = "ddim",
-        on_step: StepCallback | None = None,
-    ) -> PosterOutput:
-        check_batch(requests, steps, self.preset)
-        timer = StageTimer()
-        n = len(requests)
-        guidance = np.array([r.guidance for r in requests], dtype=np.float32)
-        cfg = bool((guidance > 1.0).any())
-        halves = 2 if cfg else 1
-        sched = make_scheduler(scheduler)
-        sched.set_timesteps(steps)
+    def condition(self, requests: Sequence[PosterRequest], guidance: Guidance, timer: StageTimer) -> Conditioning:
         c = self.components
-        with timer.stage("total"):
-            with timer.stage("text_encode"):
-                prompts = [r.prompt for r in requests] + ([r.negative_prompt for r in requests] if cfg else [])
-                text_embeds = run_cast(c["text_encoder"], {"input_ids": self.tokenizer(prompts)})["text_embeds"]
-                features, text_mask = selling_point_features(
-                    c["text_encoder"], self.tokenizer, [r.texts for r in requests], self.preset.max_batch
-                )
-            with timer.stage("image_encode"):
-                size = self.preset.image.image_size
-                pixels = np.concatenate([clip_pixels(product_only(r.product), size) for r in requests])
-                image_tokens = run_cast(c["image_encoder"], {"pixel_values": pixels})["image_tokens"]
-            boxes = self._plan(requests, layout_steps, timer, image_tokens, features, text_mask)
-            with timer.stage("render_cond"):
-                masks = np.stack([layout_mask(b, r.product.width, r.product.height)[None] for b, r in zip(boxes, requests)])
-                control_cond = run_cast(c["render_cond"], {
-                    "layout_mask": masks,
-                    "product_image": np.concatenate([to_model_image(product_only(r.product)) for r in requests]),
-                })["control_cond"]
-            h, w = control_cond.shape[-2:]
-            control = {
+        layout_steps = {r.layout_steps for r in requests}
+        if len(layout_steps) != 1:
+            raise InputError("requests", "expected one layout step count per batch", sorted(layout_steps))
+        with timer.stage("text_encode"):
+            text_embeds = prompt_embeddings(c["text_encoder"], self.tokenizer, [r.prompt for r in requests],
+                                            [r.negative_prompt for r in requests], guidance)
+            features, text_mask = selling_point_features(
+                c["text_encoder"], self.tokenizer, [r.texts for r in requests], self.preset.max_batch
+            )
+        with timer.stage("image_encode"):
+            tokens = image_tokens(c["image_encoder"], self.preset.image.image_size, [r.product for r in requests])
+        plans = self._plan(requests, layout_steps.pop(), timer, tokens, features, text_mask)
+        with timer.stage("render_cond"):
+            masks = np.stack([layout_mask(b, r.product.width, r.product.height)[None] for b, r in zip(plans, requests)])
+            control_cond = run_cast(c["render_cond"], {
+                "layout_mask": masks,
+                "product_image": np.concatenate([to_model_image(product_only(r.product)) for r in requests]),
+            })["control_cond"]
+        control_scale = np.array([r.control_scale for r in requests], dtype=np.float32)
+        denoiser = Denoiser(
+            components=[c["controlnet"], c["poster_unet"]],
+            conditioning={
                 "text_embeds": text_embeds,
-                "control_cond": np.concatenate([control_cond] * halves),
-                "control_scale": np.array([r.control_scale for r in requests] * halves, dtype=np.float32),
-            }
-            latents = initial_noise([r.seed for r in requests], self.preset.latent_channels, h, w, sched.init_noise_sigma)
-            for i, t in enumerate(sched.timesteps):
-                with timer.stage("denoise_step", repeated=True):
-                    sample = np.concatenate([latents] * halves)
-                    timestep = np.full(halves * n, t, dtype=np.float32)
-                    residuals = run_cast(c["controlnet"], {"sample": sample, "timestep": timestep, **control})
-                    eps = run_cast(c["poster_unet"], {
-                        "sample": sample, "timestep": timestep, "text_embeds": text_embeds,
-                        **{name: residuals[name] for name in self.residual_names},
-                    })["noise_pred"].astype(np.float32, copy=False)
-                    if cfg:
-                        eps = guide(eps, guidance)
-                    latents = sched.step(eps, int(t), latents)
-                if on_step:
-                    on_step(i + 1, steps)
-            with timer.stage("vae_decode"):
-                decoded = run_cast(c["vae_decoder"], {"latent": latents})["image"]
-                generated = from_model_image(decoded.astype(np.float32, copy=False))
-            with timer.stage("compose"):
-                composed = [compose(g, r.product) for g, r in zip(generated, requests)]
-            images, placements, layouts = [], [], []
-            with timer.stage("typeset"):
-                for image, elements, r in zip(composed, boxes, requests):
-                    text_elements = sorted((e for e in elements if e.text is not None), key=lambda e: e.text)
-                    drawn, placed = typeset(image, [e.box for e in text_elements], [r.texts[e.text] for e in text_elements])
-                    drawn = drawn.copy()
-                    drawn[r.product.mask] = r.product.rgb[r.product.mask]  # text never covers the product
-                    images.append(drawn)
-                    placements.append([p.to_dict() for p in placed])
-                    layouts.append(scored_layout(elements, r.product))
-        return PosterOutput(images=images, generated=generated, timings=timer.summary(), layouts=layouts,
-                            placements=placements)
+                "control_cond": guidance.double(control_cond),
+                "control_scale": guidance.double(control_scale),
+            },
+        )
+        return Conditioning(denoiser, carry=plans)
+
+    def finish(self, requests: Sequence[PosterRequest], images: list[np.ndarray], generated: list[np.ndarray],
+               carry: list[list[Element]], timer: StageTimer) -> PosterOutput:
+        drawn_images, placements, layouts = [], [], []
+        with timer.stage("typeset"):
+            for image, elements, r in zip(images, carry, requests):
+                text_elements = sorted((e for e in elements if e.text is not None), key=lambda e: e.text)
+                drawn, placed = typeset(image, [e.box for e in text_elements], [r.texts[e.text] for e in text_elements])
+                drawn = drawn.copy()
+                drawn[r.product.mask] = r.product.rgb[r.product.mask]  # text never covers the product
+                drawn_images.append(drawn)
+                placements.append([p.to_dict() for p in placed])
+                layouts.append(scored_layout(elements, r.product))
+        return PosterOutput(drawn_images, generated, layouts=layouts, placements=placements)
 
     def _plan(
         self,
@@ -189,23 +148,17 @@ class PosterPipeline:
         text_mask: np.ndarray,
     ) -> list[list[Element]]:
         """PlanNet's loop: one box per selling point, in canvas pixels (module docstring)."""
-        plannet = self.components["plannet"]
         slots = features.shape[1]
-        fixed = FixedBoxes.none(len(requests), slots)
-        for b, r in enumerate(requests):
-            for box in r.fixed:
-                fixed.mask[b, box.text] = True
-                fixed.boxes[b, box.text] = box.normalized(r.product.width, r.product.height)
-        invariant = {"image_tokens": image_tokens, "text_features": features, "text_mask": text_mask}
-
-        def predict(x: np.ndarray, t: np.ndarray):
-            with timer.stage("layout_step", repeated=True):
-                out = run_cast(plannet, {"layout": x, "timestep": t, **invariant})
-            return out["layout_pred"].astype(np.float32), None
-
-        sample = sample_boxes(
-            predict, [np.random.Generator(np.random.PCG64([r.seed, 1])) for r in requests], slots, layout_steps, fixed=fixed
+        plannet = BoxDenoiser(
+            self.components["plannet"],
+            {"image_tokens": image_tokens, "text_features": features, "text_mask": text_mask},
+            boxes="layout", output="layout_pred", timer=timer,
         )
+        fixed = FixedBoxes.of(
+            [{box.text: box.normalized(r.product.width, r.product.height) for box in r.fixed} for r in requests], slots
+        )
+        generators = [np.random.Generator(np.random.PCG64([r.seed, 1])) for r in requests]
+        sample = sample_boxes(plannet, generators, slots, layout_steps, fixed=fixed)
         plans = []
         for b, r in enumerate(requests):
             w, h = r.product.width, r.product.height
@@ -221,39 +174,6 @@ class PosterPipeline:
                     elements.append(Element("text", tuple(int(v) for v in px), None, t, repairs=repairs))
             plans.append(elements)
         return plans
-
-
-def grow_box(box: np.ndarray, width: int, height: int) -> tuple[np.ndarray, bool]:
-    """A pixel box grown around its centre to at least MIN_BOX_FRACTION of the canvas, kept inside it."""
-    min_w = max(int(round(MIN_BOX_FRACTION[0] * width)), 1)
-    min_h = max(int(round(MIN_BOX_FRACTION[1] * height)), 1)
-    x0, y0, x1, y1 = (int(v) for v in box)
-    grown = False
-    for lo, hi, least, side in ((0, 2, min_w, width), (1, 3, min_h, height)):
-        a, b = (x0, x1) if lo == 0 else (y0, y1)
-        if b - a < least:
-            grown = True
-            centre = (a + b) / 2
-            a = int(round(min(max(centre - least / 2, 0), side - least)))
-            b = a + least
-        if lo == 0:
-            x0, x1 = a, b
-        else:
-            y0, y1 = a, b
-    return np.array([x0, y0, x1, y1]), grown
-
-
-@dataclass(frozen=True)
-class PreparedPoster:
-    request: PosterRequest
-    product_path: str
-    product_size: tuple[int, int]
-    placement: Placement
-    layout_fixed_path: str | None
-    steps: int
-    layout_steps: int
-    scheduler: str
-    seconds: float
 
 
 class PosterDefinition(PipelineDefinition):
@@ -284,59 +204,39 @@ class PosterDefinition(PipelineDefinition):
         seed: int = 0,
         scheduler: str | None = None,
         max_pixels: int = MAX_IMAGE_PIXELS,
-    ) -> PreparedPoster:
+    ) -> Prepared:
         started = time.perf_counter()
-        steps, scheduler = schedule_settings(steps, scheduler, DEFAULT_STEPS)
+        steps, scheduler = schedule_settings(steps, scheduler)
         layout_steps = DEFAULT_LAYOUT_STEPS if layout_steps is None else layout_steps
         time_pairs(layout_steps)
         texts = check_texts(text, preset.layout.max_texts)
-        item, placed, placement = placed_product(preset, product, mask, width, height, max_pixels)
-        fixed = () if layout_fixed is None else load_fixed_boxes(layout_fixed, placed.width, placed.height, texts,
+        check_drawable(texts)  # before any model runs, not after the whole loop
+        placed = placed_product(preset, product, mask, width, height, max_pixels)
+        canvas = placed.product
+        fixed = () if layout_fixed is None else load_fixed_boxes(layout_fixed, canvas.width, canvas.height, texts,
                                                                  classes=("text",))
         request = PosterRequest(
-            placed, prompt, texts, fixed, negative_prompt, seed,
+            canvas, prompt, texts, fixed, negative_prompt, seed,
             DEFAULT_GUIDANCE if guidance is None else guidance,
             1.0 if control_scale is None else control_scale,
+            layout_steps,
         )
-        request.validate()
-        return PreparedPoster(request, str(product), (item.width, item.height), placement,
-                              None if layout_fixed is None else str(layout_fixed), steps, layout_steps, scheduler,
-                              time.perf_counter() - started)
+        return self.prepared(request, placed, Schedule(steps, scheduler, layout_steps), started, layout_fixed=layout_fixed)
 
     def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> PosterPipeline:
         return PosterPipeline(components, preset, load_tokenizer(preset, weights))
 
-    def run_batch(
-        self, runner: PosterPipeline, prepared: list[PreparedPoster], on_step: StepCallback | None = None
-    ) -> list[GenerateResult]:
-        steps, scheduler = batch_settings(prepared)
-        layout_steps = {p.layout_steps for p in prepared}
-        if len(layout_steps) != 1:
-            raise InputError("requests", "expected one layout step count per batch", sorted(layout_steps))
-        output = runner([p.request for p in prepared], steps=steps, layout_steps=layout_steps.pop(),
-                        scheduler=scheduler, on_step=on_step)
-        results = []
-        for i, p in enumerate(prepared):
-            r = p.request
-            results.append(GenerateResult(output.images[i], {
-                "seed": r.seed,
-                "prompt": r.prompt,
-                "negative_prompt": r.negative_prompt,
-                "width": r.product.width,
-                "height": r.product.height,
-                "steps": steps,
-                "layout_steps": p.layout_steps,
-                "scheduler": scheduler,
-                "guidance": r.guidance,
-                "control_scale": r.control_scale,
-                "texts": list(r.texts),
-                "layout": layout_report(output.layouts[i], r.texts, p.layout_fixed_path),
-                "typeset": output.placements[i],
-                "product": {"path": p.product_path, "size": list(p.product_size), "placement": placement_dict(p.placement)},
-                "batch": len(prepared),
-                "timings_s": {"load_inputs": round(p.seconds, 6), **output.timings},
-            }))
-        return results
+    def request_report(self, prepared: Prepared, output: PosterOutput, index: int) -> dict:
+        r = prepared.request
+        return {
+            "prompt": r.prompt,
+            "negative_prompt": r.negative_prompt,
+            "guidance": r.guidance,
+            "control_scale": r.control_scale,
+            "texts": list(r.texts),
+            "layout": layout_report(output.layouts[index], r.texts, prepared.files.get("layout_fixed")),
+            "typeset": output.placements[index],
+        }
 
     def call_plan(self, requests: int, steps: int) -> dict[str, Call]:
         guided = 2 * requests

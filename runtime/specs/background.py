@@ -16,6 +16,8 @@ the networks and the pipeline read it from here.
 
 from __future__ import annotations
 
+from runtime.presets import Preset
+from runtime.specs.core import ComponentSpec, DType, Precision, TensorSpec
 from runtime.specs.shared import (
     latent_dims,
     level_dims,
@@ -24,13 +26,12 @@ from runtime.specs.shared import (
     skip_residual_layout,
     skip_residual_names,
     text_encoder_spec,
+    timestep_input,
     vae_decoder_spec,
     vae_encoder_spec,
 )
 
 style_residual_layout = skip_residual_layout  # the style branch feeds every skip connection
-from runtime.presets import Preset
-from runtime.specs.core import ComponentSpec, DType, Precision, TensorSpec
 
 
 def style_residual_names(preset: Preset) -> tuple[str, ...]:
@@ -76,7 +77,7 @@ def background_unet_spec(preset: Preset, precision: Precision = Precision.FP32) 
         name="background_unet",
         inputs=(
             TensorSpec("sample", f, ("B", preset.latent_channels, "latent_h", "latent_w"), doc="noisy latent"),
-            TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, 999), doc="per sample"),
+            timestep_input(),
             TensorSpec("product_latent", f, ("B", preset.latent_channels, "latent_h", "latent_w"), invariant=True,
                        doc="VAE latent of the product on grey (inpainting's masked-image latent)"),
             _mask("product_mask", "1 on the product, at latent size (nearest)"),

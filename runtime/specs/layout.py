@@ -18,7 +18,7 @@ import math
 
 from runtime.presets import Preset
 from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
-from runtime.specs.shared import text_encoder_spec
+from runtime.specs.shared import text_encoder_spec, timestep_input
 
 LAYOUT_CLASSES = ("logo", "text", "underlay", "embellishment")
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
@@ -26,13 +26,14 @@ FPN_STRIDES = (4, 8, 16, 32)
 IMAGE_MULTIPLE = 32  # the coarsest FPN stride: every level is then an exact fraction of the image
 MIN_IMAGE_SIDE = 64
 
-BOX_SCALE = 2.0  # DiffusionDet's signal scale: boxes live in [-2, 2] while diffused
+# DiffusionDet's box diffusion, as RADM and PlanNet were trained: the one home of its constants.
+BOX_SCALE = 2.0  # signal scale: boxes live in [-2, 2] while diffused
+BOX_TRAIN_STEPS = 1000  # training timesteps of the cosine schedule
 BBOX_WEIGHTS = (2.0, 2.0, 1.0, 1.0)  # box-delta weights (dx, dy, dw, dh)
 SCALE_CLAMP = math.log(100000.0 / 16)  # largest dw, dh before exp (detectron2's default)
 POOLER_SAMPLING_RATIO = 2  # RoIAlignV2: 2 x 2 bilinear samples per output cell
 CANONICAL_BOX_SIZE = 224  # a box of this side (pixels) is pooled from p4
 CANONICAL_LEVEL = 4
-NUM_TIMESTEPS = 1000
 NMS_IOU = 0.15  # class-aware NMS of the post-processing (not in any graph)
 SCORE_THRESHOLD = 0.25  # sigmoid score a kept box must exceed (not in any graph)
 
@@ -115,7 +116,7 @@ def layout_head_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
         inputs=(
             TensorSpec("boxes", DType.FLOAT32, ("B", "boxes", 4), value_range=(-BOX_SCALE, BOX_SCALE),
                        doc="noisy boxes, (cx, cy, w, h) in [0, 1] mapped to [-2, 2]; clamped inside"),
-            TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, NUM_TIMESTEPS - 1), doc="per sample"),
+            timestep_input(BOX_TRAIN_STEPS),
             *_features(preset, f),
             TensorSpec("text_features", f, ("B", "texts", preset.text.hidden_size), invariant=True,
                        doc="one feature per selling point; padded slots are ignored"),

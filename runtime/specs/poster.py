@@ -20,6 +20,7 @@ from __future__ import annotations
 from runtime.presets import Preset
 from runtime.specs.background import MASK_BIAS
 from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
+from runtime.specs.layout import BOX_SCALE, BOX_TRAIN_STEPS
 from runtime.specs.shared import (
     image_encoder_spec,
     latent_dims,
@@ -29,10 +30,9 @@ from runtime.specs.shared import (
     skip_residual_layout,
     skip_residual_names,
     text_encoder_spec,
+    timestep_input,
     vae_decoder_spec,
 )
-
-LAYOUT_SCALE = 2.0  # DiffusionDet's signal scale: boxes live in [-2, 2] while they are noised
 
 
 def control_residual_names(preset: Preset) -> tuple[str, ...]:
@@ -52,9 +52,9 @@ def plannet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Compo
     return ComponentSpec(
         name="plannet",
         inputs=(
-            TensorSpec("layout", f, ("B", "texts", 4), value_range=(-LAYOUT_SCALE, LAYOUT_SCALE),
+            TensorSpec("layout", f, ("B", "texts", 4), value_range=(-BOX_SCALE, BOX_SCALE),
                        doc="noisy boxes, (cx, cy, w, h) in [0, 1] mapped to [-2, 2] (DiffusionDet)"),
-            TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, 999), doc="per sample"),
+            timestep_input(BOX_TRAIN_STEPS),
             TensorSpec("image_tokens", f, ("B", preset.image.num_tokens, preset.unet.cross_attention_dim), invariant=True,
                        doc="image_encoder output on the product canvas"),
             TensorSpec("text_features", f, ("B", "texts", preset.text.hidden_size), invariant=True,
@@ -69,7 +69,7 @@ def plannet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Compo
             "PlanNet layout decoder: noisy layout + timestep -> clean layout, conditioned on the product's image "
             "tokens and the selling points' text features. Run every layout denoising step."
         ),
-        constants={"mask_bias": MASK_BIAS, "layout_scale": LAYOUT_SCALE},
+        constants={"mask_bias": MASK_BIAS, "layout_scale": BOX_SCALE},
     )
 
 
@@ -103,7 +103,7 @@ def controlnet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Co
         name="controlnet",
         inputs=(
             TensorSpec("sample", f, ("B", preset.latent_channels, "latent_h", "latent_w"), doc="noisy latent"),
-            TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, 999), doc="per sample"),
+            timestep_input(),
             TensorSpec("text_embeds", f, ("B", preset.text.max_length, preset.unet.cross_attention_dim), invariant=True),
             TensorSpec("control_cond", f, ("B", preset.unet.block_out_channels[0], "latent_h", "latent_w"), invariant=True,
                        doc="render_cond output"),
@@ -122,7 +122,7 @@ def poster_unet_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
         name="poster_unet",
         inputs=(
             TensorSpec("sample", f, ("B", preset.latent_channels, "latent_h", "latent_w"), doc="noisy latent"),
-            TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, 999), doc="per sample"),
+            timestep_input(),
             TensorSpec("text_embeds", f, ("B", preset.text.max_length, preset.unet.cross_attention_dim), invariant=True),
             *_control_residuals(preset, f),
         ),

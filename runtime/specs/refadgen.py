@@ -12,6 +12,7 @@ from runtime.specs.shared import (
     level_size,
     network_batch,
     text_encoder_spec,
+    timestep_input,
     vae_decoder_spec,
     vae_encoder_spec,
 )
@@ -79,7 +80,7 @@ def unet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Componen
         inputs=(
             TensorSpec("sample", f, ("B", preset.latent_channels + 1, "latent_h", "latent_w"),
                        doc="concat(noisy latent, product mask at latent size)"),
-            TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, 999), doc="per sample"),
+            timestep_input(),
             TensorSpec("text_embeds", f, ("B", t.max_length, preset.unet.cross_attention_dim), invariant=True),
             *_ref_tensors(preset, "key", f, invariant=True),
             *_ref_tensors(preset, "value", f, invariant=True),

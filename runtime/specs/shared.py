@@ -12,6 +12,13 @@ from runtime.errors import InputError
 from runtime.presets import Preset
 from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
 
+LATENT_TRAIN_STEPS = 1000  # SD 1.5's training timesteps: a U-Net's timestep input lies in [0, 999]
+
+
+def timestep_input(train_steps: int = LATENT_TRAIN_STEPS) -> TensorSpec:
+    """The per-sample timestep every denoiser takes, (B,) float32 in [0, train_steps - 1]."""
+    return TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, train_steps - 1), doc="per sample")
+
 
 def network_batch(preset: Preset) -> Dim:
     return Dim("B", 1, 2, preset.max_batch)
