@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--fused-step", action="store_true", default=False,
                      help="export the per-step component as one guided-step graph (2B batch and guidance inside)")
     exp.add_argument("--cleanup", default=None, choices=("none", "ort-basic", "onnxslim"),
-                     help="graph clean-up before saving (default: the exporter's, see README)")
+                     help="graph clean-up before saving (default: the exporter's, see docs/export.md)")
     exp.add_argument(
         "--attention", default="ort", choices=("ort", "onnx"),
         help="ort: fused com.microsoft.MultiHeadAttention (ONNX Runtime); onnx: portable MatMul/Softmax (TensorRT, others)",
