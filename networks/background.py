@@ -70,12 +70,11 @@ from networks.weights import (
     save_text_and_vae,
     seeded,
 )
-from runtime.artifacts.weights import WeightsSource, weight_files
+from runtime.artifacts.weights import BACKGROUND_FILE, WeightsSource, weight_files
 from runtime.presets import Preset
 from runtime.specs.background import MASK_BIAS, style_residual_layout
 from runtime.specs.shared import LEVELS
 
-BACKGROUND_FILE = "background.safetensors"
 BACKGROUND_PARTS = ("background_unet", "style_branch")
 
 

@@ -73,13 +73,12 @@ from networks.weights import (
     save_text_and_vae,
     seeded,
 )
-from runtime.artifacts.weights import WeightsSource, weight_files
+from runtime.artifacts.weights import POSTER_FILE, WeightsSource, weight_files
 from runtime.presets import Preset
 from runtime.specs.background import MASK_BIAS
 from runtime.specs.layout import BOX_SCALE
 from runtime.specs.shared import skip_residual_layout
 
-POSTER_FILE = "poster.safetensors"
 POSTER_PARTS = ("plannet", "render_cond", "controlnet", "poster_unet", "image_encoder")
 _SEED_OFFSETS = {"plannet": 30, "render_cond": 31, "controlnet": 32, "poster_unet": 33}
 TIMESTEP_FREQUENCIES = 256  # sinusoidal timestep features (DiT, DiffusionDet)

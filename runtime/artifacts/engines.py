@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from runtime.artifacts.manifest import check_key, key_mismatches
+from runtime.artifacts.manifest import read_manifest as read_manifest_file
 from runtime.errors import BackendError, InputError
 from runtime.specs.core import ComponentSpec, Dim, Precision
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
 ENGINE_SUFFIX = ".plan"
 ENGINE_MANIFEST_SUFFIX = ".json"
+REBUILD = "rebuild with `adgen engines`"
 BATCH_DIM = "B"
 
 Shape = tuple[int, ...]
@@ -170,28 +173,17 @@ def write_manifest(engine: Path, key: EngineKey, profile_set: Sequence[Profile],
 
 
 def read_manifest(engine: Path) -> dict:
-    path = manifest_path(engine)
-    if not path.is_file():
-        raise BackendError(f"{engine}: no manifest {path.name} beside it; rebuild with `adgen engines`")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BackendError(f"{path}: unreadable engine manifest ({e})") from e
+    """The manifest beside an engine."""
+    return read_manifest_file(manifest_path(engine), "no manifest beside the engine", REBUILD)
 
 
 def check_engine(engine: Path, key: EngineKey) -> dict:
     """The manifest of `engine` if it was built for `key`; else BackendError naming the field."""
     manifest = read_manifest(engine)
-    recorded = manifest.get("key", {})
-    for field_name, wanted in key.to_dict().items():
-        if recorded.get(field_name) != wanted:
-            raise BackendError(
-                f"{engine.name}: built for {field_name}={recorded.get(field_name)!r}, this needs {wanted!r}; "
-                f"rebuild with `adgen engines`"
-            )
+    check_key(engine.name, manifest.get("key", {}), key.to_dict(), REBUILD)
     size = engine.stat().st_size if engine.is_file() else None
     if size != manifest.get("bytes"):
-        raise BackendError(f"{engine.name}: {size} bytes, manifest says {manifest.get('bytes')}; rebuild with `adgen engines`")
+        raise BackendError(f"{engine.name}: {size} bytes, manifest says {manifest.get('bytes')}; {REBUILD}")
     return manifest
 
 
@@ -214,7 +206,7 @@ def find_engine(root: Path, key: EngineKey) -> Path:
             continue  # a half-written or foreign file: not a candidate
         if recorded.get("component") != key.component:
             continue
-        diff = [f"{k}={recorded.get(k)!r} (need {v!r})" for k, v in wanted.items() if recorded.get(k) != v]
+        diff = key_mismatches(recorded, wanted)
         if best is None or len(diff) < best[0]:
             best = (len(diff), path, diff)
     if best is None:
@@ -253,10 +245,4 @@ def write_index(root: Path, graphs: "GraphKey", canvases: Sequence[Mapping[str, 
 
 
 def read_index(root: Path) -> dict:
-    path = Path(root) / INDEX
-    if not path.is_file():
-        raise BackendError(f"{root}: no {INDEX}; not a folder made by `adgen engines`")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BackendError(f"{path}: unreadable ({e})") from e
+    return read_manifest_file(Path(root) / INDEX, f"no {INDEX}; not a folder made by `adgen engines`", REBUILD)

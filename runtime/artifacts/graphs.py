@@ -8,13 +8,14 @@ a crashed or concurrent export never leaves a half-written folder that looks com
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
 
+from runtime.artifacts.manifest import check_key
+from runtime.artifacts.manifest import read_manifest as read_manifest_file
 from runtime.artifacts.weights import WeightsSource
 from runtime.errors import BackendError, ExportError
 from runtime.presets import Preset
@@ -24,6 +25,7 @@ from runtime.timing import Progress
 CACHE_ENV = "ADGEN_CACHE"
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
+REEXPORT = "re-export with `adgen export` (or remove it from the cache)"
 OPSET = 17
 
 
@@ -70,13 +72,8 @@ class GraphKey:
 
 
 def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise BackendError(f"{folder}: no {MANIFEST}; not an exported graph folder")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BackendError(f"{path}: unreadable manifest ({e})") from e
+    """The manifest of an exported graph folder."""
+    return read_manifest_file(Path(folder) / MANIFEST, "no manifest; not an exported graph folder", REEXPORT)
 
 
 def graph_path(folder: Path, component: str) -> Path:
@@ -87,23 +84,25 @@ def check_manifest(folder: Path, key: GraphKey, specs: Mapping[str, ComponentSpe
     """Return the manifest of `folder` if it serves `key`; raise BackendError naming the mismatch."""
     path = folder / MANIFEST
     manifest = read_manifest(folder)
-    recorded = manifest.get("key", {})
-    for field_name, wanted in key.to_dict().items():
-        if recorded.get(field_name) != wanted:
-            raise BackendError(
-                f"{path}: built for {field_name}={recorded.get(field_name)!r}, need {wanted!r}; re-export"
-            )
-    components = manifest.get("components", {})
-    for name, spec in specs.items():
-        entry = components.get(name)
-        if entry is None:
-            raise BackendError(f"{path}: component {name} missing; re-export")
-        if entry.get("spec_hash") != spec.spec_hash():
-            raise BackendError(f"{path}: {name} spec hash {entry.get('spec_hash')} != {spec.spec_hash()}; re-export")
-        size = _size(graph_path(folder, name))
-        if size != entry.get("bytes"):
-            raise BackendError(f"{path}: {name}.onnx is {size} bytes, manifest says {entry.get('bytes')}; re-export")
+    check_key(str(path), manifest.get("key", {}), key.to_dict(), REEXPORT)
+    for spec in specs.values():
+        check_component_graph(folder, manifest, spec)
     return manifest
+
+
+def check_component_graph(folder: Path, manifest: Mapping, spec: ComponentSpec) -> Path:
+    """The graph of `spec` in an exported folder, checked against the folder's manifest: listed,
+    exported from this spec, and of the recorded size."""
+    path, where = graph_path(folder, spec.name), folder / MANIFEST
+    entry = manifest.get("components", {}).get(spec.name)
+    if entry is None:
+        raise BackendError(f"{where}: component {spec.name} missing; {REEXPORT}")
+    if entry.get("spec_hash") != spec.spec_hash():
+        raise BackendError(f"{where}: {spec.name} spec hash {entry.get('spec_hash')} != {spec.spec_hash()}; {REEXPORT}")
+    size = _size(path)
+    if size != entry.get("bytes"):
+        raise BackendError(f"{where}: {path.name} is {size} bytes, manifest says {entry.get('bytes')}; {REEXPORT}")
+    return path
 
 
 def find_graphs(root: Path, key: GraphKey, specs: Mapping[str, ComponentSpec]) -> Path | None:

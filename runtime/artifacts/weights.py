@@ -2,7 +2,9 @@
 
 Torch-free: the runtime keys its ONNX cache by this fingerprint without building networks.
 A weights folder holds diffusers/transformers sub-folders (`text_encoder/`, `vae/`, optional
-`tokenizer/`), `refadgen.safetensors` for the RefAdGen parts and `layout.safetensors` for RADM.
+`tokenizer/`) and one `<pipeline>.safetensors` per pipeline holding its own parts under their
+component names (`refadgen.safetensors`: `unet.*`, `reference_unet.*`, `image_encoder.*`;
+`background.safetensors`; `layout.safetensors`; `poster.safetensors`).
 Only safetensors are read: pickled checkpoints (.bin, .ckpt, .pt, .pth) are refused, never
 unpickled.
 """
@@ -18,8 +20,10 @@ from runtime.errors import WeightsError
 # Bump when random initialisation changes, so caches of old random graphs are not reused.
 RANDOM_INIT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-REFADGEN_FILE = "refadgen.safetensors"
+REFADGEN_FILE = "refadgen.safetensors"  # `unet.*`, `reference_unet.*`, `image_encoder.*`
+BACKGROUND_FILE = "background.safetensors"  # `background_unet.*`, `style_branch.*`
 LAYOUT_FILE = "layout.safetensors"  # RADM: `layout_backbone.*`, `layout_head.*`
+POSTER_FILE = "poster.safetensors"  # `plannet.*`, `render_cond.*`, `controlnet.*`, `poster_unet.*`, `image_encoder.*`
 
 
 @dataclass(frozen=True)
