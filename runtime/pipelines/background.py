@@ -21,10 +21,9 @@ Reference rules:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -41,7 +40,6 @@ from runtime.inputs.images import (
     Product,
     decode_mask,
     load_image,
-    placed_product,
     product_only,
     resize_mask,
     resize_mask_nearest,
@@ -57,7 +55,7 @@ from runtime.pipelines.base import (
     Prepared,
     Schedule,
 )
-from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range, schedule_settings
+from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range
 from runtime.presets import Preset
 from runtime.specs.background import background_specs, style_residual_names
 from runtime.specs.core import ComponentSpec, Precision
@@ -218,38 +216,33 @@ class BackgroundDefinition(PipelineDefinition):
     def prepare(
         self,
         preset: Preset,
-        product: str | Path,
         category: str,
-        mask: str | Path | None = None,
         categories: str | Path | None = None,
         reference: str | Path | None = None,
         reference_mask: str | Path | None = None,
         negative_prompt: str = "",
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
         guidance: float | None = None,
         style_scale: float | None = None,
         seed: int = 0,
-        scheduler: str | None = None,
-        max_pixels: int = MAX_IMAGE_PIXELS,
+        **common: Any,
     ) -> Prepared:
-        started = time.perf_counter()
-        schedule = Schedule(*schedule_settings(steps, scheduler))
         resolved = get_category(category, categories)
         if reference_mask is not None and reference is None:
             raise InputError("reference_mask", "is only read with --reference", str(reference_mask))
         if style_scale is not None and reference is None:
             raise InputError("style_scale", "is only read with --reference", style_scale)
-        placed = placed_product(preset, product, mask, width, height, max_pixels)
-        canvas = placed.product
-        ref = None if reference is None else load_reference(reference, canvas.width, canvas.height, reference_mask, max_pixels)
-        request = BackgroundRequest(
-            canvas, resolved, ref, negative_prompt, seed,
-            DEFAULT_GUIDANCE if guidance is None else guidance,
-            1.0 if style_scale is None else style_scale,
-        )
-        return self.prepared(request, placed, schedule, started, reference=reference, reference_mask=reference_mask)
+
+        def build(canvas: Product, schedule: Schedule) -> BackgroundRequest:
+            ref = None if reference is None else load_reference(
+                reference, canvas.width, canvas.height, reference_mask, common.get("max_pixels", MAX_IMAGE_PIXELS)
+            )
+            return BackgroundRequest(
+                canvas, resolved, ref, negative_prompt, seed,
+                DEFAULT_GUIDANCE if guidance is None else guidance,
+                1.0 if style_scale is None else style_scale,
+            )
+
+        return self.prepared(preset, common, build, reference=reference, reference_mask=reference_mask)
 
     def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> BackgroundPipeline:
         return BackgroundPipeline(components, preset, load_tokenizer(preset, weights))

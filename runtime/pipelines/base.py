@@ -16,18 +16,25 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from runtime.artifacts.weights import WeightsSource
 from runtime.backends.base import Component, run_cast
+from runtime.diffusion.boxes import time_pairs
 from runtime.diffusion.loop import Denoiser, Guidance, StepCallback, denoise
 from runtime.errors import InputError
 from runtime.finishing.compose import compose
-from runtime.inputs.images import PlacedProduct, from_model_image
+from runtime.inputs.images import MAX_IMAGE_PIXELS, PlacedProduct, Product, from_model_image, placed_product
 from runtime.inputs.tokenizer import Tokenizer
-from runtime.pipelines.checks import DEFAULT_SCHEDULER, DEFAULT_STEPS, check_batch, require_components
+from runtime.pipelines.checks import (
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    check_batch,
+    require_components,
+    schedule_settings,
+)
 from runtime.presets import Preset
 from runtime.specs.core import ComponentSpec, Precision
 from runtime.specs.guided import with_guided_step
@@ -35,6 +42,10 @@ from runtime.timing import StageTimer
 
 __all__ = ["Call", "Conditioning", "GenerateResult", "LatentPipeline", "PipelineDefinition", "PipelineOutput", "Prepared", "Schedule",
            "StepCallback"]
+
+
+# The options `PipelineDefinition.prepared` reads for every pipeline (each only if the pipeline has it).
+COMMON_OPTIONS = ("product", "mask", "width", "height", "steps", "scheduler", "layout_steps", "max_pixels")
 
 
 @dataclass(frozen=True)
@@ -172,6 +183,7 @@ class PipelineDefinition(ABC):
     # The per-step component and the inputs both guidance halves share, for the fused
     # guided-step graph (runtime/specs/guided.py); None: this pipeline has no such option.
     guided_step: tuple[str, tuple[str, ...]] | None = None
+    default_layout_steps: int | None = None  # pipelines that plan a layout: box-diffusion steps
 
     @abstractmethod
     def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
@@ -231,12 +243,42 @@ class PipelineDefinition(ABC):
             "timings_s": {"load_inputs": round(prepared.seconds, 6), **output.timings},
         }
 
-    def prepared(self, request: Any, product: PlacedProduct, schedule: Schedule, started: float,
-                 **files: str | Path | None) -> Prepared:
-        """`request` validated, with what the report needs of how it was read."""
+    def prepared(
+        self,
+        preset: Preset,
+        common: Mapping[str, Any],
+        build: Callable[[Product, Schedule], Any],
+        **files: str | Path | None,
+    ) -> Prepared:
+        """The part of `prepare` every pipeline shares: the options in `common` (the product and
+        its mask, the canvas size, the schedule, `max_pixels`) checked and loaded, then the
+        pipeline's request built by `build(canvas product, schedule)` and validated. `files` are
+        the other input files, named in the report."""
+        started = time.perf_counter()
+        unknown = sorted(k for k in common if k != "max_pixels" and (k not in COMMON_OPTIONS or k not in self.options))
+        if unknown:
+            raise InputError(unknown[0], f"is not an option of pipeline {self.name}")
+        missing = [k for k in self.required if k in COMMON_OPTIONS and k not in common]
+        if missing:
+            raise InputError(missing[0], f"is required by pipeline {self.name}")
+        schedule = self.schedule(common)
+        placed = placed_product(preset, common["product"], common.get("mask"), common.get("width"),
+                                common.get("height"), common.get("max_pixels", MAX_IMAGE_PIXELS))
+        request = build(placed.product, schedule)
         request.validate()
         named = {k: str(v) for k, v in files.items() if v is not None}
-        return Prepared(request, product, schedule, time.perf_counter() - started, named)
+        return Prepared(request, placed, schedule, time.perf_counter() - started, named)
+
+    def schedule(self, common: Mapping[str, Any]) -> Schedule:
+        """The request's loop settings with this pipeline's defaults, checked."""
+        steps = scheduler = layout_steps = None
+        if "steps" in self.options:
+            steps, scheduler = schedule_settings(common.get("steps"), common.get("scheduler"))
+        if "layout_steps" in self.options:
+            layout_steps = common.get("layout_steps")
+            layout_steps = self.default_layout_steps if layout_steps is None else layout_steps
+            time_pairs(layout_steps)
+        return Schedule(steps, scheduler, layout_steps)
 
     def example_options(self, folder: Path, preset: Preset) -> dict[str, Any]:
         """Request options for demos and benchmarks, writing any input images they need into `folder`."""

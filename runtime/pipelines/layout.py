@@ -15,19 +15,18 @@ exactly as given; the rest is planned around them.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 from runtime.artifacts.weights import WeightsSource
 from runtime.backends.base import Component, run_cast
-from runtime.diffusion.boxes import BoxDenoiser, FixedBoxes, sample_boxes, time_pairs
+from runtime.diffusion.boxes import BoxDenoiser, FixedBoxes, sample_boxes
 from runtime.diffusion.loop import StepCallback
-from runtime.inputs.images import MAX_IMAGE_PIXELS, Product, placed_product, product_only, to_model_image
+from runtime.inputs.images import Product, product_only, to_model_image
 from runtime.inputs.tokenizer import Tokenizer, load_tokenizer
 from runtime.layout.elements import FixedBox, check_texts, draw_layout, load_fixed_boxes
 from runtime.layout.postprocess import Layout, layout_report, scored_layout, select_elements
@@ -119,6 +118,7 @@ class LayoutDefinition(PipelineDefinition):
     name = "layout"
     options = ("product", "mask", "text", "layout_fixed", "width", "height", "layout_steps", "seed")
     required = ("product", "text")
+    default_layout_steps = DEFAULT_LAYOUT_STEPS
     step_components = ("layout_head",)
     steps_option = "layout_steps"
     step_stage = "layout_step"
@@ -129,27 +129,20 @@ class LayoutDefinition(PipelineDefinition):
     def prepare(
         self,
         preset: Preset,
-        product: str | Path,
         text: Sequence[str],
-        mask: str | Path | None = None,
         layout_fixed: str | Path | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        layout_steps: int | None = None,
         seed: int = 0,
-        max_pixels: int = MAX_IMAGE_PIXELS,
+        **common: Any,
     ) -> Prepared:
-        started = time.perf_counter()
         texts = check_texts(text, min(preset.layout.max_texts, preset.layout.num_boxes))
-        steps = DEFAULT_LAYOUT_STEPS if layout_steps is None else layout_steps
-        time_pairs(steps)
-        placed = placed_product(preset, product, mask, width, height, max_pixels)
-        canvas = placed.product
-        fixed = () if layout_fixed is None else load_fixed_boxes(
-            layout_fixed, canvas.width, canvas.height, texts, max_boxes=preset.layout.num_boxes - len(texts)
-        )
-        request = LayoutRequest(canvas, texts, fixed, seed)
-        return self.prepared(request, placed, Schedule(layout_steps=steps), started, layout_fixed=layout_fixed)
+
+        def build(canvas: Product, schedule: Schedule) -> LayoutRequest:
+            fixed = () if layout_fixed is None else load_fixed_boxes(
+                layout_fixed, canvas.width, canvas.height, texts, max_boxes=preset.layout.num_boxes - len(texts)
+            )
+            return LayoutRequest(canvas, texts, fixed, seed)
+
+        return self.prepared(preset, common, build, layout_fixed=layout_fixed)
 
     def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> LayoutPipeline:
         return LayoutPipeline(components, preset, load_tokenizer(preset, weights))

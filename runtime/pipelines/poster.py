@@ -25,10 +25,9 @@ box overlaps it (a fixed box, or where no place is free; the `occlusion` metric 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -38,7 +37,7 @@ from runtime.diffusion.boxes import BoxDenoiser, FixedBoxes, sample_boxes, time_
 from runtime.diffusion.loop import Denoiser, Guidance
 from runtime.errors import InputError
 from runtime.finishing.typeset import check_drawable, typeset
-from runtime.inputs.images import MAX_IMAGE_PIXELS, Product, placed_product, product_only, to_model_image
+from runtime.inputs.images import Product, product_only, to_model_image
 from runtime.inputs.tokenizer import check_prompt, load_tokenizer
 from runtime.layout.boxes import to_pixels
 from runtime.layout.elements import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes
@@ -52,7 +51,7 @@ from runtime.pipelines.base import (
     Prepared,
     Schedule,
 )
-from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range, schedule_settings
+from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range
 from runtime.pipelines.conditioning import image_tokens, prompt_embeddings, selling_point_features
 from runtime.presets import Preset
 from runtime.specs.core import ComponentSpec, Precision
@@ -181,6 +180,7 @@ class PosterDefinition(PipelineDefinition):
     options = ("product", "mask", "prompt", "text", "layout_fixed", "negative_prompt", "width", "height", "steps",
                "layout_steps", "guidance", "control_scale", "seed", "scheduler")
     required = ("product", "prompt", "text")
+    default_layout_steps = DEFAULT_LAYOUT_STEPS
     step_components = ("controlnet", "poster_unet")
 
     def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
@@ -189,39 +189,30 @@ class PosterDefinition(PipelineDefinition):
     def prepare(
         self,
         preset: Preset,
-        product: str | Path,
         prompt: str,
         text: Sequence[str],
-        mask: str | Path | None = None,
         layout_fixed: str | Path | None = None,
         negative_prompt: str = "",
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        layout_steps: int | None = None,
         guidance: float | None = None,
         control_scale: float | None = None,
         seed: int = 0,
-        scheduler: str | None = None,
-        max_pixels: int = MAX_IMAGE_PIXELS,
+        **common: Any,
     ) -> Prepared:
-        started = time.perf_counter()
-        steps, scheduler = schedule_settings(steps, scheduler)
-        layout_steps = DEFAULT_LAYOUT_STEPS if layout_steps is None else layout_steps
-        time_pairs(layout_steps)
         texts = check_texts(text, preset.layout.max_texts)
         check_drawable(texts)  # before any model runs, not after the whole loop
-        placed = placed_product(preset, product, mask, width, height, max_pixels)
-        canvas = placed.product
-        fixed = () if layout_fixed is None else load_fixed_boxes(layout_fixed, canvas.width, canvas.height, texts,
-                                                                 classes=("text",))
-        request = PosterRequest(
-            canvas, prompt, texts, fixed, negative_prompt, seed,
-            DEFAULT_GUIDANCE if guidance is None else guidance,
-            1.0 if control_scale is None else control_scale,
-            layout_steps,
-        )
-        return self.prepared(request, placed, Schedule(steps, scheduler, layout_steps), started, layout_fixed=layout_fixed)
+
+        def build(canvas: Product, schedule: Schedule) -> PosterRequest:
+            fixed = () if layout_fixed is None else load_fixed_boxes(
+                layout_fixed, canvas.width, canvas.height, texts, classes=("text",)
+            )
+            return PosterRequest(
+                canvas, prompt, texts, fixed, negative_prompt, seed,
+                DEFAULT_GUIDANCE if guidance is None else guidance,
+                1.0 if control_scale is None else control_scale,
+                schedule.layout_steps,
+            )
+
+        return self.prepared(preset, common, build, layout_fixed=layout_fixed)
 
     def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> PosterPipeline:
         return PosterPipeline(components, preset, load_tokenizer(preset, weights))

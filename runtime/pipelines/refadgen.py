@@ -12,10 +12,9 @@ through its mask.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -24,16 +23,14 @@ from runtime.backends.base import Component, run_cast
 from runtime.diffusion.loop import Denoiser, Guidance
 from runtime.errors import InputError
 from runtime.inputs.images import (
-    MAX_IMAGE_PIXELS,
     Product,
-    placed_product,
     product_only,
     resize_mask_nearest,
     to_model_image,
 )
 from runtime.inputs.tokenizer import Tokenizer, check_prompt, load_tokenizer
-from runtime.pipelines.base import Call, Conditioning, LatentPipeline, PipelineDefinition, Prepared, Schedule
-from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range, schedule_settings
+from runtime.pipelines.base import Call, Conditioning, LatentPipeline, PipelineDefinition, Prepared
+from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range
 from runtime.pipelines.conditioning import image_tokens, prompt_embeddings
 from runtime.presets import Preset
 from runtime.specs.core import ComponentSpec, Precision
@@ -131,28 +128,18 @@ class RefAdGenDefinition(PipelineDefinition):
     def prepare(
         self,
         preset: Preset,
-        product: str | Path,
         prompt: str,
-        mask: str | Path | None = None,
         negative_prompt: str = "",
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
         guidance: float | None = None,
         afm_scale: float | None = None,
         seed: int = 0,
-        scheduler: str | None = None,
-        max_pixels: int = MAX_IMAGE_PIXELS,
+        **common: Any,
     ) -> Prepared:
-        started = time.perf_counter()
-        schedule = Schedule(*schedule_settings(steps, scheduler))
-        placed = placed_product(preset, product, mask, width, height, max_pixels)
-        request = RefAdGenRequest(
-            placed.product, prompt, negative_prompt, seed,
+        return self.prepared(preset, common, lambda canvas, schedule: RefAdGenRequest(
+            canvas, prompt, negative_prompt, seed,
             DEFAULT_GUIDANCE if guidance is None else guidance,
             DEFAULT_AFM_SCALE if afm_scale is None else afm_scale,
-        )
-        return self.prepared(request, placed, schedule, started)
+        ))
 
     def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> RefAdGenPipeline:
         return RefAdGenPipeline(components, preset, load_tokenizer(preset, weights))
