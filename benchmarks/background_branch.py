@@ -18,15 +18,13 @@ and appends JSON lines (machine, versions, git commit, spec hashes, raw samples)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from benchmarks.step_latency import git_commit, machine
+from benchmarks.measure import append_jsonl, interleaved, provenance
 from runtime.artifacts.weights import WeightsSource
 from runtime.backends import load_components
 from runtime.backends.base import ModelSource
@@ -98,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "branch_per_step": per_step,
         "branch_alone": lambda: branch.run(branch_feed),
     }
-    samples: dict[str, list[float]] = {m: [] for m in MODES}
-    for i in range(args.warmup + args.iterations):
-        for mode in MODES if i % 2 == 0 else MODES[::-1]:
-            started = time.perf_counter()
-            runs[mode]()
-            if i >= args.warmup:
-                samples[mode].append(time.perf_counter() - started)
+    samples = interleaved(runs, args.warmup, args.iterations)
 
     p50 = {m: float(np.median(samples[m])) for m in MODES}
     print(f"background pipeline, preset {preset.name}, backend {args.backend}, latent {h}x{w}, U-Net batch 2, branch batch 1, "
@@ -126,15 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         "latent": [h, w], "unet_batch": 2, "branch_batch": 1, "threads": args.threads,
         "p50_s": p50[m], "samples_s": samples[m],
         "spec_hash": {k: specs[k].spec_hash() for k in ("background_unet", "style_branch")},
-        "git_commit": git_commit(), "machine": machine(), "time": time.time(),
+        **provenance(),
     } for m in MODES]
 
     if args.requests_steps:
         records += _requests(definition, components, preset, product, args, say)
-    if args.out:
-        with open(args.out, "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+    append_jsonl(args.out, records)
     return 0
 
 
@@ -169,7 +158,7 @@ def _requests(definition, components, preset, product, args, say) -> list[dict]:
         records.append({"benchmark": "background_branch", "mode": f"request_{key}", "preset": preset.name, "steps": steps,
                         "backend": args.backend,
                         "denoise_step_p50_s": step, "style_branch_s": branch, "total_s": total, "timings": runs,
-                        "git_commit": git_commit(), "machine": machine(), "time": time.time()})
+                        **provenance()})
     return records
 
 

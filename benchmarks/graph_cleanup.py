@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.step_latency import git_commit, machine
+from benchmarks.measure import append_jsonl, interleaved, provenance
 from runtime.artifacts.weights import WeightsSource
 from runtime.pipelines import get_pipeline
 from runtime.presets import PRESETS, get_preset
@@ -87,14 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for option in options:
         out = sessions[option].run(None, feed)
         info[option]["max_abs_vs_" + options[0].value] = max(float(np.abs(a - b).max()) for a, b in zip(out, reference))
-    samples = {o: [] for o in options}
-    for i in range(args.warmup + args.iterations):
-        k = i % len(options)
-        for option in options[k:] + options[:k]:  # each option takes each position in turn
-            started = time.perf_counter()
-            sessions[option].run(None, feed)
-            if i >= args.warmup:
-                samples[option].append(time.perf_counter() - started)
+    samples = interleaved({o: (lambda o=o: sessions[o].run(None, feed)) for o in options}, args.warmup, args.iterations)
 
     base_p50 = float(np.median(samples[options[0]]))
     print(f"{args.component} ({preset.name}, attention {args.attention}), batch {env['B']}, latent {env['latent_h']}x{env['latent_w']}, "
@@ -111,12 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "graph_cleanup", "pipeline": args.pipeline, "component": args.component, "preset": preset.name,
             "attention": args.attention, "cleanup": option.value, **i, "p50_s": p50, "p90_s": float(np.percentile(s, 90)),
             "samples_s": s.tolist(), "batch": env["B"], "latent": [env["latent_h"], env["latent_w"]], "threads": args.threads,
-            "spec_hash": spec.spec_hash(), "git_commit": git_commit(), "machine": machine(), "time": time.time(),
+            "spec_hash": spec.spec_hash(), **provenance(),
         })
-    if args.out:
-        with open(args.out, "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+    append_jsonl(args.out, records)
     return 0
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,11 +32,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.measure import git_commit, machine_info
 
 SCHEMA_VERSION = 1
 PLACEMENTS = ("in-process", "client-loop", "in-server")
@@ -79,45 +78,6 @@ def percentiles(samples: list[float]) -> dict[str, float]:
         "max": float(a.max()),
         "n": int(a.size),
     }
-
-
-def machine_info() -> dict[str, Any]:
-    versions = {}
-    for lib in ("numpy", "onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "transformers", "tritonclient"):
-        try:
-            versions[lib] = version(lib)
-        except PackageNotFoundError:
-            pass
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "device": device_name(),
-        "versions": versions,
-    }
-
-
-def device_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return f"cpu ({os.cpu_count()} cores)"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run_scenario(scenario: Scenario, cache_dir: str | None = None) -> dict[str, Any]:

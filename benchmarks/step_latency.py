@@ -13,17 +13,12 @@ to --out.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
-import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.measure import append_jsonl, interleaved, provenance
 from runtime.artifacts.weights import WeightsSource
 from runtime.backends import load_components
 from runtime.backends.base import ModelSource
@@ -34,30 +29,6 @@ from runtime.specs.core import Precision
 from runtime.specs.guided import guided_name
 
 STEP_COMPONENT = {"refadgen": "unet", "background": "background_unet"}
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> dict:
-    versions = {}
-    for lib in ("numpy", "onnxruntime", "torch", "diffusers"):
-        try:
-            versions[lib] = version(lib)
-        except PackageNotFoundError:
-            versions[lib] = "absent"
-    return {
-        "platform": platform.platform(),
-        "processor": platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,13 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = spec.env_at("opt", B=args.requests if args.fused_step else 2 * args.requests)
     feed = spec.sample_inputs(np.random.default_rng(0), env)
-    samples: dict[str, list[float]] = {b: [] for b in backends}
-    for i in range(args.warmup + args.iterations):
-        for b in backends if i % 2 == 0 else backends[::-1]:  # neither backend always runs second
-            started = time.perf_counter()
-            runners[b].run(feed)  # returns host arrays: any device work has finished
-            if i >= args.warmup:
-                samples[b].append(time.perf_counter() - started)
+    samples = interleaved({b: (lambda b=b: runners[b].run(feed)) for b in backends}, args.warmup, args.iterations)
 
     base = float(np.median(samples[backends[0]]))
     print(f"{args.pipeline} {name} step ({precision.value}, {args.device}), preset {preset.name}, batch {env['B']}, latent {env['latent_h']}x{env['latent_w']}, "
@@ -121,12 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "step_latency", "pipeline": args.pipeline, "component": name, "preset": preset.name,
             "backend": b, "precision": precision.value, "device": args.device, "fused_step": args.fused_step, "batch": env["B"], "latent": [env["latent_h"], env["latent_w"]], "threads": args.threads,
             "p50_s": p50, "p90_s": float(np.percentile(s, 90)), "samples_s": s.tolist(),
-            "spec_hash": spec.spec_hash(), "git_commit": git_commit(), "machine": machine(), "time": time.time(),
+            "spec_hash": spec.spec_hash(), **provenance(),
         })
-    if args.out:
-        with open(args.out, "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+    append_jsonl(args.out, records)
     return 0
 
 

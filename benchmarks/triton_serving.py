@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.step_latency import git_commit, machine
+from benchmarks.measure import git_commit
+from benchmarks.measure import machine_info as machine
 from runtime.api import LoadedPipeline, generate, load_pipeline
 from runtime.artifacts.weights import WeightsSource
 from runtime.backends import load_components

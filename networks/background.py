@@ -59,18 +59,12 @@ from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBloc
 from torch import nn
 
 from networks.common.attention import CrossAttentionProcessor, attend_biased
-from networks.sd import TextEncoder, VAEDecoder, VAEEncoder, random_text_model, random_vae, unet_config
+from networks.sd import Part, TextEncoder, VAEDecoder, VAEEncoder, for_inference, pipeline_networks, unet_config
 from networks.weights import (
-    check_text_size,
-    check_vae_size,
-    load_parts,
-    load_text_encoder,
-    load_vae,
     save_parts,
     save_text_and_vae,
-    seeded,
 )
-from runtime.artifacts.weights import BACKGROUND_FILE, WeightsSource, weight_files
+from runtime.artifacts.weights import BACKGROUND_FILE, WeightsSource
 from runtime.presets import Preset
 from runtime.specs.background import MASK_BIAS, style_residual_layout
 from runtime.specs.shared import LEVELS
@@ -213,32 +207,17 @@ def build_background(preset: Preset, weights: WeightsSource = WeightsSource()) -
     pipelines see the same shared components. A weights folder holds `text_encoder/`, `vae/`
     and `background.safetensors` (`background_unet.*`, `style_branch.*`), loaded strictly.
     """
-    if weights.path is None:
-        text = random_text_model(preset, weights.seed)
-        vae = random_vae(preset, weights.seed)
-        parts = {
-            "background_unet": seeded(weights.seed, 10, lambda: CategoryUNet(preset)),
-            "style_branch": seeded(weights.seed, 11, lambda: StyleBranch(preset)),
-        }
-    else:
-        root = Path(weights.path)
-        weight_files(root)  # refuses pickled checkpoints before anything is read
-        text = load_text_encoder(root / "text_encoder")
-        vae = load_vae(root / "vae")
-        parts = {"background_unet": CategoryUNet(preset), "style_branch": StyleBranch(preset)}
-        load_parts(root / BACKGROUND_FILE, parts)
-    modules = {
+    text, vae, parts = pipeline_networks(preset, weights, {
+        "background_unet": Part(lambda: CategoryUNet(preset), seed=10),
+        "style_branch": Part(lambda: StyleBranch(preset), seed=11),
+    }, BACKGROUND_FILE)
+    return for_inference({
         "text_encoder": TextEncoder(text),
         "vae_encoder": VAEEncoder(vae),
         "style_branch": parts["style_branch"],
         "background_unet": parts["background_unet"],
         "vae_decoder": VAEDecoder(vae),
-    }
-    for module in modules.values():
-        module.eval().requires_grad_(False)
-    check_text_size(preset, text)
-    check_vae_size(preset, vae)
-    return modules
+    })
 
 
 def save_background(modules: dict[str, nn.Module], root: Path) -> None:

@@ -55,25 +55,20 @@ from torch import nn
 
 from networks.common.attention import CrossAttentionProcessor, attend_biased
 from networks.sd import (
+    IMAGE_ENCODER_SEED,
+    Part,
     TextEncoder,
     VAEDecoder,
+    for_inference,
     new_image_encoder,
-    random_image_encoder,
-    random_text_model,
-    random_vae,
+    pipeline_networks,
     unet_config,
 )
 from networks.weights import (
-    check_text_size,
-    check_vae_size,
-    load_parts,
-    load_text_encoder,
-    load_vae,
     save_parts,
     save_text_and_vae,
-    seeded,
 )
-from runtime.artifacts.weights import POSTER_FILE, WeightsSource, weight_files
+from runtime.artifacts.weights import POSTER_FILE, WeightsSource
 from runtime.presets import Preset
 from runtime.specs.background import MASK_BIAS
 from runtime.specs.layout import BOX_SCALE
@@ -267,20 +262,10 @@ def build_poster(preset: Preset, weights: WeightsSource = WeightsSource()) -> di
     `vae/` and `poster.safetensors` (prefixes `plannet.`, `render_cond.`, `controlnet.`,
     `poster_unet.`, `image_encoder.`), loaded strictly.
     """
-    if weights.path is None:
-        text = random_text_model(preset, weights.seed)
-        vae = random_vae(preset, weights.seed)
-        parts = {name: seeded(weights.seed, offset, partial(_NETWORKS[name], preset)) for name, offset in _SEED_OFFSETS.items()}
-        parts["image_encoder"] = random_image_encoder(preset, weights.seed)
-    else:
-        root = Path(weights.path)
-        weight_files(root)  # refuses pickled checkpoints before anything is read
-        text = load_text_encoder(root / "text_encoder")
-        vae = load_vae(root / "vae")
-        parts = {name: make(preset) for name, make in _NETWORKS.items()}
-        parts["image_encoder"] = new_image_encoder(preset)
-        load_parts(root / POSTER_FILE, parts)
-    modules = {
+    own = {name: Part(partial(_NETWORKS[name], preset), seed=offset) for name, offset in _SEED_OFFSETS.items()}
+    own["image_encoder"] = Part(partial(new_image_encoder, preset), seed=IMAGE_ENCODER_SEED)
+    text, vae, parts = pipeline_networks(preset, weights, own, POSTER_FILE)
+    return for_inference({
         "text_encoder": TextEncoder(text),
         "image_encoder": parts["image_encoder"],
         "plannet": parts["plannet"],
@@ -288,12 +273,7 @@ def build_poster(preset: Preset, weights: WeightsSource = WeightsSource()) -> di
         "controlnet": parts["controlnet"],
         "poster_unet": parts["poster_unet"],
         "vae_decoder": VAEDecoder(vae),
-    }
-    for module in modules.values():
-        module.eval().requires_grad_(False)
-    check_text_size(preset, text)
-    check_vae_size(preset, vae)
-    return modules
+    })
 
 
 def save_poster(modules: dict[str, nn.Module], root: Path) -> None:

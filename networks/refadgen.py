@@ -32,6 +32,7 @@ from networks.sd import (
     TextEncoder,
     VAEDecoder,
     VAEEncoder,
+    for_inference,
     new_image_encoder,
     random_image_encoder,
     random_text_model,
@@ -196,10 +197,7 @@ REFADGEN_PARTS = ("unet", "reference_unet", "image_encoder")  # in refadgen.safe
 def build_refadgen(preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
     """The seven RefAdGen components as eval-mode float32 modules, keyed by spec name."""
     parts = {part: refadgen_part(preset, weights, part) for part in _REFADGEN_BUILD_ORDER}
-    modules = {name: wrap(parts[part]) for name, (part, wrap) in REFADGEN_COMPONENTS.items()}
-    for module in modules.values():
-        module.eval().requires_grad_(False)
-    return modules
+    return for_inference({name: wrap(parts[part]) for name, (part, wrap) in REFADGEN_COMPONENTS.items()})
 
 
 def refadgen_part(preset: Preset, weights: WeightsSource, part: str) -> nn.Module:

@@ -7,13 +7,18 @@ and the torch backend call every component the same way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
 from diffusers import AutoencoderKL
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
-from networks.weights import seeded
-from runtime.presets import Preset
+from networks.weights import check_text_size, check_vae_size, load_parts, load_text_encoder, load_vae, seeded
+from runtime.artifacts.weights import WeightsSource, weight_files
+from runtime.presets import ImageEncoderSize, Preset, TextEncoderSize
 
 # Random init draws each shared network from its own seed offset, the same in every pipeline, so
 # one seed gives every pipeline the same text encoder, VAE and image encoder.
@@ -22,32 +27,26 @@ VAE_SEED = 1
 IMAGE_ENCODER_SEED = 4
 
 
+def _clip_size(size: TextEncoderSize | ImageEncoderSize) -> dict:
+    """The transformer sizes CLIP's text and vision configs share."""
+    return dict(
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        hidden_act="quick_gelu",
+        projection_dim=size.hidden_size,
+    )
+
+
 def text_config(preset: Preset) -> CLIPTextConfig:
     t = preset.text
-    return CLIPTextConfig(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        max_position_embeddings=t.max_length,
-        hidden_act="quick_gelu",
-        projection_dim=t.hidden_size,
-    )
+    return CLIPTextConfig(vocab_size=t.vocab_size, max_position_embeddings=t.max_length, **_clip_size(t))
 
 
 def vision_config(preset: Preset) -> CLIPVisionConfig:
     i = preset.image
-    return CLIPVisionConfig(
-        hidden_size=i.hidden_size,
-        intermediate_size=i.intermediate_size,
-        num_hidden_layers=i.num_layers,
-        num_attention_heads=i.num_heads,
-        image_size=i.image_size,
-        patch_size=i.patch_size,
-        hidden_act="quick_gelu",
-        projection_dim=i.hidden_size,
-    )
+    return CLIPVisionConfig(image_size=i.image_size, patch_size=i.patch_size, **_clip_size(i))
 
 
 def vae_config(preset: Preset) -> dict:
@@ -169,3 +168,41 @@ def random_vae(preset: Preset, seed: int) -> AutoencoderKL:
 
 def random_image_encoder(preset: Preset, seed: int) -> ImageEncoder:
     return seeded(seed, IMAGE_ENCODER_SEED, lambda: new_image_encoder(preset))
+
+
+@dataclass(frozen=True)
+class Part:
+    """One of a pipeline's own networks: how to build it, and the seed offset of its random init."""
+
+    make: Callable[[], nn.Module]
+    seed: int
+
+
+def pipeline_networks(
+    preset: Preset, weights: WeightsSource, parts: Mapping[str, Part], parts_file: str, vae: bool = True
+) -> tuple[CLIPTextModel, AutoencoderKL | None, dict[str, nn.Module]]:
+    """The shared text encoder (and VAE) and a pipeline's own networks, random-initialised from
+    `weights.seed` or loaded strictly from the folder `weights.path` (`text_encoder/`, `vae/` and
+    `parts_file` with one key prefix per part), their sizes checked against the preset."""
+    if weights.path is None:
+        text = random_text_model(preset, weights.seed)
+        autoencoder = random_vae(preset, weights.seed) if vae else None
+        own = {name: seeded(weights.seed, part.seed, part.make) for name, part in parts.items()}
+    else:
+        root = Path(weights.path)
+        weight_files(root)  # refuses pickled checkpoints before anything is read
+        text = load_text_encoder(root / "text_encoder")
+        autoencoder = load_vae(root / "vae") if vae else None
+        own = {name: part.make() for name, part in parts.items()}
+        load_parts(root / parts_file, own)
+    check_text_size(preset, text)
+    if autoencoder is not None:
+        check_vae_size(preset, autoencoder)
+    return text, autoencoder, own
+
+
+def for_inference(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """`modules` in eval mode without gradients (what export and the torch backend run)."""
+    for module in modules.values():
+        module.eval().requires_grad_(False)
+    return modules

@@ -116,11 +116,12 @@ def load_vae(folder: Path) -> AutoencoderKL:
 
 
 def check_text_size(preset: Preset, text: CLIPTextModel) -> None:
-    if text.config.hidden_size != preset.unet.cross_attention_dim:
-        raise WeightsError(
-            f"text_encoder hidden size {text.config.hidden_size} does not match preset {preset.name}'s "
-            f"cross-attention dim {preset.unet.cross_attention_dim}"
-        )
+    """The text encoder's width is the one the preset's specs were built for (text embeddings,
+    selling-point features and the U-Nets' cross-attention)."""
+    hidden = text.config.hidden_size
+    for what, width in (("text", preset.text.hidden_size), ("cross-attention", preset.unet.cross_attention_dim)):
+        if hidden != width:
+            raise WeightsError(f"text_encoder hidden size {hidden} does not match preset {preset.name}'s {what} width {width}")
 
 
 def check_vae_size(preset: Preset, vae: AutoencoderKL) -> None:

@@ -59,18 +59,14 @@ Assumptions and departures from the reference code:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
 from networks.layout.backbone import LayoutBackbone
 from networks.layout.head import LayoutHead
-from networks.sd import TextEncoder, random_text_model
-from networks.weights import load_parts, load_text_encoder, seeded
-from runtime.artifacts.weights import LAYOUT_FILE, WeightsSource, weight_files
-from runtime.errors import WeightsError
+from networks.sd import Part, TextEncoder, for_inference, pipeline_networks
+from runtime.artifacts.weights import LAYOUT_FILE, WeightsSource
 from runtime.presets import Preset
 from runtime.specs.layout import FPN_LEVELS
 
@@ -84,26 +80,11 @@ def build_layout(preset: Preset, weights: WeightsSource = WeightsSource()) -> di
     folder holds `text_encoder/` and `layout.safetensors` (`layout_backbone.*`, `layout_head.*`),
     loaded strictly.
     """
-    if weights.path is None:
-        text = random_text_model(preset, weights.seed)
-        parts = {
-            "layout_backbone": seeded(weights.seed, 20, lambda: LayoutBackbone(preset)),
-            "layout_head": seeded(weights.seed, 21, lambda: LayoutHead(preset)),
-        }
-    else:
-        root = Path(weights.path)
-        weight_files(root)  # refuses pickled checkpoints before anything is read
-        text = load_text_encoder(root / "text_encoder")
-        parts = {"layout_backbone": LayoutBackbone(preset), "layout_head": LayoutHead(preset)}
-        load_parts(root / LAYOUT_FILE, parts)
-    if text.config.hidden_size != preset.text.hidden_size:
-        raise WeightsError(
-            f"text_encoder hidden size {text.config.hidden_size} does not match preset {preset.name}'s "
-            f"text hidden size {preset.text.hidden_size} (the layout head's text_features width)"
-        )
-    modules = {"text_encoder": TextEncoder(text), **parts}
-    for module in modules.values():
-        module.eval().requires_grad_(False)
+    text, _, parts = pipeline_networks(preset, weights, {
+        "layout_backbone": Part(lambda: LayoutBackbone(preset), seed=20),
+        "layout_head": Part(lambda: LayoutHead(preset), seed=21),
+    }, LAYOUT_FILE, vae=False)
+    modules = for_inference({"text_encoder": TextEncoder(text), **parts})
     parts["layout_head"].parity_feed = _backbone_features(parts["layout_backbone"])
     return modules
 

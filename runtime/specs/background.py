@@ -19,12 +19,12 @@ from __future__ import annotations
 from runtime.presets import Preset
 from runtime.specs.core import ComponentSpec, DType, Precision, TensorSpec
 from runtime.specs.shared import (
-    latent_dims,
-    level_dims,
-    level_shape,
-    network_batch,
+    denoiser_dims,
+    latent_tensor,
     skip_residual_layout,
     skip_residual_names,
+    skip_residuals,
+    text_embeds_input,
     text_encoder_spec,
     timestep_input,
     vae_decoder_spec,
@@ -32,19 +32,12 @@ from runtime.specs.shared import (
 )
 
 style_residual_layout = skip_residual_layout  # the style branch feeds every skip connection
+STYLE_DOC = "zero wherever the target's product touches the cell"
 
 
 def style_residual_names(preset: Preset) -> tuple[str, ...]:
     """`style_down_00` .. `style_down_11`, then `style_mid`: diffusers' down-block residual order."""
     return skip_residual_names("style", preset)
-
-
-def _style_residuals(preset: Preset, dtype: DType, invariant: bool) -> tuple[TensorSpec, ...]:
-    return tuple(
-        TensorSpec(name, dtype, ("B", channels, *level_shape(level)), invariant=invariant,
-                   doc=f"level {level}; zero wherever the target's product touches the cell")
-        for name, (level, channels) in zip(style_residual_names(preset), skip_residual_layout(preset))
-    )
 
 
 def _mask(name: str, doc: str) -> TensorSpec:
@@ -56,13 +49,13 @@ def style_branch_spec(preset: Preset, precision: Precision = Precision.FP32) -> 
     return ComponentSpec(
         name="style_branch",
         inputs=(
-            TensorSpec("reference_latent", f, ("B", preset.latent_channels, "latent_h", "latent_w"), invariant=True,
+            latent_tensor("reference_latent", preset, f, invariant=True,
                        doc="VAE latent of the reference ad, its product greyed out, resized to the canvas"),
             _mask("reference_mask", "1 on the reference ad's product, at latent size (nearest)"),
             _mask("product_mask", "1 on the TARGET's product, at latent size (nearest)"),
         ),
-        outputs=_style_residuals(preset, f, invariant=True),
-        dims=(network_batch(preset), *latent_dims(preset), *level_dims()),
+        outputs=skip_residuals("style", preset, f, invariant=True, doc=STYLE_DOC),
+        dims=denoiser_dims(preset),
         doc=(
             "Personalized generator: ControlNet-like encoder over the reference (no text, no noisy latent, "
             "no timestep), outputs masked by the target's background. Per-request invariant: run once per request."
@@ -76,23 +69,22 @@ def background_unet_spec(preset: Preset, precision: Precision = Precision.FP32) 
     return ComponentSpec(
         name="background_unet",
         inputs=(
-            TensorSpec("sample", f, ("B", preset.latent_channels, "latent_h", "latent_w"), doc="noisy latent"),
+            latent_tensor("sample", preset, f, doc="noisy latent"),
             timestep_input(),
-            TensorSpec("product_latent", f, ("B", preset.latent_channels, "latent_h", "latent_w"), invariant=True,
+            latent_tensor("product_latent", preset, f, invariant=True,
                        doc="VAE latent of the product on grey (inpainting's masked-image latent)"),
             _mask("product_mask", "1 on the product, at latent size (nearest)"),
-            TensorSpec("text_embeds", f, ("B", t.max_length, preset.unet.cross_attention_dim), invariant=True,
-                       doc='"a photo of C in the background of D"'),
+            text_embeds_input(preset, f, doc='"a photo of C in the background of D"'),
             TensorSpec("class_tokens", DType.FLOAT32, ("B", t.max_length), invariant=True, value_range=(0.0, 1.0),
                        doc="1 at the token positions of C; only product positions attend to them"),
             TensorSpec("identifier_tokens", DType.FLOAT32, ("B", t.max_length), invariant=True, value_range=(0.0, 1.0),
                        doc="1 at the token positions of D; only background positions attend to them"),
-            *_style_residuals(preset, f, invariant=True),
+            *skip_residuals("style", preset, f, invariant=True, doc=STYLE_DOC),
             TensorSpec("style_scale", DType.FLOAT32, ("B",), invariant=True, value_range=(0.5, 1.5),
                        doc="weight of the style residuals (0: category-common branch alone)"),
         ),
-        outputs=(TensorSpec("noise_pred", f, ("B", preset.latent_channels, "latent_h", "latent_w")),),
-        dims=(network_batch(preset), *latent_dims(preset), *level_dims()),
+        outputs=(latent_tensor("noise_pred", preset, f),),
+        dims=denoiser_dims(preset),
         doc=(
             "Category-common generator: SD 1.5 U-Net, conv_in 9 channels (noisy latent, mask, product latent), "
             "mask-aware cross-attention, style residuals added to the skip connections. Run every denoising step."

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 from runtime.presets import Preset
 from runtime.specs.background import MASK_BIAS
-from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
+from runtime.specs.core import ComponentSpec, Dim, DType, Precision, TensorSpec
 from runtime.specs.layout import BOX_SCALE, BOX_TRAIN_STEPS
 from runtime.specs.shared import (
+    canvas_dims,
+    denoiser_dims,
     image_encoder_spec,
-    latent_dims,
-    level_dims,
-    level_shape,
+    latent_tensor,
     network_batch,
-    skip_residual_layout,
     skip_residual_names,
+    skip_residuals,
+    text_embeds_input,
     text_encoder_spec,
     timestep_input,
     vae_decoder_spec,
@@ -38,13 +39,6 @@ from runtime.specs.shared import (
 def control_residual_names(preset: Preset) -> tuple[str, ...]:
     """`control_down_00` .. `control_down_11`, then `control_mid`: diffusers' residual order."""
     return skip_residual_names("control", preset)
-
-
-def _control_residuals(preset: Preset, dtype: DType) -> tuple[TensorSpec, ...]:
-    return tuple(
-        TensorSpec(name, dtype, ("B", channels, *level_shape(level)), doc=f"level {level}, times control_scale")
-        for name, (level, channels) in zip(control_residual_names(preset), skip_residual_layout(preset))
-    )
 
 
 def plannet_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
@@ -75,7 +69,6 @@ def plannet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Compo
 
 def render_cond_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
     f = precision.float_dtype
-    s = preset.vae_scale
     return ComponentSpec(
         name="render_cond",
         inputs=(
@@ -84,15 +77,9 @@ def render_cond_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
             TensorSpec("product_image", f, ("B", 3, "height", "width"), invariant=True,
                        doc="RGB in [-1, 1]: the product on grey at canvas size"),
         ),
-        outputs=(TensorSpec("control_cond", f, ("B", preset.unet.block_out_channels[0], "latent_h", "latent_w"),
-                            invariant=True, doc="fused layout and visual features; ControlNet adds them after conv_in"),),
-        dims=(
-            network_batch(preset),
-            Dim("height", preset.min_side, preset.default_height, preset.max_side, multiple=s),
-            Dim("width", preset.min_side, preset.default_width, preset.max_side, multiple=s),
-            DerivedDim("latent_h", (("height", 1, s),)),
-            DerivedDim("latent_w", (("width", 1, s),)),
-        ),
+        outputs=(latent_tensor("control_cond", preset, f, preset.unet.block_out_channels[0], invariant=True,
+                               doc="fused layout and visual features; ControlNet adds them after conv_in"),),
+        dims=(network_batch(preset), *canvas_dims(preset)),
         doc="RenderNet: layout-mask encoder + product visual encoder + spatial fusion. Run once per request.",
     )
 
@@ -102,16 +89,16 @@ def controlnet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Co
     return ComponentSpec(
         name="controlnet",
         inputs=(
-            TensorSpec("sample", f, ("B", preset.latent_channels, "latent_h", "latent_w"), doc="noisy latent"),
+            latent_tensor("sample", preset, f, doc="noisy latent"),
             timestep_input(),
-            TensorSpec("text_embeds", f, ("B", preset.text.max_length, preset.unet.cross_attention_dim), invariant=True),
-            TensorSpec("control_cond", f, ("B", preset.unet.block_out_channels[0], "latent_h", "latent_w"), invariant=True,
-                       doc="render_cond output"),
+            text_embeds_input(preset, f),
+            latent_tensor("control_cond", preset, f, preset.unet.block_out_channels[0], invariant=True,
+                          doc="render_cond output"),
             TensorSpec("control_scale", DType.FLOAT32, ("B",), invariant=True, value_range=(0.5, 1.5),
                        doc="ControlNet conditioning scale per sample; multiplies every residual"),
         ),
-        outputs=_control_residuals(preset, f),
-        dims=(network_batch(preset), *latent_dims(preset), *level_dims()),
+        outputs=skip_residuals("control", preset, f, doc="times control_scale"),
+        dims=denoiser_dims(preset),
         doc="ControlNet (SD 1.5 encoder copy, zero convs) conditioned on RenderNet's features. Run every step.",
     )
 
@@ -121,13 +108,13 @@ def poster_unet_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
     return ComponentSpec(
         name="poster_unet",
         inputs=(
-            TensorSpec("sample", f, ("B", preset.latent_channels, "latent_h", "latent_w"), doc="noisy latent"),
+            latent_tensor("sample", preset, f, doc="noisy latent"),
             timestep_input(),
-            TensorSpec("text_embeds", f, ("B", preset.text.max_length, preset.unet.cross_attention_dim), invariant=True),
-            *_control_residuals(preset, f),
+            text_embeds_input(preset, f),
+            *skip_residuals("control", preset, f, doc="times control_scale"),
         ),
-        outputs=(TensorSpec("noise_pred", f, ("B", preset.latent_channels, "latent_h", "latent_w")),),
-        dims=(network_batch(preset), *latent_dims(preset), *level_dims()),
+        outputs=(latent_tensor("noise_pred", preset, f),),
+        dims=denoiser_dims(preset),
         doc="SD 1.5 U-Net with the ControlNet residuals added to its skip connections. Run every step.",
     )
 

@@ -9,8 +9,10 @@ from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision,
 from runtime.specs.shared import (
     image_encoder_spec,
     latent_dims,
+    latent_tensor,
     level_size,
     network_batch,
+    text_embeds_input,
     text_encoder_spec,
     timestep_input,
     vae_decoder_spec,
@@ -25,7 +27,8 @@ def ref_layer_name(kind: str, index: int) -> str:
     return f"ref_{kind}_{index:02d}"
 
 
-def token_dims(preset: Preset) -> list[DerivedDim]:
+def token_dims() -> list[DerivedDim]:
+    """`tokens_l0` .. `tokens_l3`: the self-attention token count at each level."""
     return [
         DerivedDim(f"tokens_l{level}", (("latent_h", 1, 2**level), ("latent_w", 1, 2**level)))
         for level in range(4)
@@ -44,11 +47,11 @@ def reference_unet_spec(preset: Preset, precision: Precision = Precision.FP32) -
     return ComponentSpec(
         name="reference_unet",
         inputs=(
-            TensorSpec("product_latent", f, ("B", preset.latent_channels, "latent_h", "latent_w"), invariant=True),
+            latent_tensor("product_latent", preset, f, invariant=True),
             TensorSpec("image_tokens", f, ("B", preset.image.num_tokens, preset.unet.cross_attention_dim), invariant=True),
         ),
         outputs=_ref_tensors(preset, "state", f, invariant=True),
-        dims=(network_batch(preset), *latent_dims(preset), *token_dims(preset)),
+        dims=(network_batch(preset), *latent_dims(preset), *token_dims()),
         doc="Reference U-Net at t = 0: the input of each of its 16 self-attention layers. Run once per request.",
     )
 
@@ -74,20 +77,19 @@ def afm_kv_spec(preset: Preset, precision: Precision = Precision.FP32) -> Compon
 
 def unet_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
     f = precision.float_dtype
-    t = preset.text
     return ComponentSpec(
         name="unet",
         inputs=(
-            TensorSpec("sample", f, ("B", preset.latent_channels + 1, "latent_h", "latent_w"),
+            latent_tensor("sample", preset, f, preset.latent_channels + 1,
                        doc="concat(noisy latent, product mask at latent size)"),
             timestep_input(),
-            TensorSpec("text_embeds", f, ("B", t.max_length, preset.unet.cross_attention_dim), invariant=True),
+            text_embeds_input(preset, f),
             *_ref_tensors(preset, "key", f, invariant=True),
             *_ref_tensors(preset, "value", f, invariant=True),
             TensorSpec("afm_scale", DType.FLOAT32, ("B",), invariant=True, value_range=(0.5, 1.5)),
         ),
-        outputs=(TensorSpec("noise_pred", f, ("B", preset.latent_channels, "latent_h", "latent_w")),),
-        dims=(network_batch(preset), *latent_dims(preset), *token_dims(preset)),
+        outputs=(latent_tensor("noise_pred", preset, f),),
+        dims=(network_batch(preset), *latent_dims(preset), *token_dims()),
         doc="Generation U-Net, 5-channel conv_in, AFM self-attention. Run every denoising step.",
     )
 

@@ -73,6 +73,43 @@ def level_shape(level: int) -> tuple[str, str]:
     return (f"latent_h_l{level}", f"latent_w_l{level}")
 
 
+def skip_residuals(prefix: str, preset: Preset, dtype: DType, invariant: bool = False, doc: str = "") -> tuple[TensorSpec, ...]:
+    """One tensor per skip connection the U-Net decoder consumes (`skip_residual_layout`), named
+    `skip_residual_names(prefix)`: what a ControlNet-like branch adds to the U-Net."""
+    return tuple(
+        TensorSpec(name, dtype, ("B", channels, *level_shape(level)), invariant=invariant, doc=f"level {level}; {doc}")
+        for name, (level, channels) in zip(skip_residual_names(prefix, preset), skip_residual_layout(preset))
+    )
+
+
+def denoiser_dims(preset: Preset) -> tuple[Dim | DerivedDim, ...]:
+    """The dims of a U-Net-shaped component: batch, latent size, and the latent size at each level."""
+    return (network_batch(preset), *latent_dims(preset), *level_dims())
+
+
+def latent_tensor(name: str, preset: Preset, dtype: DType, channels: int | None = None, **kw: object) -> TensorSpec:
+    """A (B, C, latent_h, latent_w) tensor; C the preset's latent channels unless given."""
+    c = preset.latent_channels if channels is None else channels
+    return TensorSpec(name, dtype, ("B", c, "latent_h", "latent_w"), **kw)  # type: ignore[arg-type]
+
+
+def text_embeds_input(preset: Preset, dtype: DType, doc: str = "") -> TensorSpec:
+    """The text encoder's output as a denoiser's cross-attention context, per request."""
+    return TensorSpec("text_embeds", dtype, ("B", preset.text.max_length, preset.unet.cross_attention_dim),
+                      invariant=True, doc=doc)
+
+
+def canvas_dims(preset: Preset) -> tuple[Dim | DerivedDim, ...]:
+    """`height`, `width` (canvas pixels, multiples of the VAE scale) and the latent size they give."""
+    s = preset.vae_scale
+    return (
+        Dim("height", preset.min_side, preset.default_height, preset.max_side, multiple=s),
+        Dim("width", preset.min_side, preset.default_width, preset.max_side, multiple=s),
+        DerivedDim("latent_h", (("height", 1, s),)),
+        DerivedDim("latent_w", (("width", 1, s),)),
+    )
+
+
 def text_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
     t = preset.text
     return ComponentSpec(
@@ -96,19 +133,11 @@ def image_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) ->
 
 
 def vae_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
-    s = preset.vae_scale
     return ComponentSpec(
         name="vae_encoder",
         inputs=(TensorSpec("image", precision.float_dtype, ("B", 3, "height", "width"), doc="RGB in [-1, 1]"),),
-        outputs=(TensorSpec("latent", precision.float_dtype, ("B", preset.latent_channels, "latent_h", "latent_w"),
-                            doc="posterior mode x scaling factor"),),
-        dims=(
-            network_batch(preset),
-            Dim("height", preset.min_side, preset.default_height, preset.max_side, multiple=s),
-            Dim("width", preset.min_side, preset.default_width, preset.max_side, multiple=s),
-            DerivedDim("latent_h", (("height", 1, s),)),
-            DerivedDim("latent_w", (("width", 1, s),)),
-        ),
+        outputs=(latent_tensor("latent", preset, precision.float_dtype, doc="posterior mode x scaling factor"),),
+        dims=(network_batch(preset), *canvas_dims(preset)),
         doc="VAE encoder: image -> scaled latent.",
     )
 
@@ -117,7 +146,7 @@ def vae_decoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
     s = preset.vae_scale
     return ComponentSpec(
         name="vae_decoder",
-        inputs=(TensorSpec("latent", precision.float_dtype, ("B", preset.latent_channels, "latent_h", "latent_w")),),
+        inputs=(latent_tensor("latent", preset, precision.float_dtype),),
         outputs=(TensorSpec("image", precision.float_dtype, ("B", 3, "height", "width"), doc="RGB in about [-1, 1]"),),
         dims=(
             network_batch(preset),
