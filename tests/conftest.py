@@ -1,5 +1,7 @@
 """Shared fixtures: the tiny RefAdGen networks, their exported graphs (once per session), and
-pipelines on both backends. Tests build real components at tiny sizes; nothing is mocked."""
+pipelines on both backends. Tests build real components at tiny sizes; nothing is mocked.
+
+With ADGEN_TESTS_WITHOUT_TORCH=1 the run behaves as on a runtime-only install (tests/environment.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from environment import WITHOUT_TORCH, env_flag, hide_export_extra
 
-from runtime.artifacts.graphs import GraphKey, find_graphs
-from runtime.artifacts.weights import WeightsSource
-from runtime.presets import get_preset
-from runtime.specs.core import Precision
-from runtime.specs.refadgen import refadgen_specs
+if env_flag(WITHOUT_TORCH):
+    hide_export_extra()  # before this file or any test module imports runtime, networks or export
+
+from runtime.artifacts.graphs import GraphKey, find_graphs  # noqa: E402
+from runtime.artifacts.weights import WeightsSource  # noqa: E402
+from runtime.presets import get_preset  # noqa: E402
+from runtime.specs.core import Precision  # noqa: E402
+from runtime.specs.refadgen import refadgen_specs  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """The torch module: a test that takes it skips where torch is not installed."""
+    return pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +38,7 @@ def tiny_specs(tiny):
 
 
 @pytest.fixture(scope="session")
-def tiny_modules(tiny):
-    torch = pytest.importorskip("torch")
+def tiny_modules(tiny, torch):
     from networks.refadgen import build_refadgen
 
     torch.set_num_threads(2)
@@ -57,8 +68,7 @@ def ort_pipeline(tiny_graphs, cache_root):
 
 
 @pytest.fixture(scope="session")
-def torch_pipeline():
-    pytest.importorskip("torch")
+def torch_pipeline(torch):
     from runtime.api import load_pipeline
 
     return load_pipeline("refadgen", preset="tiny", backend="torch")

@@ -10,10 +10,11 @@ import shutil
 import numpy as np
 import pytest
 from counting import Counting
+from graph_parity import assert_graph_matches_module, assert_parity_report_format
 from PIL import Image
 
 from runtime.api import generate
-from runtime.artifacts.graphs import MANIFEST, PARITY, GraphKey, find_graphs, graph_path
+from runtime.artifacts.graphs import MANIFEST, GraphKey, find_graphs, graph_path
 from runtime.artifacts.weights import WeightsSource
 from runtime.cli import main
 from runtime.errors import InputError
@@ -89,12 +90,16 @@ def _request(product_png, reference=None, seed=0, category="sneakers", **kw):
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_every_component_passes_fp32_parity(bg_graphs, component):
-    report = json.loads((bg_graphs / PARITY).read_text())[component]
-    assert report["passed"]
-    for output in report["outputs"]:
-        assert output["max_abs"] <= output["bound"], output
-        assert output["cosine"] > 0.9999, output
+def test_every_component_passes_fp32_parity(bg_graphs, bg_specs, bg_modules, component):
+    errors = assert_graph_matches_module(
+        graph_path(bg_graphs, component), bg_modules[component], bg_specs[component], Precision.FP32
+    )
+    for e in errors:
+        assert e.cosine > 0.9999, e
+
+
+def test_parity_report_lists_every_component_and_output(bg_graphs, bg_specs):
+    assert_parity_report_format(bg_graphs, bg_specs, Precision.FP32)
 
 
 def test_manifest_records_the_background_specs(bg_graphs, bg_specs):
@@ -138,7 +143,7 @@ def test_residual_layout_is_sd15_controlnets():
 
 def test_attention_forms_export_the_nodes_they_name(bg_graphs, bg_specs, bg_modules, tmp_path):
     onnx = pytest.importorskip("onnx")
-    from export.onnx_export import check_parity, export_component
+    from export.onnx_export import export_component
     from runtime.specs.core import AttentionKernel
 
     fused = [n.op_type for n in onnx.load(str(graph_path(bg_graphs, "background_unet"))).graph.node]
@@ -147,7 +152,7 @@ def test_attention_forms_export_the_nodes_they_name(bg_graphs, bg_specs, bg_modu
     export_component(bg_modules["background_unet"], bg_specs["background_unet"], path, 17, AttentionKernel.ONNX)
     portable = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "MultiHeadAttention" not in portable and portable.count("Softmax") == 32
-    assert check_parity(bg_modules["background_unet"], bg_specs["background_unet"], path, Precision.FP32).passed
+    assert_graph_matches_module(path, bg_modules["background_unet"], bg_specs["background_unet"], Precision.FP32)
 
 
 def _max_pool(mask: np.ndarray) -> np.ndarray:

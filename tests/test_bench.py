@@ -1,21 +1,21 @@
-"""The benchmark harness on tiny (fast, no timing assertions), the JSON lines' schema, and the
-report from a small hand-made fixture."""
+"""The benchmark harness on tiny (fast; no assertions on how fast, only on how the record's
+numbers relate), the JSON lines' schema, and the report from a small hand-made fixture (torch-free)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import harness, report
-
-pytest.importorskip("torch")  # FLOP counting uses the torch networks on meta tensors
 
 STEPS, ITERATIONS = 2, 3
 
 
 @pytest.fixture(scope="module")
-def records(tiny_graphs, cache_root, tmp_path_factory):
+def records(tiny_graphs, cache_root, tmp_path_factory, torch):
+    """Both backends, in-process; torch also counts the FLOPs (its networks on meta tensors)."""
     out = tmp_path_factory.mktemp("bench") / "results.jsonl"
     code = harness.main([
         "--pipeline", "refadgen", "--preset", "tiny", "--backend", "onnxruntime", "--backend", "torch",
@@ -26,23 +26,45 @@ def records(tiny_graphs, cache_root, tmp_path_factory):
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def test_one_record_per_scenario_with_every_field(records):
+def test_one_record_per_scenario_with_every_field(records, tiny_specs):
+    from runtime.specs.core import specs_hash
+
     assert [r["scenario"]["backend"] for r in records] == ["onnxruntime", "torch"]
     for r in records:
         assert set(report.REQUIRED) <= set(r)
         assert r["scenario"]["placement"] == "in-process"
-        assert r["machine"]["versions"]["numpy"]
-        assert len(r["spec_hash"]) == 16
+        assert r["machine"]["versions"]["numpy"] == np.__version__
+        assert r["spec_hash"] == specs_hash(tiny_specs)  # the specs the pipeline ran
+
+
+def _summary_of(samples) -> dict:
+    """The summary a record must carry for its raw samples (numpy's linear-interpolation percentiles)."""
+    a = np.asarray(samples, dtype=np.float64)
+    return {"p50": np.percentile(a, 50), "p90": np.percentile(a, 90), "p99": np.percentile(a, 99),
+            "mean": a.mean(), "std": a.std(), "min": a.min(), "max": a.max(), "n": a.size}
 
 
 def test_raw_samples_match_the_counts_and_percentiles(records):
     for r in records:
         latencies = r["samples"]["latency_s"]
-        assert len(latencies) == ITERATIONS == r["latency_s"]["n"]
+        assert len(latencies) == ITERATIONS
         assert len(r["samples"]["stages_s"]["denoise_step"]) == ITERATIONS * STEPS
+        assert r["latency_s"] == pytest.approx(_summary_of(latencies), rel=1e-12)
+        for stage, samples in r["samples"]["stages_s"].items():
+            assert r["stages_s"][stage] == pytest.approx(_summary_of(samples), rel=1e-12), stage
         lat = r["latency_s"]
         assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
-        assert r["images_per_s"] > 0 and r["cold_s"] >= r["first_request_s"] > 0
+
+
+def test_throughput_and_cold_time_agree_with_the_requests(records):
+    for r in records:
+        latencies = r["samples"]["latency_s"]
+        assert r["scenario"]["concurrency"] == 1 and r["scenario"]["batch"] == 1
+        assert r["images_per_s"] == pytest.approx(ITERATIONS / r["wall_s"], rel=1e-12)
+        # one request at a time: the timed wall clock holds every request's latency
+        assert r["wall_s"] >= sum(latencies)
+        # cold: loading, then the first request, both inside it
+        assert r["cold_s"] >= r["load_s"] + r["first_request_s"]
 
 
 def test_flops_follow_the_call_plan(records):
@@ -52,7 +74,10 @@ def test_flops_follow_the_call_plan(records):
     assert per_stage["reference_unet"] == per_call["reference_unet"] + per_call["afm_kv"]
     assert flops["total"] == sum(per_stage.values())
     assert records[0]["flops"] == records[1]["flops"]  # the same networks whatever the backend
-    assert 0 < records[0]["mfu"]["end_to_end"]
+    for r in records:  # MFU: achieved FLOP/s at the median latency over the device's peak
+        expected = r["flops"]["total"] / r["latency_s"]["p50"] / r["device_peak_flops"]
+        assert r["mfu"]["end_to_end"] == pytest.approx(expected, rel=1e-12)
+        assert 0 < r["mfu"]["end_to_end"] < 1
 
 
 def _record(backend: str, p50: float, concurrency: int = 1) -> dict:

@@ -199,7 +199,7 @@ def test_engines_command_says_tensorrt_is_missing(tmp_path, capsys):
 
 
 @pytest.mark.tensorrt
-def test_tensorrt_engines_build_and_match_onnxruntime(tmp_path, tiny, tiny_modules):
+def test_tensorrt_engines_build_and_match_onnxruntime(tmp_path, tiny, tiny_modules, product_png):
     """Build tiny fp16 engines (portable attention) and run them against ONNX Runtime on CPU."""
     pytest.importorskip("tensorrt")
     torch = pytest.importorskip("torch")
@@ -209,9 +209,10 @@ def test_tensorrt_engines_build_and_match_onnxruntime(tmp_path, tiny, tiny_modul
 
     from export.onnx_export import export_pipeline
     from export.tensorrt_build import build_engines
-    from runtime.api import load_pipeline
+    from runtime.api import generate, load_pipeline
     from runtime.backends import load_components
     from runtime.backends.base import ModelSource
+    from runtime.inputs.images import load_product
 
     specs, graphs = _graphs()
     onnx_dir = export_pipeline(tiny_modules, specs, graphs, tmp_path / "onnx")
@@ -231,6 +232,10 @@ def test_tensorrt_engines_build_and_match_onnxruntime(tmp_path, tiny, tiny_modul
             for out in spec.output_names:
                 a, b = got[out].astype(np.float32), expected[out].astype(np.float32)
                 assert np.abs(a - b).max() <= tol.bound(float(np.abs(b).max())), (name, out)
-    # a pipeline runs end to end on the engines
+    # a pipeline generates an ad on the engines: the canvas size, the product pasted exactly
     pipe = load_pipeline("refadgen", preset="tiny", backend="tensorrt", precision="fp16", engines_dir=tmp_path / "engines")
-    assert pipe.runner is not None
+    result = generate(pipe, product=product_png, prompt="a sneaker on a wooden table", steps=2, seed=0)
+    product = load_product(product_png)
+    assert result.image.shape == (160, 128, 3) and result.image.dtype == np.uint8
+    assert np.array_equal(result.image[product.mask], product.rgb[product.mask])
+    assert (result.report["backend"], result.report["precision"]) == ("tensorrt", "fp16")

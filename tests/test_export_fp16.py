@@ -7,16 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+from graph_parity import assert_graph_matches_module, assert_parity_report_format
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-
-from export.graph_passes import FP32_OPS, load_graph, save_graph  # noqa: E402
-from export.onnx_export import write_graph  # noqa: E402
-from runtime.artifacts.graphs import MANIFEST, PARITY, GraphKey, check_manifest, graph_bytes, graph_path
+from runtime.artifacts.graphs import MANIFEST, GraphKey, check_manifest, graph_bytes, graph_path
 from runtime.artifacts.weights import WeightsSource
-from runtime.backends.devices import CPU_EP, CUDA_EP, TENSORRT_EP, Device, resolve_providers  # noqa: E402
-from runtime.errors import BackendError  # noqa: E402
+from runtime.backends.devices import CPU_EP, CUDA_EP, TENSORRT_EP, Device, resolve_providers
+from runtime.errors import BackendError
 from runtime.specs.core import DType, Precision
 from runtime.specs.refadgen import refadgen_specs
 
@@ -28,8 +24,13 @@ def tiny_fp16_specs(tiny):
     return refadgen_specs(tiny, Precision.FP16)
 
 
+@pytest.fixture(scope="module")
+def onnx():
+    return pytest.importorskip("onnx")
+
+
 @pytest.fixture(scope="session")
-def tiny_fp16_graphs(tiny, tiny_fp16_specs, cache_root):
+def tiny_fp16_graphs(tiny, tiny_fp16_specs, cache_root, torch):
     """Exported through the CLI (`adgen export --precision fp16`) into the session's cache."""
     from runtime.cli import main
 
@@ -44,17 +45,21 @@ def _key(specs, precision, seed=0):
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_every_component_passes_fp16_parity_against_the_fp32_module(tiny_fp16_graphs, component):
-    report = json.loads((tiny_fp16_graphs / PARITY).read_text())[component]
-    tol = Precision.FP16.tolerance
-    assert report["passed"] and report["precision"] == "fp16"
-    for output in report["outputs"]:
-        assert output["max_abs"] <= output["bound"], output
-        assert output["bound"] >= tol.atol  # held to the fp16 tolerance, not fp32's
-        assert output["cosine"] > 0.999, output
+def test_every_component_passes_fp16_parity_against_the_fp32_module(tiny_fp16_graphs, tiny_fp16_specs, tiny_modules, component):
+    """The fp16 graph (float16 inputs) against the float32 module (the same values widened),
+    held to the fp16 tolerance."""
+    errors = assert_graph_matches_module(
+        graph_path(tiny_fp16_graphs, component), tiny_modules[component], tiny_fp16_specs[component], Precision.FP16
+    )
+    for e in errors:
+        assert e.cosine > 0.999, e
 
 
-def test_fp16_graph_io_dtypes_follow_the_spec(tiny_fp16_graphs, tiny_fp16_specs):
+def test_fp16_parity_report_lists_every_component_at_fp16(tiny_fp16_graphs, tiny_fp16_specs):
+    assert_parity_report_format(tiny_fp16_graphs, tiny_fp16_specs, Precision.FP16)
+
+
+def test_fp16_graph_io_dtypes_follow_the_spec(tiny_fp16_graphs, tiny_fp16_specs, onnx):
     model = onnx.load(str(graph_path(tiny_fp16_graphs, "unet")), load_external_data=False)
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
     spec = tiny_fp16_specs["unet"]
@@ -65,7 +70,9 @@ def test_fp16_graph_io_dtypes_follow_the_spec(tiny_fp16_graphs, tiny_fp16_specs)
     assert text.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
 
 
-def test_fp16_graph_weights_are_half_and_norms_run_in_float32(tiny_fp16_graphs):
+def test_fp16_graph_weights_are_half_and_norms_run_in_float32(tiny_fp16_graphs, onnx):
+    from export.graph_passes import FP32_OPS
+
     model = onnx.load(str(graph_path(tiny_fp16_graphs, "unet")))
     big = [t for t in model.graph.initializer if np.prod(t.dims) >= 1024]
     assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
@@ -109,6 +116,9 @@ def test_pipeline_runs_fp16_graphs_close_to_fp32(tiny_fp16_graphs, tiny_graphs, 
 
 def test_external_data_round_trip_gives_identical_outputs(tmp_path, tiny, tiny_specs, tiny_modules):
     import onnxruntime as ort
+
+    from export.graph_passes import load_graph, save_graph
+    from export.onnx_export import write_graph
 
     spec = tiny_specs["unet"]
     key = _key(tiny_specs, Precision.FP32)
@@ -202,7 +212,7 @@ def test_cuda_provider_with_io_binding_matches_cpu(tiny_fp16_graphs, tiny_fp16_s
     np.testing.assert_array_equal(b, again)
 
 
-def test_fp16_conversion_of_a_value_feeding_several_norms_gives_a_valid_graph(tmp_path):
+def test_fp16_conversion_of_a_value_feeding_several_norms_gives_a_valid_graph(tmp_path, onnx):
     """The resampler's input feeds one LayerNorm per depth; the converter casts it once per consumer."""
     import onnxruntime as ort
     from onnx import TensorProto, helper

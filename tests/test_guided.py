@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graph_parity import assert_graph_matches_module
 
 from runtime.pipelines import get_pipeline
 from runtime.specs.core import DType, Precision
@@ -42,7 +43,6 @@ def test_fused_specs_replace_the_step_and_follow_precision(tiny):
 
 
 def test_guided_module_equals_two_halves_combined(guided_spec, tiny_specs, tiny_modules):
-    pytest.importorskip("torch")
     from networks.common.guided import GuidedStep
     from networks.common.runner import run_module
 
@@ -56,20 +56,17 @@ def test_guided_module_equals_two_halves_combined(guided_spec, tiny_specs, tiny_
 
 
 def test_guided_graph_passes_parity(tmp_path, guided_spec, tiny_modules):
-    pytest.importorskip("torch")
-    from export.onnx_export import check_parity, export_component
+    from export.onnx_export import export_component
     from networks.common.guided import GuidedStep
 
     module = GuidedStep(tiny_modules["unet"], guided_spec)
     path = tmp_path / "guided_unet.onnx"
     export_component(module, guided_spec, path, opset=17)
-    result = check_parity(module, guided_spec, path, Precision.FP32,
-                          [guided_spec.env_at("opt"), guided_spec.env_at("min", B=1), guided_spec.env_at("opt", B=3)])
-    assert result.passed, result
+    envs = [guided_spec.env_at("opt"), guided_spec.env_at("min", B=1), guided_spec.env_at("opt", B=3)]
+    assert_graph_matches_module(path, module, guided_spec, Precision.FP32, envs=envs)
 
 
-def test_pipeline_gives_the_same_image_with_the_fused_step(product_png):
-    pytest.importorskip("torch")
+def test_pipeline_gives_the_same_image_with_the_fused_step(product_png, torch):
     from runtime.api import generate, load_pipeline
 
     options = dict(product=product_png, prompt="a sneaker on a wooden table", steps=3, seed=5, guidance=6.0)

@@ -1,5 +1,6 @@
-"""RADM's layout networks on tiny: ONNX parity at a second size, batch independence, padded
-texts, RoIAlign against a brute-force reference, the FPN level rule, and sd15's real ResNet-50."""
+"""RADM's layout networks on tiny: ONNX parity (at the export's shapes and at a second size),
+batch independence, padded texts, RoIAlign against a brute-force reference, the FPN level rule,
+and sd15's real ResNet-50."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from graph_parity import assert_graph_matches_module
 
 from runtime.artifacts.graphs import GraphKey, graph_path
 from runtime.artifacts.weights import WeightsSource
@@ -14,12 +16,7 @@ from runtime.presets import get_preset
 from runtime.specs.core import Precision
 from runtime.specs.layout import FPN_LEVELS, layout_specs
 
-torch = pytest.importorskip("torch")
-
-from networks.common.runner import run_module
-from networks.layout.backbone import LayoutBackbone
-from networks.layout.head import LayoutHead, fpn_levels, roi_align_levels
-
+OWN = ("layout_backbone", "layout_head")
 RESNET50_TRUNK_PARAMS = 23_508_032  # torchvision resnet50 without fc (BatchNorm weight and bias included)
 BATCH_ATOL = 1e-5
 
@@ -30,11 +27,28 @@ def specs(tiny):
 
 
 @pytest.fixture(scope="module")
-def modules(tiny):
+def modules(tiny, torch):
     from networks.registry import build_modules
 
     torch.set_num_threads(2)
     return build_modules("layout", tiny, WeightsSource(seed=0))
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny, specs, modules, cache_root):
+    """The backbone and head exported (with the exporter's parity) into the session's cache."""
+    from export.onnx_export import export_pipeline
+
+    own = {name: specs[name] for name in OWN}
+    key = GraphKey.of("layout", tiny.name, Precision.FP32, own, WeightsSource(seed=0).fingerprint(tiny.name))
+    return export_pipeline(modules, own, key, cache_root / key.dirname)
+
+
+def run_module(module, spec, feed):
+    """networks.common.runner.run_module, imported at the first call (it needs torch)."""
+    from networks.common.runner import run_module
+
+    return run_module(module, spec, feed)
 
 
 def _features(specs, modules, rng, b, h, w):
@@ -70,30 +84,22 @@ def _sample(feed, i, texts=None):
     return one
 
 
-def test_layout_graphs_match_torch_at_a_second_size(tiny, specs, modules, cache_root):
-    """Exported with parity (opt and min), then ONNX Runtime == torch at another size, box and text count."""
-    import onnxruntime as ort
+@pytest.mark.parametrize("component", OWN)
+def test_layout_graphs_pass_fp32_parity(graphs, specs, modules, component):
+    """At opt and at min (batch 1); the head on real backbone features (its `parity_feed`)."""
+    errors = assert_graph_matches_module(graph_path(graphs, component), modules[component], specs[component], Precision.FP32)
+    for e in errors:
+        assert e.cosine > 0.9999, e
 
-    from export.onnx_export import export_pipeline
 
-    own = {name: specs[name] for name in ("layout_backbone", "layout_head")}
-    key = GraphKey.of("layout", tiny.name, Precision.FP32, own, WeightsSource(seed=0).fingerprint(tiny.name))
-    folder = export_pipeline(modules, own, key, cache_root / key.dirname)
+def test_layout_graphs_match_torch_at_a_second_size(graphs, specs, modules):
+    """ONNX Runtime == torch at another size, box and text count, with padded text slots."""
     rng = np.random.default_rng(11)
     b, h, w = 2, 96, 128  # landscape; the trace and the parity cases were portrait or square
     image = {"image": rng.uniform(-1, 1, size=(b, 3, h, w)).astype(np.float32)}
     feed = _head_feed(specs, modules, rng, b, h, w, boxes=7, texts=3, real=[3, 1])
-    tol = Precision.FP32.tolerance
     for name, inputs in (("layout_backbone", image), ("layout_head", feed)):
-        spec = specs[name]
-        env = spec.validate_inputs(inputs)
-        expected = run_module(modules[name], spec, inputs)
-        session = ort.InferenceSession(str(graph_path(folder, name)), providers=["CPUExecutionProvider"])
-        got = dict(zip(spec.output_names, session.run(list(spec.output_names), inputs)))
-        spec.validate_outputs(got, env)
-        for out in spec.output_names:
-            bound = tol.bound(float(np.abs(expected[out]).max()))
-            assert np.abs(got[out] - expected[out]).max() <= bound, (name, out)
+        assert_graph_matches_module(graph_path(graphs, name), modules[name], specs[name], Precision.FP32, feeds=[inputs])
 
 
 def test_layout_head_is_batch_independent(specs, modules):
@@ -186,7 +192,9 @@ def _roi_align_brute(features, boxes, image_h, image_w, out=7, ratio=2):
     return result
 
 
-def test_roi_align_matches_brute_force():
+def test_roi_align_matches_brute_force(torch):
+    from networks.layout.head import fpn_levels, roi_align_levels
+
     rng = np.random.default_rng(6)
     image_h, image_w = 1024, 768  # big enough for every level to be picked
     features = [rng.normal(size=(2, 3, image_h // s, image_w // s)).astype(np.float32) for s in (4, 8, 16, 32)]
@@ -202,8 +210,10 @@ def test_roi_align_matches_brute_force():
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
-def test_fpn_level_rule():
+def test_fpn_level_rule(torch):
     """clamp(floor(4 + log2(sqrt(area) / 224)), 2, 5) on pixel boxes."""
+    from networks.layout.head import fpn_levels
+
     sides = [1, 100, 111, 112, 113, 223, 224, 225, 447, 448, 449, 1000, 5000]
     boxes = torch.tensor([[10.0, 20.0, 10.0 + s, 20.0 + s] for s in sides])
     expected = [2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 5]
@@ -213,7 +223,10 @@ def test_fpn_level_rule():
     assert fpn_levels(wide).tolist() == [4]
 
 
-def test_sd15_backbone_is_resnet50_fpn():
+def test_sd15_backbone_is_resnet50_fpn(torch):
+    from networks.layout.backbone import LayoutBackbone
+    from networks.layout.head import LayoutHead
+
     preset = get_preset("sd15")
     with torch.device("meta"):
         backbone = LayoutBackbone(preset)
@@ -226,7 +239,7 @@ def test_sd15_backbone_is_resnet50_fpn():
     assert len(head.head_series) == 6
 
 
-def test_layout_weights_folder_round_trip(tiny, modules, tmp_path):
+def test_layout_weights_folder_round_trip(tiny, modules, tmp_path, torch):
     from safetensors.torch import save_file
 
     from networks.layout import LAYOUT_PARTS

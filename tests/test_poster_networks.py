@@ -4,20 +4,17 @@ contract, RenderNet's locality, SD 1.5 parameter counts and the weights folder r
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
+from graph_parity import assert_graph_matches_module, assert_parity_report_format
 
-from runtime.artifacts.graphs import PARITY, GraphKey, graph_path
+from runtime.artifacts.graphs import GraphKey, graph_path
 from runtime.artifacts.weights import WeightsSource
 from runtime.errors import WeightsError
 from runtime.presets import get_preset
 from runtime.specs.core import Precision
 from runtime.specs.poster import control_residual_names, poster_specs
 from runtime.specs.shared import skip_residual_layout
-
-torch = pytest.importorskip("torch")
 
 NEW = ("plannet", "render_cond", "controlnet", "poster_unet")
 
@@ -28,7 +25,7 @@ def specs(tiny):
 
 
 @pytest.fixture(scope="module")
-def modules(tiny):
+def modules(tiny, torch):
     from networks.registry import build_modules
 
     torch.set_num_threads(2)
@@ -45,17 +42,21 @@ def graphs(tiny, specs, modules, cache_root):
 
 
 def _run(module, *args):
+    import torch
+
     with torch.inference_mode():
         return module(*args)
 
 
 @pytest.mark.parametrize("component", NEW)
-def test_export_passes_fp32_parity(graphs, component):
-    report = json.loads((graphs / PARITY).read_text())[component]
-    assert report["passed"]
-    for output in report["outputs"]:
-        assert output["max_abs"] <= output["bound"], output
-        assert output["cosine"] > 0.9999, output
+def test_export_passes_fp32_parity(graphs, specs, modules, component):
+    errors = assert_graph_matches_module(graph_path(graphs, component), modules[component], specs[component], Precision.FP32)
+    for e in errors:
+        assert e.cosine > 0.9999, e
+
+
+def test_parity_report_lists_the_new_components(graphs, specs):
+    assert_parity_report_format(graphs, {name: specs[name] for name in NEW}, Precision.FP32)
 
 
 # A size and text count the graphs were neither traced nor checked at during export.
@@ -65,15 +66,14 @@ SECOND_LATENT = {"B": 3, "latent_h": 9, "latent_w": 25}
 
 @pytest.mark.parametrize("component", NEW)
 def test_graphs_match_torch_at_a_second_size(graphs, specs, modules, component):
-    from export.onnx_export import check_parity
-
     spec = specs[component]
     env = spec.env_at("opt", **SECOND_ENV.get(component, SECOND_LATENT))
-    result = check_parity(modules[component], spec, graph_path(graphs, component), Precision.FP32, [env])
-    assert result.passed, result.worst()
+    assert_graph_matches_module(graph_path(graphs, component), modules[component], spec, Precision.FP32, envs=[env])
 
 
 def _plan_inputs(spec, batch, texts, seed):
+    import torch
+
     feed = spec.sample_inputs(np.random.default_rng(seed), spec.env_at("opt", B=batch, texts=texts))
     feed["text_mask"] = np.ones_like(feed["text_mask"])
     return [torch.from_numpy(feed[name]) for name in spec.input_names]
@@ -90,7 +90,7 @@ def test_plannet_output_does_not_depend_on_the_rest_of_the_batch(specs, modules)
     assert (together[0] - together[1]).abs().max() > 1e-3  # different requests, different layouts
 
 
-def test_plannet_padded_text_slots_do_not_change_the_real_boxes(specs, modules):
+def test_plannet_padded_text_slots_do_not_change_the_real_boxes(specs, modules, torch):
     plannet = modules["plannet"]
     layout, timestep, image_tokens, text_features, text_mask = _plan_inputs(specs["plannet"], 1, 2, seed=1)
     real = _run(plannet, layout, timestep, image_tokens, text_features, text_mask)
@@ -119,7 +119,7 @@ def test_plannet_predicts_ordered_boxes_in_the_unit_square(specs, modules):
     assert bool((x0 <= x1).all()) and bool((y0 <= y1).all())
 
 
-def test_controlnet_residuals_match_the_spec_and_scale_zero_removes_them(tiny, specs, modules):
+def test_controlnet_residuals_match_the_spec_and_scale_zero_removes_them(tiny, specs, modules, torch):
     spec = specs["controlnet"]
     env = spec.env_at("opt", latent_h=11, latent_w=16)
     feed = spec.sample_inputs(np.random.default_rng(0), env)
@@ -132,12 +132,17 @@ def test_controlnet_residuals_match_the_spec_and_scale_zero_removes_them(tiny, s
         assert r.abs().max() > 0, name  # random init is not ControlNet's all-zero start
     args[-1] = torch.zeros_like(args[-1])
     assert all(bool((r == 0).all()) for r in _run(modules["controlnet"], *args))
-    poster_unet = specs["poster_unet"]
+
+
+def test_poster_unet_takes_exactly_the_controlnet_residuals(tiny, specs):
+    controlnet, poster_unet = specs["controlnet"], specs["poster_unet"]
+    names = control_residual_names(tiny)
+    assert controlnet.output_names == names and len(names) == len(skip_residual_layout(tiny)) == 13
     assert poster_unet.input_names[3:] == names
-    assert all(poster_unet.tensor(n).shape == spec.tensor(n).shape for n in names)
+    assert all(poster_unet.tensor(n).shape == controlnet.tensor(n).shape for n in names)
 
 
-def test_render_cond_follows_the_layout_mask_locally(specs, modules):
+def test_render_cond_follows_the_layout_mask_locally(specs, modules, torch):
     spec = specs["render_cond"]
     feed = spec.sample_inputs(np.random.default_rng(0), spec.env_at("opt", B=1, height=160, width=128))
     product = torch.from_numpy(feed["product_image"])
@@ -151,7 +156,7 @@ def test_render_cond_follows_the_layout_mask_locally(specs, modules):
     assert diff[8:12].max() == 0 and diff[:, 10:].max() == 0  # unchanged far from both
 
 
-def test_sd15_parameter_counts_match_stable_diffusion_and_controlnet():
+def test_sd15_parameter_counts_match_stable_diffusion_and_controlnet(torch):
     from diffusers import ControlNetModel
 
     from networks.poster import PosterControlNet, PosterUNet
@@ -168,7 +173,7 @@ def test_sd15_parameter_counts_match_stable_diffusion_and_controlnet():
     assert count(controlnet) == count(reference) - count(reference.controlnet_cond_embedding) == 360_192_640
 
 
-def test_weights_folder_round_trip_and_refusals(tiny, modules, tmp_path):
+def test_weights_folder_round_trip_and_refusals(tiny, modules, tmp_path, torch):
     from safetensors.torch import load_file, save_file
 
     from networks.poster import POSTER_FILE, build_poster, save_poster

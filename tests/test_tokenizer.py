@@ -111,4 +111,7 @@ def test_load_tokenizer_gives_hash_tokenizer_for_a_folder_without_tokenizer_file
     for name in files:
         (tmp_path / "tokenizer").mkdir(exist_ok=True)
         (tmp_path / "tokenizer" / name).write_text("{}")
-    assert isinstance(load_tokenizer(tiny, WeightsSource(path=tmp_path)), HashTokenizer)
+    tokenizer = load_tokenizer(tiny, WeightsSource(path=tmp_path))
+    assert isinstance(tokenizer, HashTokenizer)
+    prompts = ["a sneaker on a wooden table", ""]
+    np.testing.assert_array_equal(tokenizer(prompts), load_tokenizer(tiny, WeightsSource(seed=0))(prompts))

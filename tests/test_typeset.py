@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from environment import REQUIRE_CJK_FONT, env_flag
 
 from runtime.errors import InputError
 from runtime.finishing.fonts import find_font, font_coverage
@@ -158,8 +159,10 @@ def test_adgen_fonts_comes_before_system_fonts(tmp_path, monkeypatch):
 def test_cjk_text_uses_a_cjk_font():
     try:
         font = find_font("新品上市")
-    except InputError:
-        pytest.skip("no CJK font installed (e.g. apt install fonts-noto-cjk)")
+    except InputError as e:
+        if env_flag(REQUIRE_CJK_FONT):
+            pytest.fail(f"{REQUIRE_CJK_FONT}=1 but no CJK font was found: {e}")
+        pytest.skip("no CJK font installed (e.g. apt install fonts-droid-fallback; CI installs it in .ci/run)")
     image = np.full((200, 120, 3), 255, dtype=np.uint8)
     text = "新品上市，限时优惠，买二送一"
     out, (placed,) = typeset(image, [(0, 0, 120, 200)], [text])
@@ -167,6 +170,18 @@ def test_cjk_text_uses_a_cjk_font():
     assert len(placed.lines) > 1 and "".join(placed.lines) == text
     assert not any(line.startswith("，") for line in placed.lines)
     assert _inside(_changed_bbox(image, out), placed.ink_box) and _inside(placed.ink_box, placed.box)
+
+
+def test_ci_installs_a_cjk_font_and_requires_it_before_the_readme_test_command():
+    """So CI runs the test above instead of skipping it, and fails if the font did not install."""
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    command = 'python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/python -m pytest -q'
+    assert command in readme.splitlines()
+    lines = (repo / ".ci" / "run").read_text().splitlines()
+    install = next(i for i, line in enumerate(lines) if "apt-get install" in line and "fonts-droid-fallback" in line)
+    require = lines.index(f"export {REQUIRE_CJK_FONT}=1")
+    assert install < require < lines.index(command)
 
 
 @pytest.mark.parametrize(

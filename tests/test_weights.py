@@ -1,6 +1,7 @@
 """Weights: random init is deterministic, a saved folder loads back to the same networks, the
 fingerprint follows the bytes, and every bad folder (missing, pickled, corrupt, mismatched keys
-or shapes) is a WeightsError that says what is wrong."""
+or shapes) is a WeightsError that says what is wrong. The fingerprint is torch-free and so are
+its tests on hand-made folders; building networks needs torch."""
 
 from __future__ import annotations
 
@@ -15,18 +16,14 @@ import pytest
 from runtime.artifacts.weights import REFADGEN_FILE, WeightsSource
 from runtime.errors import WeightsError
 
-torch = pytest.importorskip("torch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-
-from networks.common.runner import run_module
-from networks.refadgen import build_refadgen, save_refadgen
-
 CONV_IN_KEY = "unet.unet.conv_in.weight"
 
 
 @pytest.fixture(scope="module")
 def saved_folder(tmp_path_factory, tiny_modules) -> Path:
     """tiny_modules written once in the weights-folder layout; tests copy it before changing it."""
+    from networks.refadgen import save_refadgen
+
     root = tmp_path_factory.mktemp("tiny-weights")
     save_refadgen(tiny_modules, root)
     return root
@@ -39,10 +36,23 @@ def weights_copy(saved_folder, tmp_path) -> Path:
     return root
 
 
-def edit_refadgen_file(root: Path, edit) -> None:
-    state = safetensors_torch.load_file(root / REFADGEN_FILE)
+def edit_safetensors(path: Path, edit) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    state = safetensors_torch.load_file(path)
     edit(state)
-    safetensors_torch.save_file(state, root / REFADGEN_FILE)
+    safetensors_torch.save_file(state, path)
+
+
+def edit_refadgen_file(root: Path, edit) -> None:
+    edit_safetensors(root / REFADGEN_FILE, edit)
+
+
+def build_refadgen(preset, weights: WeightsSource):
+    """networks.refadgen.build_refadgen, imported at the first call; skips without torch."""
+    pytest.importorskip("torch")
+    from networks.refadgen import build_refadgen
+
+    return build_refadgen(preset, weights)
 
 
 def load_error(tiny, root: Path) -> str:
@@ -51,7 +61,7 @@ def load_error(tiny, root: Path) -> str:
     return str(excinfo.value)
 
 
-def state_dicts(modules) -> dict[str, dict[str, torch.Tensor]]:
+def state_dicts(modules) -> dict[str, dict]:
     return {name: module.state_dict() for name, module in modules.items()}
 
 
@@ -66,6 +76,8 @@ class MakesDirectory:
 
 
 def test_saved_folder_loads_back_to_identical_outputs(tiny, tiny_specs, tiny_modules, saved_folder):
+    from networks.common.runner import run_module
+
     loaded = build_refadgen(tiny, WeightsSource(path=saved_folder))
     assert set(loaded) == set(tiny_modules)
     for name, spec in tiny_specs.items():
@@ -76,7 +88,7 @@ def test_saved_folder_loads_back_to_identical_outputs(tiny, tiny_specs, tiny_mod
             np.testing.assert_array_equal(got[output], expected[output], err_msg=f"{name}.{output}")
 
 
-def test_saved_folder_loads_back_to_identical_state_dicts(tiny, tiny_modules, saved_folder):
+def test_saved_folder_loads_back_to_identical_state_dicts(tiny, tiny_modules, saved_folder, torch):
     loaded = state_dicts(build_refadgen(tiny, WeightsSource(path=saved_folder)))
     for name, state in state_dicts(tiny_modules).items():
         assert loaded[name].keys() == state.keys(), name
@@ -129,31 +141,29 @@ def test_missing_key_is_named(tiny, weights_copy):
     assert "'unet.conv_in.weight'" in message
 
 
-def test_unexpected_key_in_a_part_is_named(tiny, weights_copy):
+def test_unexpected_key_in_a_part_is_named(tiny, weights_copy, torch):
     edit_refadgen_file(weights_copy, lambda state: state.update({"unet.unet.extra.weight": torch.zeros(3)}))
     message = load_error(tiny, weights_copy)
     assert "1 unexpected" in message
     assert "'unet.extra.weight'" in message
 
 
-def test_key_of_no_part_is_named(tiny, weights_copy):
+def test_key_of_no_part_is_named(tiny, weights_copy, torch):
     edit_refadgen_file(weights_copy, lambda state: state.update({"controlnet.weight": torch.zeros(3)}))
     message = load_error(tiny, weights_copy)
     assert "unexpected keys ['controlnet.weight']" in message
 
 
-def test_wrong_shape_is_named_with_both_shapes(tiny, weights_copy):
+def test_wrong_shape_is_named_with_both_shapes(tiny, weights_copy, torch):
     edit_refadgen_file(weights_copy, lambda state: state.update({CONV_IN_KEY: torch.zeros(32, 4, 3, 3)}))
     message = load_error(tiny, weights_copy)
     assert "1 with wrong shape" in message
     assert "unet.conv_in.weight expected (32, 5, 3, 3), got (32, 4, 3, 3)" in message
 
 
-def test_wrong_shape_in_the_vae_is_named(tiny, weights_copy):
-    path = weights_copy / "vae" / "diffusion_pytorch_model.safetensors"
-    state = safetensors_torch.load_file(path)
-    state["decoder.conv_out.bias"] = torch.zeros(4)
-    safetensors_torch.save_file(state, path)
+def test_wrong_shape_in_the_vae_is_named(tiny, weights_copy, torch):
+    edit_safetensors(weights_copy / "vae" / "diffusion_pytorch_model.safetensors",
+                     lambda state: state.update({"decoder.conv_out.bias": torch.zeros(4)}))
     message = load_error(tiny, weights_copy)
     assert "decoder.conv_out.bias expected (3,), got (4,)" in message
 
@@ -180,10 +190,12 @@ def test_pickled_file_of_garbage_is_refused_not_unpickled(tiny, weights_copy):
     assert message.startswith("refusing pickled weights")
 
 
-def test_fingerprint_refuses_a_pickled_folder(weights_copy):
-    (weights_copy / "pytorch_model.bin").write_bytes(b"garbage")
-    with pytest.raises(WeightsError, match="pickle"):
-        WeightsSource(path=weights_copy).fingerprint("tiny")
+def test_fingerprint_refuses_a_pickled_folder(tmp_path):
+    (tmp_path / REFADGEN_FILE).write_bytes(b"safetensors stand-in")
+    WeightsSource(path=tmp_path).fingerprint("tiny")  # accepted until a pickle joins it
+    (tmp_path / "pytorch_model.bin").write_bytes(b"garbage")
+    with pytest.raises(WeightsError, match="refusing pickled weights .*pytorch_model.bin"):
+        WeightsSource(path=tmp_path).fingerprint("tiny")
 
 
 @pytest.mark.parametrize("corrupt", ["garbage", "truncated"])
@@ -205,7 +217,11 @@ def test_missing_folder_is_a_weights_error(tiny, tmp_path):
     missing = tmp_path / "no-such-weights"
     message = load_error(tiny, missing)
     assert f"weights folder {missing} does not exist" in message
-    with pytest.raises(WeightsError, match="does not exist"):
+
+
+def test_fingerprint_of_a_missing_folder_is_a_weights_error(tmp_path):
+    missing = tmp_path / "no-such-weights"
+    with pytest.raises(WeightsError, match=f"weights folder {missing} does not exist"):
         WeightsSource(path=missing).fingerprint("tiny")
 
 
@@ -215,7 +231,13 @@ def test_folder_without_safetensors_is_a_weights_error(tiny, tmp_path):
     assert "no .safetensors files" in message
 
 
-def test_random_init_is_deterministic_per_seed(tiny, tiny_modules):
+def test_fingerprint_of_a_folder_without_safetensors_is_a_weights_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(WeightsError, match=f"no .safetensors files under {tmp_path}"):
+        WeightsSource(path=tmp_path).fingerprint("tiny")
+
+
+def test_random_init_is_deterministic_per_seed(tiny, tiny_modules, torch):
     again = state_dicts(build_refadgen(tiny, WeightsSource(seed=0)))
     for name, state in state_dicts(tiny_modules).items():
         assert again[name].keys() == state.keys(), name
@@ -223,7 +245,7 @@ def test_random_init_is_deterministic_per_seed(tiny, tiny_modules):
             assert torch.equal(again[name][key], tensor), f"{name}.{key}"
 
 
-def test_random_init_differs_between_seeds(tiny, tiny_modules):
+def test_random_init_differs_between_seeds(tiny, tiny_modules, torch):
     other = state_dicts(build_refadgen(tiny, WeightsSource(seed=1)))
     for name, state in state_dicts(tiny_modules).items():
         differing = [key for key, tensor in state.items() if not torch.equal(other[name][key], tensor)]
