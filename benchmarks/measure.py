@@ -13,6 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
+
 LIBRARIES = ("numpy", "onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "transformers", "tritonclient")
 
 
@@ -69,6 +71,13 @@ def interleaved(runs: Mapping[str, Callable[[], object]], warmup: int, iteration
             if i >= warmup:
                 samples[name].append(time.perf_counter() - started)
     return samples
+
+
+def seconds_stats(samples: list[float]) -> dict[str, Any]:
+    """p50, p90 and min of one candidate's samples (seconds), and the samples themselves."""
+    s = np.asarray(samples)
+    return {"p50_s": float(np.median(s)), "p90_s": float(np.percentile(s, 90)), "min_s": float(s.min()),
+            "samples_s": s.tolist()}
 
 
 def provenance() -> dict[str, Any]:

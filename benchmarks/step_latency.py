@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import append_jsonl, interleaved, provenance
+from benchmarks.measure import append_jsonl, interleaved, provenance, seconds_stats
 from runtime.artifacts.weights import WeightsSource
 from runtime.backends import load_components
 from runtime.backends.base import ModelSource
@@ -73,21 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     feed = spec.sample_inputs(np.random.default_rng(0), env)
     samples = interleaved({b: (lambda b=b: runners[b].run(feed)) for b in backends}, args.warmup, args.iterations)
 
-    base = float(np.median(samples[backends[0]]))
+    stats = {b: seconds_stats(samples[b]) for b in backends}
+    base = stats[backends[0]]["p50_s"]
     print(f"{args.pipeline} {name} step ({precision.value}, {args.device}), preset {preset.name}, batch {env['B']}, latent {env['latent_h']}x{env['latent_w']}, "
           f"{args.iterations} iterations after {args.warmup} warm-up")
     print(f"{'backend':<12} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'speed vs ' + backends[0]:>16}")
-    records = []
-    for b in backends:
-        s = np.array(samples[b])
-        p50 = float(np.median(s))
-        print(f"{b:<12} {1000 * p50:9.2f} {1000 * np.percentile(s, 90):9.2f} {1000 * s.min():9.2f} {base / p50:15.2f}x")
-        records.append({
-            "benchmark": "step_latency", "pipeline": args.pipeline, "component": name, "preset": preset.name,
-            "backend": b, "precision": precision.value, "device": args.device, "fused_step": args.fused_step, "batch": env["B"], "latent": [env["latent_h"], env["latent_w"]], "threads": args.threads,
-            "p50_s": p50, "p90_s": float(np.percentile(s, 90)), "samples_s": s.tolist(),
-            "spec_hash": spec.spec_hash(), **provenance(),
-        })
+    for b, st in stats.items():
+        print(f"{b:<12} {1000 * st['p50_s']:9.2f} {1000 * st['p90_s']:9.2f} {1000 * st['min_s']:9.2f} {base / st['p50_s']:15.2f}x")
+    records = [{
+        "benchmark": "step_latency", "pipeline": args.pipeline, "component": name, "preset": preset.name, "backend": b,
+        "precision": precision.value, "device": args.device, "fused_step": args.fused_step, "batch": env["B"],
+        "latent": [env["latent_h"], env["latent_w"]], "threads": args.threads, **st, "spec_hash": spec.spec_hash(),
+        **provenance(),
+    } for b, st in stats.items()]
     append_jsonl(args.out, records)
     return 0
 

@@ -5,6 +5,7 @@ With ADGEN_TESTS_WITHOUT_TORCH=1 the run behaves as on a runtime-only install (t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ if env_flag(WITHOUT_TORCH):
 
 from runtime.artifacts.graphs import GraphKey, find_graphs  # noqa: E402
 from runtime.artifacts.weights import WeightsSource  # noqa: E402
+from runtime.pipelines import get_pipeline  # noqa: E402
 from runtime.presets import get_preset  # noqa: E402
 from runtime.specs.core import Precision  # noqa: E402
 from runtime.specs.refadgen import refadgen_specs  # noqa: E402
@@ -38,40 +40,71 @@ def tiny_specs(tiny):
 
 
 @pytest.fixture(scope="session")
-def tiny_modules(tiny, torch):
-    from networks.refadgen import build_refadgen
-
-    torch.set_num_threads(2)
-    return build_refadgen(tiny, WeightsSource(seed=0))
-
-
-@pytest.fixture(scope="session")
 def cache_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("adgen-cache")
 
 
 @pytest.fixture(scope="session")
-def tiny_graphs(tiny, tiny_specs, tiny_modules, cache_root) -> Path:
-    """The tiny graphs exported (with parity) into the session's cache, where the ORT backend finds them."""
+def tiny_networks(tiny, torch):
+    """tiny_networks(pipeline) -> the pipeline's torch modules at tiny (random init, seed 0), built
+    once per session."""
+    from networks.registry import build_modules
+
+    torch.set_num_threads(2)
+    return functools.cache(lambda pipeline: build_modules(pipeline, tiny, WeightsSource(seed=0)))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny, tiny_networks, cache_root):
+    """tiny_export(pipeline, components=None) -> the folder of the pipeline's tiny graphs (or of
+    `components` only), exported with parity into the session's cache once; reused when a test
+    has already exported them there (load_pipeline does on a miss)."""
     from export.onnx_export import export_pipeline
 
-    key = GraphKey.of("refadgen", tiny.name, Precision.FP32, tiny_specs, WeightsSource(seed=0).fingerprint(tiny.name))
-    # another test may have exported them into the session's cache already (load_pipeline does on a miss)
-    return find_graphs(cache_root, key, tiny_specs) or export_pipeline(tiny_modules, tiny_specs, key, cache_root / key.dirname)
+    def export(pipeline: str, components: tuple[str, ...] | None = None) -> Path:
+        specs = get_pipeline(pipeline).specs(tiny)
+        specs = {name: specs[name] for name in components or specs}
+        key = GraphKey.of(pipeline, tiny.name, Precision.FP32, specs, WeightsSource(seed=0).fingerprint(tiny.name))
+        modules = tiny_networks(pipeline)
+        return find_graphs(cache_root, key, specs) or export_pipeline(modules, specs, key, cache_root / key.dirname)
+
+    return export
 
 
 @pytest.fixture(scope="session")
-def ort_pipeline(tiny_graphs, cache_root):
+def open_tiny(cache_root):
+    """open_tiny(pipeline, backend="onnxruntime") -> the pipeline at tiny on that backend, opened
+    once per session (ONNX Runtime graphs from the session's cache)."""
     from runtime.api import load_pipeline
 
-    return load_pipeline("refadgen", preset="tiny", backend="onnxruntime", cache_dir=cache_root)
+    @functools.cache
+    def open_(pipeline: str, backend: str = "onnxruntime"):
+        if backend == "torch":
+            pytest.importorskip("torch")
+        return load_pipeline(pipeline, preset="tiny", backend=backend, cache_dir=cache_root)
+
+    return open_
 
 
 @pytest.fixture(scope="session")
-def torch_pipeline(torch):
-    from runtime.api import load_pipeline
+def tiny_modules(tiny_networks):
+    return tiny_networks("refadgen")
 
-    return load_pipeline("refadgen", preset="tiny", backend="torch")
+
+@pytest.fixture(scope="session")
+def tiny_graphs(tiny_export) -> Path:
+    """The tiny RefAdGen graphs exported (with parity) into the session's cache, where the ORT backend finds them."""
+    return tiny_export("refadgen")
+
+
+@pytest.fixture(scope="session")
+def ort_pipeline(tiny_graphs, open_tiny):
+    return open_tiny("refadgen")
+
+
+@pytest.fixture(scope="session")
+def torch_pipeline(open_tiny):
+    return open_tiny("refadgen", "torch")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 from counting import Counting
 
-from runtime.api import load_pipeline
 from runtime.pipelines import PIPELINES, get_pipeline
 from runtime.timing import StageTimer
 
@@ -39,9 +38,9 @@ def open_stages(monkeypatch):
 
 
 @pytest.mark.parametrize("pipeline", list(PIPELINES))
-def test_call_plan_matches_the_calls_a_run_makes(pipeline, cache_root, tmp_path, open_stages):
+def test_call_plan_matches_the_calls_a_run_makes(pipeline, open_tiny, tmp_path, open_stages):
     definition = get_pipeline(pipeline)
-    loaded = load_pipeline(pipeline, preset="tiny", backend="onnxruntime", cache_dir=cache_root)
+    loaded = open_tiny(pipeline)
     preset = loaded.source.preset
     options = {**definition.example_options(tmp_path, preset), definition.steps_option: STEPS}
     prepared = [definition.prepare(preset, **options, seed=seed) for seed in range(REQUESTS)]

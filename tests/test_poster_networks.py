@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from graph_parity import assert_graph_matches_module, assert_parity_report_format
 
-from runtime.artifacts.graphs import GraphKey, graph_path
+from runtime.artifacts.graphs import graph_path
 from runtime.artifacts.weights import WeightsSource
 from runtime.errors import WeightsError
 from runtime.presets import get_preset
@@ -25,20 +25,13 @@ def specs(tiny):
 
 
 @pytest.fixture(scope="module")
-def modules(tiny, torch):
-    from networks.registry import build_modules
-
-    torch.set_num_threads(2)
-    return build_modules("poster", tiny, WeightsSource(seed=0))
+def modules(tiny_networks):
+    return tiny_networks("poster")
 
 
 @pytest.fixture(scope="module")
-def graphs(tiny, specs, modules, cache_root):
-    from export.onnx_export import export_pipeline
-
-    new_specs = {name: specs[name] for name in NEW}
-    key = GraphKey.of("poster-networks", tiny.name, Precision.FP32, new_specs, WeightsSource(seed=0).fingerprint(tiny.name))
-    return export_pipeline({name: modules[name] for name in NEW}, new_specs, key, cache_root / key.dirname)
+def graphs(tiny_export):
+    return tiny_export("poster", NEW)
 
 
 def _run(module, *args):
@@ -50,9 +43,7 @@ def _run(module, *args):
 
 @pytest.mark.parametrize("component", NEW)
 def test_export_passes_fp32_parity(graphs, specs, modules, component):
-    errors = assert_graph_matches_module(graph_path(graphs, component), modules[component], specs[component], Precision.FP32)
-    for e in errors:
-        assert e.cosine > 0.9999, e
+    assert_graph_matches_module(graph_path(graphs, component), modules[component], specs[component], Precision.FP32)
 
 
 def test_parity_report_lists_the_new_components(graphs, specs):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.api import load_pipeline, prepare, run
+from runtime.api import prepare, run
 from runtime.cli import main
 from runtime.errors import InputError
 from runtime.inputs.images import load_product, place_on_canvas
@@ -20,14 +20,13 @@ STEPS, LAYOUT_STEPS = 3, 4
 
 
 @pytest.fixture(scope="session")
-def poster_ort(cache_root):
-    return load_pipeline("poster", preset="tiny", backend="onnxruntime", cache_dir=cache_root)
+def poster_ort(open_tiny):
+    return open_tiny("poster")
 
 
 @pytest.fixture(scope="session")
-def poster_torch():
-    pytest.importorskip("torch")
-    return load_pipeline("poster", preset="tiny", backend="torch")
+def poster_torch(open_tiny):
+    return open_tiny("poster", "torch")
 
 
 def _poster(loaded, product_png, **options):

@@ -36,4 +36,4 @@ def check_key(what: str, recorded: Mapping[str, object], wanted: Mapping[str, ob
     """BackendError naming the first field in which `recorded` differs from `wanted`."""
     for k, v in wanted.items():
         if recorded.get(k) != v:
-            raise BackendError(f"{what}: built for {k}={recorded.get(k)!r}, this needs {v!r}; {remedy}")
+            raise BackendError(f"{what}: built for {k}={recorded.get(k)!r}, need {v!r}; {remedy}")

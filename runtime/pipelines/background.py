@@ -57,8 +57,7 @@ from runtime.pipelines.base import (
 )
 from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range
 from runtime.presets import Preset
-from runtime.specs.background import background_specs, style_residual_names
-from runtime.specs.core import ComponentSpec, Precision
+from runtime.specs.background import BACKGROUND_COMPONENTS, style_residual_names
 from runtime.timing import StageTimer
 
 STYLE_SCALE_RANGE = (0.0, 4.0)
@@ -205,13 +204,12 @@ def load_reference(
 
 class BackgroundDefinition(PipelineDefinition):
     name = "background"
+    spec_builders = BACKGROUND_COMPONENTS
     options = ("product", "mask", "category", "categories", "reference", "reference_mask", "negative_prompt", "width",
                "height", "steps", "guidance", "style_scale", "seed", "scheduler")
     required = ("product", "category")
     step_components = ("background_unet",)
 
-    def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
-        return background_specs(preset, precision)
 
     def prepare(
         self,

@@ -36,7 +36,7 @@ from runtime.pipelines.checks import (
     schedule_settings,
 )
 from runtime.presets import Preset
-from runtime.specs.core import ComponentSpec, Precision
+from runtime.specs.core import ComponentSpec, Precision, SpecBuilder, build_specs
 from runtime.specs.guided import with_guided_step
 from runtime.timing import StageTimer
 
@@ -185,9 +185,11 @@ class PipelineDefinition(ABC):
     guided_step: tuple[str, tuple[str, ...]] | None = None
     default_layout_steps: int | None = None  # pipelines that plan a layout: box-diffusion steps
 
-    @abstractmethod
+    spec_builders: tuple[SpecBuilder, ...]  # one per exported component (runtime/specs/<pipeline>.py)
+
     def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
-        """One spec per exported component."""
+        """One spec per exported component, by name."""
+        return build_specs(self.spec_builders, preset, precision)
 
     def fused_specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
         """`specs` with the per-step component replaced by its guided-step graph."""

@@ -34,8 +34,7 @@ from runtime.pipelines.base import Call, PipelineDefinition, PipelineOutput, Pre
 from runtime.pipelines.checks import check_batch, check_seed, require_components
 from runtime.pipelines.conditioning import selling_point_features
 from runtime.presets import Preset
-from runtime.specs.core import ComponentSpec, Precision
-from runtime.specs.layout import FPN_LEVELS, layout_image_size, layout_specs
+from runtime.specs.layout import FPN_LEVELS, LAYOUT_COMPONENTS, layout_image_size
 from runtime.timing import StageTimer
 
 DEFAULT_LAYOUT_STEPS = 1  # RADM's reference sampling
@@ -116,6 +115,7 @@ class LayoutPipeline:
 
 class LayoutDefinition(PipelineDefinition):
     name = "layout"
+    spec_builders = LAYOUT_COMPONENTS
     options = ("product", "mask", "text", "layout_fixed", "width", "height", "layout_steps", "seed")
     required = ("product", "text")
     default_layout_steps = DEFAULT_LAYOUT_STEPS
@@ -123,8 +123,6 @@ class LayoutDefinition(PipelineDefinition):
     steps_option = "layout_steps"
     step_stage = "layout_step"
 
-    def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
-        return layout_specs(preset, precision)
 
     def prepare(
         self,

@@ -54,8 +54,7 @@ from runtime.pipelines.base import (
 from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range
 from runtime.pipelines.conditioning import image_tokens, prompt_embeddings, selling_point_features
 from runtime.presets import Preset
-from runtime.specs.core import ComponentSpec, Precision
-from runtime.specs.poster import poster_specs
+from runtime.specs.poster import POSTER_COMPONENTS
 from runtime.timing import StageTimer
 
 DEFAULT_LAYOUT_STEPS = 20
@@ -177,14 +176,13 @@ class PosterPipeline(LatentPipeline):
 
 class PosterDefinition(PipelineDefinition):
     name = "poster"
+    spec_builders = POSTER_COMPONENTS
     options = ("product", "mask", "prompt", "text", "layout_fixed", "negative_prompt", "width", "height", "steps",
                "layout_steps", "guidance", "control_scale", "seed", "scheduler")
     required = ("product", "prompt", "text")
     default_layout_steps = DEFAULT_LAYOUT_STEPS
     step_components = ("controlnet", "poster_unet")
 
-    def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
-        return poster_specs(preset, precision)
 
     def prepare(
         self,

@@ -33,9 +33,8 @@ from runtime.pipelines.base import Call, Conditioning, LatentPipeline, PipelineD
 from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range
 from runtime.pipelines.conditioning import image_tokens, prompt_embeddings
 from runtime.presets import Preset
-from runtime.specs.core import ComponentSpec, Precision
 from runtime.specs.guided import guided_name
-from runtime.specs.refadgen import refadgen_specs
+from runtime.specs.refadgen import REFADGEN_COMPONENTS
 from runtime.timing import StageTimer
 
 STEP = "unet"
@@ -116,14 +115,13 @@ class RefAdGenPipeline(LatentPipeline):
 
 class RefAdGenDefinition(PipelineDefinition):
     name = "refadgen"
+    spec_builders = REFADGEN_COMPONENTS
     options = ("product", "mask", "prompt", "negative_prompt", "width", "height", "steps", "guidance",
                "afm_scale", "seed", "scheduler")
     required = ("product", "prompt")
     step_components = (STEP,)
     guided_step = (STEP, ("sample", "timestep", "afm_scale"))
 
-    def specs(self, preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
-        return refadgen_specs(preset, precision)
 
     def prepare(
         self,

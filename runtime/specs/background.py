@@ -17,7 +17,7 @@ the networks and the pipeline read it from here.
 from __future__ import annotations
 
 from runtime.presets import Preset
-from runtime.specs.core import ComponentSpec, DType, Precision, TensorSpec
+from runtime.specs.core import ComponentSpec, DType, Precision, TensorSpec, build_specs
 from runtime.specs.shared import (
     denoiser_dims,
     latent_tensor,
@@ -95,14 +95,9 @@ def background_unet_spec(preset: Preset, precision: Precision = Precision.FP32) 
 
 MASK_BIAS = -1.0e4  # additive attention bias on masked (query, token) pairs: exp(-1e4) is 0 in fp32 and fp16
 
-BACKGROUND_SPEC_BUILDERS = {
-    "text_encoder": text_encoder_spec,
-    "vae_encoder": vae_encoder_spec,
-    "style_branch": style_branch_spec,
-    "background_unet": background_unet_spec,
-    "vae_decoder": vae_decoder_spec,
-}
+BACKGROUND_COMPONENTS = (text_encoder_spec, vae_encoder_spec, style_branch_spec, background_unet_spec,
+                         vae_decoder_spec)
 
 
 def background_specs(preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
-    return {name: build(preset, precision) for name, build in BACKGROUND_SPEC_BUILDERS.items()}
+    return build_specs(BACKGROUND_COMPONENTS, preset, precision)

@@ -15,11 +15,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
 from runtime.errors import SpecError
+
+if TYPE_CHECKING:
+    from runtime.presets import Preset
 
 
 class DType(str, Enum):
@@ -307,3 +310,11 @@ def specs_hash(specs: Mapping[str, ComponentSpec]) -> str:
     joined = "".join(f"{name}:{specs[name].spec_hash()};" for name in sorted(specs))
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
+
+SpecBuilder = Callable[["Preset", Precision], ComponentSpec]
+
+
+def build_specs(builders: Sequence[SpecBuilder], preset: "Preset", precision: Precision) -> dict[str, ComponentSpec]:
+    """One spec per builder, keyed by the spec's own name, in the builders' order."""
+    specs = [build(preset, precision) for build in builders]
+    return {spec.name: spec for spec in specs}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from runtime.presets import Preset
-from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
+from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec, build_specs
 from runtime.specs.shared import text_encoder_spec, timestep_input
 
 LAYOUT_CLASSES = ("logo", "text", "underlay", "embellishment")
@@ -149,12 +149,8 @@ def layout_head_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
     )
 
 
-LAYOUT_SPEC_BUILDERS = {
-    "text_encoder": text_encoder_spec,
-    "layout_backbone": layout_backbone_spec,
-    "layout_head": layout_head_spec,
-}
+LAYOUT_COMPONENTS = (text_encoder_spec, layout_backbone_spec, layout_head_spec)
 
 
 def layout_specs(preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
-    return {name: build(preset, precision) for name, build in LAYOUT_SPEC_BUILDERS.items()}
+    return build_specs(LAYOUT_COMPONENTS, preset, precision)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from runtime.presets import Preset
 from runtime.specs.background import MASK_BIAS
-from runtime.specs.core import ComponentSpec, Dim, DType, Precision, TensorSpec
+from runtime.specs.core import ComponentSpec, Dim, DType, Precision, TensorSpec, build_specs
 from runtime.specs.layout import BOX_SCALE, BOX_TRAIN_STEPS
 from runtime.specs.shared import (
     canvas_dims,
@@ -119,16 +119,9 @@ def poster_unet_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
     )
 
 
-POSTER_SPEC_BUILDERS = {
-    "text_encoder": text_encoder_spec,
-    "image_encoder": image_encoder_spec,
-    "plannet": plannet_spec,
-    "render_cond": render_cond_spec,
-    "controlnet": controlnet_spec,
-    "poster_unet": poster_unet_spec,
-    "vae_decoder": vae_decoder_spec,
-}
+POSTER_COMPONENTS = (text_encoder_spec, image_encoder_spec, plannet_spec, render_cond_spec, controlnet_spec,
+                     poster_unet_spec, vae_decoder_spec)
 
 
 def poster_specs(preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
-    return {name: build(preset, precision) for name, build in POSTER_SPEC_BUILDERS.items()}
+    return build_specs(POSTER_COMPONENTS, preset, precision)

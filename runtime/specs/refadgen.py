@@ -5,7 +5,7 @@ encoders and VAE are in runtime.specs.shared).
 from __future__ import annotations
 
 from runtime.presets import Preset
-from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
+from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec, build_specs
 from runtime.specs.shared import (
     image_encoder_spec,
     latent_dims,
@@ -94,16 +94,9 @@ def unet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Componen
     )
 
 
-REFADGEN_SPEC_BUILDERS = {
-    "text_encoder": text_encoder_spec,
-    "image_encoder": image_encoder_spec,
-    "vae_encoder": vae_encoder_spec,
-    "reference_unet": reference_unet_spec,
-    "afm_kv": afm_kv_spec,
-    "unet": unet_spec,
-    "vae_decoder": vae_decoder_spec,
-}
+REFADGEN_COMPONENTS = (text_encoder_spec, image_encoder_spec, vae_encoder_spec, reference_unet_spec, afm_kv_spec,
+                       unet_spec, vae_decoder_spec)
 
 
 def refadgen_specs(preset: Preset, precision: Precision = Precision.FP32) -> dict[str, ComponentSpec]:
-    return {name: build(preset, precision) for name, build in REFADGEN_SPEC_BUILDERS.items()}
+    return build_specs(REFADGEN_COMPONENTS, preset, precision)
