@@ -49,6 +49,14 @@ from runtime.errors import (
     ServerRequestError,
     ServerUnavailableError,
 )
+from runtime.serving.names import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    CLIENT_REGION_PREFIX,
+    GRPC_HEADER_PREFIX,
+    ConfigKey,
+    read_parameters,
+)
 from runtime.serving.protocol import from_wire, model_name, to_wire
 from runtime.specs.core import ComponentSpec
 from runtime.timing import Progress
@@ -57,9 +65,6 @@ DEFAULT_TIMEOUT_S = 600.0
 SHM_MIN_BYTES = 64 * 1024
 _ALIGN = 64
 _region_ids = itertools.count()
-ADMIN_HEADER = "adgen-admin-key"  # the header `adgen serve` restricts endpoints with
-ADMIN_KEY_ENV = "ADGEN_ADMIN_KEY"
-GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # Triton 2.51 expects restricted gRPC headers under it
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ class _Region:
 
     def __init__(self, connection: "TritonConnection", size: int):
         n = next(_region_ids)
-        self.name = f"adgen_client_{os.getpid()}_{n}"
+        self.name = f"{CLIENT_REGION_PREFIX}{os.getpid()}_{n}"
         self.size = max(size, 1 << 20)
         self.handle = shm.create_shared_memory_region(self.name, f"/{self.name}", self.size, create_only=True)
         try:
@@ -387,7 +392,7 @@ def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Prog
         components = {}
         for name, spec in specs.items():
             model = model_name(source.pipeline, name)
-            served = connection.model_parameters(model).get("adgen_spec_hash")
+            served = connection.model_parameters(model).get(ConfigKey.SPEC_HASH)
             if served != spec.spec_hash():
                 raise BackendError(
                     f"{model} on {source.server_url} serves spec hash {served}, this pipeline needs {spec.spec_hash()} "
