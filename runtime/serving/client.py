@@ -18,7 +18,8 @@ Failures are typed (`runtime.errors.ServerError` and subclasses). Every adgen re
 so running it twice gives the same answer: an inference that failed with a retriable error (queue
 full or timed out in the queue: 503 / UNAVAILABLE; connection refused or reset while the server
 restarts; a crashed stub the watchdog is replacing) is retried with capped exponential backoff
-(`RetryPolicy`); a refused request (400) or a client timeout never is. When the server restricts
+(`RetryPolicy`); a refused request (400) or a client timeout never is. `retries` counts the
+retries made, by error class, and `on_retry` is called before each. When the server restricts
 its shared-memory and model-control endpoints (`adgen serve` with ADGEN_ADMIN_KEY set), the
 connection sends the key from `admin_key` or the ADGEN_ADMIN_KEY variable with those calls.
 """
@@ -32,8 +33,9 @@ import random
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 import numpy as np
@@ -86,30 +88,60 @@ class RetryPolicy:
 
 NO_RETRY = RetryPolicy(attempts=1)
 
+# Called before each retry's pause: (what was called, the retriable error, retry index from 0, pause in s).
+RetryHook = Callable[[str, "ServerError", int, float], None]
+
+
+@dataclass(frozen=True)
+class StatusRule:
+    """How an error with one status is typed: `default`, unless the message holds one of the
+    `by_message` fragments (for statuses Triton 2.51 uses for more than one thing)."""
+
+    default: type[ServerError]
+    by_message: tuple[tuple[str, type[ServerError]], ...] = ()
+
+
+# Message fragments, consulted only where the status leaves the meaning open (observed on 2.51).
+NOT_READY = (  # a known model unloading or loading (restart, reload, an operator's unload): it passes
+    ("has no available versions", ServerUnavailableError),
+    ("is not ready", ServerUnavailableError),
+)
+RESTRICTED = ("is restricted, expecting header", ServerAccessError)
+STUB_DEAD = ("is not healthy", ServerUnavailableError)  # until the watchdog reloads the model
+QUEUE = (("exceeds maximum queue size", ServerBusyError), ("request timeout expired", ServerBusyError))
+
+STATUS_RULES: dict[str, StatusRule] = {
+    # HTTP
+    "400": StatusRule(ServerRequestError, NOT_READY),  # a refused request, or (2.51) a model not ready
+    "403": StatusRule(ServerAccessError),  # a restricted endpoint without the key
+    "404": StatusRule(ServerRequestError, NOT_READY),  # an unknown model, or one with no version loaded now
+    "500": StatusRule(ServerError, (STUB_DEAD, *NOT_READY)),  # the model failed; via BLS also a component's state
+    "503": StatusRule(ServerBusyError),  # queue full, or waited past the queue timeout
+    # gRPC
+    "StatusCode.INVALID_ARGUMENT": StatusRule(ServerRequestError, NOT_READY),
+    "StatusCode.NOT_FOUND": StatusRule(ServerRequestError, NOT_READY),
+    "StatusCode.PERMISSION_DENIED": StatusRule(ServerAccessError),
+    "StatusCode.UNAUTHENTICATED": StatusRule(ServerAccessError),
+    "StatusCode.INTERNAL": StatusRule(ServerError, (STUB_DEAD, *NOT_READY)),
+    # busy, a refused or reset connection (server restarting), and restricted endpoints all say UNAVAILABLE
+    "StatusCode.UNAVAILABLE": StatusRule(ServerUnavailableError, (RESTRICTED, *QUEUE)),
+    "StatusCode.RESOURCE_EXHAUSTED": StatusRule(ServerBusyError),
+    "StatusCode.DEADLINE_EXCEEDED": StatusRule(ServerError),  # the client timeout: the request may still run
+}
+# No status, or one not above: the message is all there is.
+MESSAGE_ONLY = StatusRule(ServerError, (RESTRICTED, STUB_DEAD, *NOT_READY, *QUEUE))
+
 
 def classify(what: str, error: BaseException) -> ServerError:
-    """A client exception as a typed adgen error (retriable or not)."""
+    """A client exception as a typed adgen error (retriable or not): by the HTTP code or gRPC
+    status first, by the message only where the status is ambiguous (STATUS_RULES)."""
     if isinstance(error, InferenceServerException):
         status = str(error.status() or "")
         message = error.message() or str(error)
-        text = f"{what}: {message} (status {status})"
-        if "restricted" in message and "header" in message:  # gRPC says UNAVAILABLE, HTTP 403
-            return ServerAccessError(text, status)
-        if "has no available versions" in message or "is not ready" in message:
-            # a known model being unloaded or loaded (a restart, a reload, an operator's unload):
-            # 2.51 answers 400 / NOT_FOUND, but it is a state that passes, unlike a wrong name
-            return ServerUnavailableError(text, status)
-        if status in ("400", "StatusCode.INVALID_ARGUMENT"):
-            return ServerRequestError(text, status)
-        if status in ("503", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"):
-            # gRPC also reports a refused connection as UNAVAILABLE; both are worth a retry
-            busy = "queue" in message.lower() or "exceeds" in message.lower()
-            return (ServerBusyError if busy else ServerUnavailableError)(text, status)
-        if status == "403":
-            return ServerAccessError(text, status)
-        if "is not healthy" in message:  # a crashed Python stub, until the watchdog reloads it
-            return ServerUnavailableError(text, status)
-        return ServerError(text, status)
+        rule = STATUS_RULES.get(status, MESSAGE_ONLY)
+        lowered = message.lower()
+        kind = next((k for fragment, k in rule.by_message if fragment.lower() in lowered), rule.default)
+        return kind(f"{what}: {message} (status {status})", status)
     if isinstance(error, TimeoutError):  # the request may still run: retrying would add load
         return ServerError(f"{what}: no answer within the client timeout ({error})", "timeout")
     # HTTP client: refused / reset connections arrive as OSError
@@ -181,10 +213,13 @@ class TritonConnection:
         use_shm: bool | None = None,
         retry: RetryPolicy = RetryPolicy(),
         admin_key: str | None = None,
+        on_retry: RetryHook | None = None,
     ):
         self.endpoint = Endpoint.parse(url)
         self.timeout_s = timeout_s
         self.retry = retry
+        self.on_retry = on_retry
+        self.retries: Counter[str] = Counter()  # retries made so far, by the error class that caused them
         key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV, "")
         header = (GRPC_HEADER_PREFIX + ADMIN_HEADER) if self.endpoint.protocol == "grpc" else ADMIN_HEADER
         self.admin_headers = {header: key} if key else None
@@ -231,7 +266,12 @@ class TritonConnection:
             except ServerError as e:
                 if not e.retriable or retry + 1 >= self.retry.attempts:
                     raise
-                time.sleep(self.retry.delay(retry))
+                pause = self.retry.delay(retry)
+                with self._lock:
+                    self.retries[type(e).__name__] += 1
+                if self.on_retry is not None:
+                    self.on_retry(what, e, retry, pause)
+                time.sleep(pause)
                 if isinstance(e, ServerUnavailableError):
                     self._reregister_regions()  # a restarted server has forgotten them
 

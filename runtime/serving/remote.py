@@ -13,17 +13,20 @@ from typing import Any, Mapping
 import numpy as np
 
 from runtime.pipelines.base import GenerateResult, PipelineDefinition
-from runtime.serving.client import DEFAULT_TIMEOUT_S, RetryPolicy, TritonConnection
+from runtime.serving.client import DEFAULT_TIMEOUT_S, RetryHook, RetryPolicy, TritonConnection
 from runtime.serving.protocol import IMAGE_OUTPUT, REPORT_OUTPUT, decode_response, encode_request
 
 
 class PipelineClient:
     """Thread-safe over gRPC (one connection); over HTTP each thread gets its own client."""
 
-    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy = RetryPolicy()):
+    def __init__(
+        self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy = RetryPolicy(),
+        on_retry: RetryHook | None = None,
+    ):
         # The request is a few small tensors and the file bytes; the image comes back inline.
         # Requests are seeded, so a retried one gives the same image (see RetryPolicy).
-        self.connection = TritonConnection(url, timeout_s=timeout_s, use_shm=False, retry=retry)
+        self.connection = TritonConnection(url, timeout_s=timeout_s, use_shm=False, retry=retry, on_retry=on_retry)
 
     def generate(self, definition: PipelineDefinition, options: Mapping[str, Any]) -> GenerateResult:
         feed = encode_request(definition, options)
