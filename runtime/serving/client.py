@@ -289,11 +289,15 @@ class TritonConnection:
                 continue  # registered already, or not back yet: the retry tells
 
     def model_parameters(self, model: str) -> dict[str, str]:
-        if self._grpc_client is not None:
-            config = self._call(model, self._grpc_client.get_model_config, model, as_json=True)["config"]
-        else:
-            config = self._call(model, self.client().get_model_config, model)
-        return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        """The parameters of `model`'s config on the server (ConfigKey -> value for ours); retried
+        like an inference (a server restarting answers later)."""
+
+        def attempt() -> dict:
+            if self._grpc_client is not None:
+                return self._call(model, self._grpc_client.get_model_config, model, as_json=True)["config"]
+            return self._call(model, self.client().get_model_config, model)
+
+        return read_parameters(self._call_with_retries(f"{model} config", attempt))
 
     def is_ready(self) -> bool:
         try:

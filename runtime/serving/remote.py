@@ -12,8 +12,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from runtime.errors import BackendError
 from runtime.pipelines.base import GenerateResult, PipelineDefinition
+from runtime.presets import Preset, get_preset
 from runtime.serving.client import DEFAULT_TIMEOUT_S, RetryHook, RetryPolicy, TritonConnection
+from runtime.serving.names import ConfigKey
 from runtime.serving.protocol import IMAGE_OUTPUT, REPORT_OUTPUT, decode_response, encode_request
 
 
@@ -27,6 +30,17 @@ class PipelineClient:
         # The request is a few small tensors and the file bytes; the image comes back inline.
         # Requests are seeded, so a retried one gives the same image (see RetryPolicy).
         self.connection = TritonConnection(url, timeout_s=timeout_s, use_shm=False, retry=retry, on_retry=on_retry)
+
+    def served_preset(self, definition: PipelineDefinition) -> Preset:
+        """The preset the server's `definition` model was generated for (its config parameter):
+        the sizes a request must fit there."""
+        name = self.connection.model_parameters(definition.name).get(ConfigKey.PRESET)
+        if not name:
+            raise BackendError(
+                f"{definition.name} on {self.connection.endpoint.address}: its config has no {ConfigKey.PRESET} "
+                "parameter (not a model `adgen serve` generated?)"
+            )
+        return get_preset(name)
 
     def generate(self, definition: PipelineDefinition, options: Mapping[str, Any]) -> GenerateResult:
         feed = encode_request(definition, options)
