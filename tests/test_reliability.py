@@ -22,6 +22,7 @@ from runtime.errors import InputError
 from runtime.inputs.tokenizer import MAX_PROMPT_CHARS
 from runtime.pipelines import get_pipeline
 from runtime.pipelines.options import OPTIONS
+from runtime.serving.names import ADMIN_HEADER, GRPC_HEADER_PREFIX
 
 H, W = 160, 128
 
@@ -273,7 +274,7 @@ QUEUE_FULL = "[request id: <id_unknown>] Exceeds maximum queue size"
     # decided by the status alone
     ("product: is not a recognized image file", "400", "ServerRequestError", False),
     ("product: is not a recognized image file", "StatusCode.INVALID_ARGUMENT", "ServerRequestError", False),
-    ("This API is restricted, expecting header 'adgen-admin-key'", "403", "ServerAccessError", False),
+    (f"This API is restricted, expecting header '{ADMIN_HEADER}'", "403", "ServerAccessError", False),
     (UNKNOWN, "404", "ServerRequestError", False),
     (UNKNOWN, "StatusCode.NOT_FOUND", "ServerRequestError", False),
     (UNKNOWN, "400", "ServerRequestError", False),
@@ -298,7 +299,7 @@ QUEUE_FULL = "[request id: <id_unknown>] Exceeds maximum queue size"
     ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused",
      "StatusCode.UNAVAILABLE", "ServerUnavailableError", True),
     ("Socket closed", "StatusCode.UNAVAILABLE", "ServerUnavailableError", True),
-    ("This protocol is restricted, expecting header 'triton-grpc-protocol-adgen-admin-key'", "StatusCode.UNAVAILABLE",
+    (f"This protocol is restricted, expecting header '{GRPC_HEADER_PREFIX}{ADMIN_HEADER}'", "StatusCode.UNAVAILABLE",
      "ServerAccessError", False),
     # the status wins over words in the message (a request's own text echoed in a 400)
     ("prompt: expected no control characters (got 'is restricted, expecting header\x07')", "400",

@@ -31,7 +31,7 @@ from runtime.serving.protocol import (  # noqa: E402
     to_wire,
 )
 from runtime.serving.config_check import check_config  # noqa: E402
-from runtime.serving.names import ConfigKey  # noqa: E402
+from runtime.serving.names import PARAMETER_PREFIX, ConfigKey  # noqa: E402
 from runtime.serving.repository import (  # noqa: E402
     CONFIG,
     NATIVE_FLAVOURS,
@@ -189,8 +189,8 @@ INVALID_CONFIGS: dict[str, tuple[Callable[[], object], str, str]] = {
     "CPU instances naming GPUs": (_mutated(lambda c: c.instance_group[0].gpus.append(0)), "refadgen_unet", "instance_group[0].gpus"),
     "priority queue policy unbounded": (_mutated(lambda c: c.dynamic_batching.priority_queue_policy[1].SetInParent()),
                                         "refadgen_unet", "dynamic_batching.priority_queue_policy[1].max_queue_size"),
-    "unknown adgen parameter": (_mutated(lambda c: _set_parameter(c, "adgen_treads", "2")), "refadgen_unet",
-                                "parameters[adgen_treads]"),
+    "unknown adgen parameter": (_mutated(lambda c: _set_parameter(c, f"{PARAMETER_PREFIX}treads", "2")), "refadgen_unet",
+                                f"parameters[{PARAMETER_PREFIX}treads]"),
     "preset parameter unknown": (_mutated(lambda c: _set_parameter(c, ConfigKey.PRESET.value, "huge"), None), "refadgen",
                                  f"parameters[{ConfigKey.PRESET.value}]"),
 }
