@@ -19,7 +19,7 @@ from typing import Sequence
 
 from runtime.errors import AdgenError, InputError
 from runtime.pipelines import PIPELINES, get_pipeline
-from runtime.pipelines.base import PipelineDefinition
+from runtime.pipelines.base import GenerateResult, PipelineDefinition
 from runtime.pipelines.options import OPTIONS, add_option_arguments
 from runtime.presets import PRESETS, get_preset
 from runtime.serving.names import ADMIN_HEADER, ADMIN_KEY_ENV
@@ -207,7 +207,7 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
     return 0
 
 
-def _generate_in_server(definition: PipelineDefinition, options: dict, args: argparse.Namespace):
+def _generate_in_server(definition: PipelineDefinition, options: dict, args: argparse.Namespace) -> GenerateResult:
     """--server: the request checked against the preset the server serves (read from its
     pipeline model's config), then run there."""
     if args.url is not None:
