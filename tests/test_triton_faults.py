@@ -26,6 +26,8 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
+from triton_checks import delta, model_stats, wait_until  # noqa: E402
+
 from runtime.errors import (  # noqa: E402
     ServerAccessError,
     ServerBusyError,
@@ -40,7 +42,6 @@ from runtime.serving.repository import RepositoryOptions  # noqa: E402
 from runtime.serving.serve import start_server, write_runtime_repository  # noqa: E402
 from runtime.serving.server import TritonServer  # noqa: E402
 from runtime.serving.watchdog import ModelWatchdog  # noqa: E402
-from triton_checks import delta, model_stats, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

@@ -22,7 +22,13 @@ pytest.importorskip("pytriton")
 from runtime.cli import main  # noqa: E402
 from runtime.pipelines import get_pipeline  # noqa: E402
 from runtime.presets import get_preset  # noqa: E402
-from runtime.serving.repository import CONFIG, VERSION, RepositoryOptions, pipeline_config, render  # noqa: E402
+from runtime.serving.repository import (  # noqa: E402
+    CONFIG,
+    VERSION,
+    RepositoryOptions,
+    pipeline_config,
+    render,
+)
 from runtime.serving.server import TritonServer  # noqa: E402
 
 pytestmark = pytest.mark.triton

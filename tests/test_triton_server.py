@@ -27,6 +27,8 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
+from triton_checks import delta, model_stats, wait_until  # noqa: E402
+
 from runtime.api import load_pipeline  # noqa: E402
 from runtime.inputs.images import load_product  # noqa: E402
 from runtime.pipelines import get_pipeline  # noqa: E402
@@ -35,7 +37,6 @@ from runtime.serving.remote import PipelineClient  # noqa: E402
 from runtime.serving.repository import RepositoryOptions  # noqa: E402
 from runtime.serving.serve import start_server  # noqa: E402
 from runtime.serving.server import SHM_DIR, remove_stale_workdirs  # noqa: E402
-from triton_checks import delta, model_stats, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

@@ -96,7 +96,7 @@ def _shape(shape: tuple[int | str, ...]) -> dict:
     return {"dims": [d if isinstance(d, int) else -1 for d in shape]}
 
 
-def _tensor(kind: type[mc.ModelInput] | type[mc.ModelOutput], model: str, t: TensorSpec, skip: int):
+def _tensor(kind: type[mc.ModelInput | mc.ModelOutput], model: str, t: TensorSpec, skip: int):
     """The config entry of spec tensor `t`, without its first `skip` (batch) dims."""
     data_type = TRITON_DTYPES.get(t.dtype)
     if data_type is None:
