@@ -13,7 +13,8 @@ sends a burst past the queue bound. Prints one table and writes one JSON line:
   sent, images (good requests that got their image), clear errors (bad requests refused with 400
   naming the field; requests answered 503 / unavailable after their retries), unexpected (any
   other outcome: a good request refused, a bad one accepted, a 500), hangs (no answer within
-  `--hang-s`), p50/p99 latency, server RSS (tritonserver + its stubs) at start and end.
+  `--hang-s`), retries the clients made (by error class), p50/p99 latency, server RSS
+  (tritonserver + its stubs) at start and end.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,7 @@ class Tally:
     latencies_s: list[float] = field(default_factory=list)
     unexpected_samples: list[str] = field(default_factory=list)
     faults: list[dict] = field(default_factory=list)
+    retries: Counter = field(default_factory=Counter)  # retries the clients made, by error class
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -137,7 +140,11 @@ def run(args: argparse.Namespace) -> dict:
             outcome, detail = "unexpected", ""
             try:
                 with PipelineClient(server.grpc_url, timeout_s=args.hang_s, retry=retry) as client:
-                    result = client.generate(definition, options)
+                    try:
+                        result = client.generate(definition, options)
+                    finally:
+                        with tally.lock:
+                            tally.retries.update(client.connection.retries)
                 ok = not is_bad and result.image.shape == (preset.default_height, preset.default_width, 3)
                 outcome, detail = ("image" if ok else "unexpected"), f"{name}: accepted"
             except ServerRequestError as e:
@@ -146,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
             except (ServerBusyError, ServerUnavailableError) as e:
                 outcome, detail = "busy", f"{name}: {e}"
             except ServerError as e:
-                outcome = "hang" if "DEADLINE_EXCEEDED" in str(e) else "unexpected"
+                outcome = "hang" if e.status == "StatusCode.DEADLINE_EXCEEDED" else "unexpected"
                 detail = f"{name}: {e}"
             elapsed = time.monotonic() - started
             with tally.lock:
@@ -223,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "load_faults", "preset": args.preset, "minutes": args.minutes, "duration_s": round(duration, 1),
         "clients": args.clients, "steps": args.steps, "bad_fraction": args.bad_fraction,
         "sent": tally.sent, "images": tally.images, "clear_errors": tally.clear, "of_which_busy_or_unavailable": tally.busy,
-        "unexpected": tally.unexpected, "hangs": tally.hangs,
+        "unexpected": tally.unexpected, "hangs": tally.hangs, "retries": dict(tally.retries),
         "latency_p50_s": round(float(np.percentile(latencies, 50)), 3),
         "latency_p99_s": round(float(np.percentile(latencies, 99)), 3),
         "server_rss_start_mib": round(rss_start / 1024, 1), "server_rss_end_mib": round(rss_end / 1024, 1),

@@ -19,12 +19,14 @@ from typing import Sequence
 
 from runtime.errors import AdgenError, InputError
 from runtime.pipelines import PIPELINES, get_pipeline
-from runtime.pipelines.base import PipelineDefinition
+from runtime.pipelines.base import GenerateResult, PipelineDefinition
 from runtime.pipelines.options import OPTIONS, add_option_arguments
 from runtime.presets import PRESETS, get_preset
+from runtime.serving.names import ADMIN_HEADER, ADMIN_KEY_ENV
 from runtime.specs.core import Precision
 
 BACKEND_CHOICES = ("onnxruntime", "torch", "triton", "tensorrt")
+DEFAULT_PRESET = "tiny"
 
 
 class TerminalProgress:
@@ -50,7 +52,7 @@ class TerminalProgress:
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", default="refadgen", choices=tuple(PIPELINES), help="which pipeline (default refadgen)")
-    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS), help="network sizes (default tiny)")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS), help=f"network sizes (default {DEFAULT_PRESET})")
     parser.add_argument("--weights", type=Path, default=None, help="local weights folder (safetensors); default: random init")
     parser.add_argument("--init-seed", type=int, default=0, help="seed of the random initialisation (no --weights)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="exported-graph cache (default $ADGEN_CACHE or ~/.cache/adgen)")
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="make an ad image from a product photo", argument_default=argparse.SUPPRESS)
     _model_arguments(gen)
+    gen.set_defaults(preset=None)  # not given: --server takes the server's preset, the rest DEFAULT_PRESET
     gen.add_argument("--out", type=Path, required=True, help="output PNG; the report goes beside it as .json")
     gen.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
     gen.add_argument("--graphs", type=Path, default=None, help="use this folder from `adgen export` instead of the cache")
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", action="append", choices=tuple(PIPELINES), help="repeat; default: every pipeline")
-    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS), help="network sizes (default tiny)")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS), help=f"network sizes (default {DEFAULT_PRESET})")
     parser.add_argument("--weights", type=Path, default=None, help="local weights folder (safetensors); default: random init")
     parser.add_argument("--init-seed", type=int, default=0, help="seed of the random initialisation (no --weights)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="exported-graph cache (default $ADGEN_CACHE or ~/.cache/adgen)")
@@ -141,9 +144,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a request may wait in the pipeline queue before a 503 (default 120)")
     parser.add_argument("--watchdog-interval", type=float, default=5.0,
                         help="seconds between canary probes that reload models whose Python stub died (0: off)")
-    parser.add_argument("--admin-key-env", default="ADGEN_ADMIN_KEY",
+    parser.add_argument("--admin-key-env", default=ADMIN_KEY_ENV,
                         help="environment variable holding the key that model-control, shared-memory, logging and "
-                             "trace endpoints require (header adgen-admin-key); unset or empty: not restricted")
+                             f"trace endpoints require (header {ADMIN_HEADER}); unset or empty: not restricted")
     parser.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
 
 
@@ -178,19 +181,15 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
 
     definition = get_pipeline(args.pipeline)
     options = request_options(definition, args)
-    prepared = definition.prepare(get_preset(args.preset), **options)
     if args.server is not None:
-        if args.url is not None:
-            raise InputError("server", "--server runs the whole pipeline in the server; --url is for --backend triton")
-        from runtime.serving.remote import PipelineClient
-
-        with PipelineClient(args.server) as client:
-            result = client.generate(definition, options)
+        result = _generate_in_server(definition, options, args)
     else:
+        preset = args.preset or DEFAULT_PRESET
+        prepared = definition.prepare(get_preset(preset), **options)
         if (args.backend == "triton") != (args.url is not None):
             raise InputError("url", "--backend triton needs --url host:port, and --url needs --backend triton")
         loaded = load_pipeline(
-            pipeline=args.pipeline, preset=args.preset, backend=args.backend, weights=args.weights,
+            pipeline=args.pipeline, preset=preset, backend=args.backend, weights=args.weights,
             init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, threads=args.threads,
             progress=progress.message, server_url=args.url, precision=args.precision, device=args.device,
             engines_dir=args.engines, cuda_graphs=args.cuda_graphs, fused_step=args.fused_step,
@@ -206,6 +205,27 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
         summary += f", {1000 * timings['denoise_step']['p50']:.1f} ms per step (p50)"
     progress.message(summary)
     return 0
+
+
+def _generate_in_server(definition: PipelineDefinition, options: dict, args: argparse.Namespace) -> GenerateResult:
+    """--server: the request checked against the preset the server serves (read from its
+    pipeline model's config), then run there."""
+    if args.url is not None:
+        raise InputError("server", "--server runs the whole pipeline in the server; --url is for --backend triton")
+    from runtime.serving.remote import PipelineClient
+
+    with PipelineClient(args.server) as client:
+        served = client.served_preset(definition)
+        if args.preset is not None and args.preset != served.name:
+            raise InputError(
+                "preset", f"the server at {args.server} serves {definition.name} at preset {served.name}: "
+                f"give --preset {served.name} or leave it out", args.preset,
+            )
+        try:
+            definition.prepare(served, **options)  # refused here, with the server's bounds, before sending
+        except InputError as e:
+            raise InputError(e.field, f"{e.rule} (preset {served.name}, served at {args.server})", e.got) from None
+        return client.generate(definition, options)
 
 
 def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
@@ -299,7 +319,7 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
         print(f"  adgen generate --pipeline {pipelines[0]} --preset {args.preset} --product P --prompt T --out ad.png "
               f"--server {server.grpc_url}", flush=True)
         if admin_key:
-            print(f"  model-control, shared-memory, logging, trace: need header adgen-admin-key (${args.admin_key_env})",
+            print(f"  model-control, shared-memory, logging, trace: need header {ADMIN_HEADER} (${args.admin_key_env})",
                   flush=True)
         print("Ctrl-C stops it.", flush=True)
         next_probe = time.monotonic() + (args.watchdog_interval if watchdog else float("inf"))

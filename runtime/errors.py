@@ -36,6 +36,21 @@ class SpecError(AdgenError, ValueError):
         super().__init__(f"{component}.{tensor}: expected {expected}, got {got}")
 
 
+class ConfigError(AdgenError):
+    """A generated Triton model config that tritonserver would refuse at load, or that would load
+    and mean nothing: `model.field: rule (got value)`. Raised at generation, not at server start."""
+
+    def __init__(self, model: str, field: str, rule: str, got: object | None = None):
+        self.model = model
+        self.field = field
+        self.rule = rule
+        self.got = got
+        message = f"{model or '(unnamed model)'}.{field}: {rule}"
+        if got is not None:
+            message += f" (got {got})"
+        super().__init__(message)
+
+
 class WeightsError(AdgenError):
     """Weights missing, unreadable, unsafe, or whose keys/shapes do not match the network."""
 

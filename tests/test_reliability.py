@@ -3,8 +3,8 @@ with the raw bytes, gRPC through `PipelineClient`) and the component models in T
 sent straight to them). Each class gets a typed error naming the field and the rule (HTTP 400 /
 INVALID_ARGUMENT over Triton); every outcome goes into the session's tally (conftest.py).
 
-Selling-point texts belong to the poster pipeline (not built yet); prompts and negative prompts
-are the texts covered here.
+Prompts and negative prompts are the texts covered here; selling points (layout and poster) meet
+the server in test_triton_pipelines.py.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from runtime.errors import InputError
 from runtime.inputs.tokenizer import MAX_PROMPT_CHARS
 from runtime.pipelines import get_pipeline
 from runtime.pipelines.options import OPTIONS
+from runtime.serving.names import ADMIN_HEADER, GRPC_HEADER_PREFIX
 
 H, W = 160, 128
 
@@ -260,16 +261,54 @@ def test_component_model_tensors(case, server, tiny_specs, bad_input_tally):
     assert ok, (status, message)
 
 
+# (status, message) -> error class, as Triton 2.51 answers (statuses observed against the real
+# server: a Python model's INVALID_ARG error, an exception in execute, an unknown model, an unloaded
+# model, a restricted endpoint, a full queue, a queue timeout, a killed stub, a client deadline).
+UNHEALTHY = "Stub process 'refadgen_unet_0_0' is not healthy."
+UNLOADED = "Request for unknown model: 'refadgen' has no available versions"
+UNKNOWN = "Request for unknown model: 'refadgne' is not found"
+QUEUE_FULL = "[request id: <id_unknown>] Exceeds maximum queue size"
+
+
 @pytest.mark.parametrize("message, status, kind, retriable", [
-    ("Exceeds maximum queue size", "503", "ServerBusyError", True),
-    ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", "ServerUnavailableError", True),
-    ("Stub process 'refadgen_unet_0_0' is not healthy.", "500", "ServerUnavailableError", True),
-    ("Request for unknown model: 'refadgen' has no available versions", "StatusCode.NOT_FOUND", "ServerUnavailableError", True),
+    # decided by the status alone
     ("product: is not a recognized image file", "400", "ServerRequestError", False),
-    ("Request for unknown model: 'refadgne' is not found", "400", "ServerRequestError", False),
-    ("This protocol is restricted, expecting header 'triton-grpc-protocol-adgen-admin-key'", "StatusCode.UNAVAILABLE",
-     "ServerAccessError", False),
+    ("product: is not a recognized image file", "StatusCode.INVALID_ARGUMENT", "ServerRequestError", False),
+    (f"This API is restricted, expecting header '{ADMIN_HEADER}'", "403", "ServerAccessError", False),
+    (UNKNOWN, "404", "ServerRequestError", False),
+    (UNKNOWN, "StatusCode.NOT_FOUND", "ServerRequestError", False),
+    (UNKNOWN, "400", "ServerRequestError", False),
     ("refadgen: BackendError: unet failed", "500", "ServerError", False),
+    ("Failed to process the request(s) for model 'refadgen_0_0', message: RuntimeError: boom", "StatusCode.INTERNAL",
+     "ServerError", False),
+    (QUEUE_FULL, "503", "ServerBusyError", True),
+    ("Request timeout expired", "503", "ServerBusyError", True),
+    ("anything the server says", "503", "ServerBusyError", True),
+    ("Received message larger than max", "StatusCode.RESOURCE_EXHAUSTED", "ServerBusyError", True),
+    ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", "ServerError", False),
+    # the status is ambiguous: the message decides
+    (UNLOADED, "404", "ServerUnavailableError", True),
+    (UNLOADED, "StatusCode.NOT_FOUND", "ServerUnavailableError", True),
+    ("Request for unknown model: 'refadgen' is not ready", "400", "ServerUnavailableError", True),  # 2.51: not ready is 400
+    (UNHEALTHY, "500", "ServerUnavailableError", True),
+    (UNHEALTHY, "StatusCode.INTERNAL", "ServerUnavailableError", True),
+    # a pipeline model whose component is being reloaded (its BLS call failed): 500 from the pipeline
+    (f"refadgen: refadgen_unet: {UNLOADED}", "500", "ServerUnavailableError", True),
+    (QUEUE_FULL, "StatusCode.UNAVAILABLE", "ServerBusyError", True),
+    ("Request timeout expired", "StatusCode.UNAVAILABLE", "ServerBusyError", True),
+    ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused",
+     "StatusCode.UNAVAILABLE", "ServerUnavailableError", True),
+    ("Socket closed", "StatusCode.UNAVAILABLE", "ServerUnavailableError", True),
+    (f"This protocol is restricted, expecting header '{GRPC_HEADER_PREFIX}{ADMIN_HEADER}'", "StatusCode.UNAVAILABLE",
+     "ServerAccessError", False),
+    # the status wins over words in the message (a request's own text echoed in a 400)
+    ("prompt: expected no control characters (got 'is restricted, expecting header\x07')", "400",
+     "ServerRequestError", False),
+    (f"refadgen: {QUEUE_FULL}", "500", "ServerError", False),
+    # no status: the message is all there is
+    (UNHEALTHY, "", "ServerUnavailableError", True),
+    (QUEUE_FULL, "", "ServerBusyError", True),
+    ("unexpected", "", "ServerError", False),
 ])
 def test_server_errors_are_typed_and_only_transient_ones_retried(message, status, kind, retriable):
     pytest.importorskip("tritonclient.grpc")
@@ -277,7 +316,7 @@ def test_server_errors_are_typed_and_only_transient_ones_retried(message, status
 
     from runtime.serving.client import classify
 
-    error = classify("refadgen", InferenceServerException(message, status=status))
+    error = classify("refadgen", InferenceServerException(message, status=status or None))
     assert type(error).__name__ == kind and error.retriable is retriable and error.status == status
     assert str(error).startswith(f"refadgen: {message}")
 

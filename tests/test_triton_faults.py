@@ -3,6 +3,9 @@
 One server for the module, started with an admin key (restricted endpoints), 2 pipeline instances
 and a pipeline queue of 2, so a burst of 8 overflows it. Every server is stopped, also on failure.
 Time bounds are generous upper bounds for "at once" / "recovers by itself", not performance targets.
+A state a test relies on ("both requests are running", "the model is unloaded") is observed (the
+server's statistics, its model index), never waited for with a sleep; a retry a test claims is
+counted by the client (`TritonConnection.retries`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
+from triton_checks import delta, model_stats, wait_until  # noqa: E402
+
 from runtime.errors import (  # noqa: E402
     ServerAccessError,
     ServerBusyError,
@@ -30,11 +35,12 @@ from runtime.errors import (  # noqa: E402
     ServerUnavailableError,
 )
 from runtime.pipelines import get_pipeline  # noqa: E402
-from runtime.serving.client import NO_RETRY, RetryPolicy
+from runtime.serving.client import NO_RETRY, RetryPolicy  # noqa: E402
+from runtime.serving.names import ADMIN_HEADER, ADMIN_KEY_ENV  # noqa: E402
 from runtime.serving.remote import PipelineClient  # noqa: E402
 from runtime.serving.repository import RepositoryOptions  # noqa: E402
 from runtime.serving.serve import start_server, write_runtime_repository  # noqa: E402
-from runtime.serving.server import ADMIN_HEADER, TritonServer  # noqa: E402
+from runtime.serving.server import TritonServer  # noqa: E402
 from runtime.serving.watchdog import ModelWatchdog  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -125,14 +131,14 @@ def test_restricted_endpoints_refuse_without_the_key(server, product, monkeypatc
     from runtime.api import generate, load_pipeline
 
     # the client-side loop registers shared memory: refused without the key, works with it
-    monkeypatch.delenv("ADGEN_ADMIN_KEY", raising=False)
+    monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
     loaded = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=server.grpc_url)
     try:
         with pytest.raises(ServerAccessError, match="restricted"):
             generate(loaded, **_request(product))
     finally:
         loaded.close()
-    monkeypatch.setenv("ADGEN_ADMIN_KEY", KEY)
+    monkeypatch.setenv(ADMIN_KEY_ENV, KEY)
     loaded = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=server.grpc_url)
     try:
         image = generate(loaded, **_request(product)).image
@@ -203,41 +209,58 @@ def test_killed_stub_is_detected_and_reloaded(server, product):
 
 
 def test_client_retries_through_a_stub_crash(server, product):
-    """A retrying client sees no error when the watchdog repairs the model between its attempts."""
+    """A retrying client sees no error when the watchdog repairs the model between its attempts:
+    the watchdog starts only once the client's first attempt has failed, so a retry must happen."""
+    expected = _generate(server.grpc_url, product, seed=9).image
     (pid,) = _stub_pids(server, "refadgen_vae_decoder")
     os.kill(pid, signal.SIGKILL)
     KILLED.append(pid)
     watchdog = ModelWatchdog(server.http_url, server.admin_headers)
+    failed = threading.Event()
     stop = threading.Event()
 
     def watch():
-        while not stop.is_set():
+        if not failed.wait(120):
+            return
+        for _ in range(240):  # bounded: the client gives up long before
+            if stop.is_set():
+                return
             watchdog.step()
             stop.wait(0.5)
 
     thread = threading.Thread(target=watch)
     thread.start()
+    retry = RetryPolicy(attempts=8, base_s=0.5, cap_s=4.0)
     try:
-        result = _generate(server.grpc_url, product, retry=RetryPolicy(attempts=8, base_s=0.5, cap_s=4.0), seed=9)
+        with PipelineClient(server.grpc_url, retry=retry, on_retry=lambda *_: failed.set()) as client:
+            result = client.generate(get_pipeline("refadgen"), _request(product, seed=9))
+            retries = dict(client.connection.retries)
     finally:
+        failed.set()
         stop.set()
         thread.join(60)
-    assert result.image.shape == (160, 128, 3)
+    assert retries.get("ServerUnavailableError", 0) >= 1 and set(retries) == {"ServerUnavailableError"}, retries
+    assert np.array_equal(result.image, expected), "the retried request gave another image"
     assert [r.model for r in watchdog.recoveries] == ["refadgen_vae_decoder"]
 
 
 def test_unload_during_traffic_finishes_in_flight_and_refuses_new(server, product):
     import tritonclient.http as httpclient
 
+    # afm_kv runs once per request, just before its denoising loop: +INSTANCES there and none of
+    # the pipeline's requests answered means both requests are inside their loops
+    once_per_request = "refadgen_afm_kv"
+    assert get_pipeline("refadgen").call_plan(1, LONG_STEPS)["afm_kv"].calls == 1
+    started, answered = model_stats(server.http_url, once_per_request), model_stats(server.http_url, "refadgen")
     with ThreadPoolExecutor(INSTANCES) as pool:
         in_flight = [pool.submit(_generate, server.grpc_url, product, seed=s, steps=LONG_STEPS) for s in range(INSTANCES)]
-        time.sleep(1.0)  # both are running
+        wait_until(lambda: delta(model_stats(server.http_url, once_per_request), started)["success"] >= INSTANCES,
+                   120, f"{INSTANCES} requests reaching their denoising loops")
+        assert delta(model_stats(server.http_url, "refadgen"), answered)["success"] == 0, "a request finished already"
         admin = httpclient.InferenceServerClient(server.http_url)
         try:
             admin.unload_model("refadgen", headers=server.admin_headers)
-            deadline = time.monotonic() + 120
-            while admin.is_model_ready("refadgen") and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_until(lambda: not admin.is_model_ready("refadgen"), 120, "refadgen unloaded")
             images = [f.result(timeout=300).image for f in in_flight]
             with pytest.raises(ServerUnavailableError, match="'refadgen' has no available versions") as refused:
                 _generate(server.grpc_url, product, seed=1)
@@ -251,6 +274,9 @@ def test_unload_during_traffic_finishes_in_flight_and_refuses_new(server, produc
 
 
 def test_client_reconnects_after_a_server_restart(tiny_graphs, cache_root, product, tmp_path):
+    """A request sent while the server is down is retried until the restarted server (same ports)
+    answers it: the first request is served by the first server, the second is sent only once the
+    first server has stopped, and the rest by the second server."""
     repository = write_runtime_repository(tmp_path / "repository", ["refadgen"], "tiny", cache_dir=cache_root,
                                           options=RepositoryOptions(pipeline_instances=1))
     for name in ("first", "second"):
@@ -259,28 +285,37 @@ def test_client_reconnects_after_a_server_restart(tiny_graphs, cache_root, produ
     ports = first.ports
     second = None
     results, errors = [], []
+    stopped = threading.Event()
+    # enough attempts to outlast a restart on a loaded 2-core machine (sum of pauses >= 60 s)
+    client = PipelineClient(first.grpc_url, retry=RetryPolicy(attempts=20, base_s=0.5, cap_s=8.0))
+
+    def traffic():
+        try:
+            for seed in range(4):
+                if seed == 1 and not stopped.wait(120):
+                    return
+                results.append(client.generate(get_pipeline("refadgen"), _request(product, seed=seed)).image)
+        except ServerError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=traffic)
     try:
-        client = PipelineClient(first.grpc_url, retry=RetryPolicy(attempts=12, base_s=0.5, cap_s=8.0))
-
-        def traffic():
-            try:
-                for seed in range(6):
-                    results.append(client.generate(get_pipeline("refadgen"), _request(product, seed=seed)).image)
-                    time.sleep(0.3)
-            except ServerError as e:
-                errors.append(e)
-
-        thread = threading.Thread(target=traffic)
         thread.start()
-        while not results and thread.is_alive():
-            time.sleep(0.1)
+        wait_until(lambda: results or not thread.is_alive(), 120, "the first request answered")
         assert first.stop() is not None
+        stopped.set()
+        wait_until(lambda: sum(client.connection.retries.values()) or not thread.is_alive(), 60,
+                   "a request retried against the stopped server")
         second = TritonServer(repository, ports=ports, workdir=tmp_path / "second").start(300)
         thread.join(300)
-        client.close()
+        assert not thread.is_alive(), "traffic did not finish"
     finally:
+        stopped.set()
+        thread.join(300)
+        client.close()
         first.stop()
         if second is not None:
             assert second.stop() == 0
     assert not errors, errors
-    assert len(results) == 6
+    assert len(results) == 4
+    assert client.connection.retries["ServerUnavailableError"] >= 1, dict(client.connection.retries)

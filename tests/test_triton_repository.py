@@ -1,10 +1,15 @@
 """The model repository is generated from the specs (no server needed): the committed one is
 exactly what the generator writes, every config parses back through Triton's schema with the
-spec's tensors, and a pipeline model's request round-trips through the protocol."""
+spec's tensors, a config tritonserver would refuse (or that means nothing) fails at generation
+with a ConfigError naming model and field, and a pipeline model's request round-trips through
+the protocol."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -13,7 +18,7 @@ pytest.importorskip("tritonclient.grpc")
 from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 
-from runtime.errors import InputError, SpecError  # noqa: E402
+from runtime.errors import ConfigError, InputError, SpecError  # noqa: E402
 from runtime.pipelines import PIPELINES, get_pipeline  # noqa: E402
 from runtime.presets import PRESETS, get_preset  # noqa: E402
 from runtime.serving.protocol import (  # noqa: E402
@@ -25,7 +30,18 @@ from runtime.serving.protocol import (  # noqa: E402
     model_name,
     to_wire,
 )
-from runtime.serving.repository import CONFIG, NATIVE_FLAVOURS, RepositoryOptions, repository_files, write_repository  # noqa: E402
+from runtime.serving.config_check import check_config  # noqa: E402
+from runtime.serving.names import PARAMETER_PREFIX, ConfigKey  # noqa: E402
+from runtime.serving.repository import (  # noqa: E402
+    CONFIG,
+    NATIVE_FLAVOURS,
+    RepositoryOptions,
+    component_config,
+    pipeline_config,
+    repository_files,
+    write_repository,
+)
+from runtime.specs.core import ComponentSpec, Dim, DType, TensorSpec  # noqa: E402
 
 COMMITTED = Path(__file__).resolve().parents[1] / "model_repository"
 
@@ -64,7 +80,7 @@ def test_every_config_carries_the_specs_tensors(pipeline, tiny):
                 assert list(entry.dims) == wire, (path, tensor.name)
         python = _parse(files[f"{model}/{CONFIG}"])
         assert python.backend == "python" and python.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-        assert python.parameters["adgen_spec_hash"].string_value == spec.spec_hash()
+        assert python.parameters[ConfigKey.SPEC_HASH.value].string_value == spec.spec_hash()
         assert python.HasField("dynamic_batching")
         expected_delay = 1000 if name in definition.step_components else 0
         assert python.dynamic_batching.max_queue_delay_microseconds == expected_delay
@@ -84,6 +100,125 @@ def test_step_batching_can_be_switched_off(tiny):
     for name in definition.specs(tiny):
         batched = _parse(files[f"{model_name('refadgen', name)}/{CONFIG}"]).HasField("dynamic_batching")
         assert batched == (name not in definition.step_components), name
+
+
+def _probe_spec(inputs=(("x", DType.FLOAT32, ("B", 4)),), outputs=(("y", DType.FLOAT32, ("B", 4)),), batch_max=4):
+    """A small batch-leading spec; the arguments make it invalid one way at a time."""
+    batch = Dim("B", 1, 1, max(batch_max, 1))
+    if batch_max < 1:
+        object.__setattr__(batch, "max", batch_max)  # Dim refuses it; a spec built another way might not
+    return ComponentSpec("probe", tuple(TensorSpec(*t) for t in inputs), tuple(TensorSpec(*t) for t in outputs), (batch,))
+
+
+def _from_spec(**spec_kwargs) -> Callable[[], object]:
+    def generate():
+        return component_config(get_pipeline("refadgen"), _probe_spec(**spec_kwargs), get_preset("tiny"), RepositoryOptions())
+    return generate
+
+
+def _from_options(component: str | None, flavour: str = "python", **options) -> Callable[[], object]:
+    """Generate refadgen's `component` config (None: the pipeline model's) with these options."""
+    def generate():
+        definition, tiny = get_pipeline("refadgen"), get_preset("tiny")
+        if component is None:
+            return pipeline_config(definition, tiny, RepositoryOptions(**options))
+        return component_config(definition, definition.specs(tiny)[component], tiny, RepositoryOptions(**options), flavour)
+    return generate
+
+
+def _mutated(change: Callable[[mc.ModelConfig], None], component: str | None = "unet") -> Callable[[], object]:
+    """A valid generated config changed by `change`, then checked: the checker covers any field,
+    including ones the generator does not set today."""
+    def generate():
+        config = _from_options(component)()
+        change(config)
+        return check_config(config)
+    return generate
+
+
+def _set_reshape(config, shape):
+    config.input[0].reshape.shape[:] = shape
+
+
+def _set_parameter(config, key, value):
+    config.parameters[key].string_value = value
+
+
+THREADS = f"parameters[{ConfigKey.THREADS.value}]"
+QUEUE = "dynamic_batching.default_queue_policy"
+# case -> (generation that must fail, model named, field named)
+INVALID_CONFIGS: dict[str, tuple[Callable[[], object], str, str]] = {
+    # invalid specs
+    "spec dtype without a Triton type": (_from_spec(inputs=(("x", "bfloat16", ("B", 4)),)), "refadgen_probe", "input[x].data_type"),
+    "empty tensor name": (_from_spec(inputs=(("", DType.FLOAT32, ("B", 4)),)), "refadgen_probe", "input[0].name"),
+    "duplicate input names": (_from_spec(inputs=(("x", DType.FLOAT32, ("B", 4)), ("x", DType.INT64, ("B", 2)))),
+                              "refadgen_probe", "input[x].name"),
+    "output named like an input": (_from_spec(outputs=(("x", DType.FLOAT32, ("B", 4)),)), "refadgen_probe", "output[x].name"),
+    "dim of 0": (_from_spec(inputs=(("x", DType.FLOAT32, ("B", 0)),)), "refadgen_probe", "input[x].dims"),
+    "dim below -1": (_from_spec(outputs=(("y", DType.FLOAT32, ("B", -2)),)), "refadgen_probe", "output[y].dims"),
+    "batch-leading spec with batch max < 1": (_from_spec(batch_max=0), "refadgen_probe", "max_batch_size"),
+    # invalid RepositoryOptions
+    "step queue size 0": (_from_options("unet", step_queue_size=0), "refadgen_unet", f"{QUEUE}.max_queue_size"),
+    "step queue timeout negative": (_from_options("unet", step_queue_timeout_s=-1.0), "refadgen_unet",
+                                    f"{QUEUE}.default_timeout_microseconds"),
+    "step queue delay negative": (_from_options("unet", step_queue_delay_us=-5), "refadgen_unet",
+                                  "dynamic_batching.max_queue_delay_microseconds"),
+    "threads negative": (_from_options("vae_decoder", threads=-1), "refadgen_vae_decoder", THREADS),
+    "pipeline queue size 0": (_from_options(None, pipeline_queue_size=0), "refadgen", f"{QUEUE}.max_queue_size"),
+    "pipeline queue timeout 0": (_from_options(None, pipeline_queue_timeout_s=0.0), "refadgen",
+                                 f"{QUEUE}.default_timeout_microseconds"),
+    "pipeline queue timeout NaN": (_from_options(None, pipeline_queue_timeout_s=math.nan), "refadgen",
+                                   f"{QUEUE}.default_timeout_microseconds"),
+    "pipeline instances 0": (_from_options(None, pipeline_instances=0), "refadgen", "instance_group[0].count"),
+    "unknown config flavour": (_from_options("unet", flavour="tflite"), "refadgen_unet", "flavour"),
+    # rules over the built message, whichever field carries the value
+    "reshape with another element count": (_mutated(lambda c: _set_reshape(c, [3])), "refadgen_unet",
+                                           "input[sample].reshape.shape"),
+    "reshape dim of 0": (_mutated(lambda c: _set_reshape(c, [5, 0, -1])), "refadgen_unet", "input[sample].reshape.shape"),
+    "empty reshape in a non-batching model": (_mutated(lambda c: c.output[1].reshape.SetInParent(), None), "refadgen",
+                                              "output[report].reshape.shape"),
+    "no dims": (_mutated(lambda c: c.output[0].ClearField("dims")), "refadgen_unet", "output[noise_pred].dims"),
+    "no data type": (_mutated(lambda c: c.output[0].ClearField("data_type")), "refadgen_unet", "output[noise_pred].data_type"),
+    "no model name": (_mutated(lambda c: c.ClearField("name")), "", "name"),
+    "neither backend nor platform": (_mutated(lambda c: c.ClearField("backend")), "refadgen_unet", "backend"),
+    "platform on another backend": (_mutated(lambda c: setattr(c, "platform", "tensorrt_plan")), "refadgen_unet", "backend"),
+    "max batch size negative": (_mutated(lambda c: setattr(c, "max_batch_size", -1)), "refadgen_unet", "max_batch_size"),
+    "preferred batch size above max": (_mutated(lambda c: c.dynamic_batching.preferred_batch_size.append(64)), "refadgen_unet",
+                                       "dynamic_batching.preferred_batch_size"),
+    "no instance group": (_mutated(lambda c: c.ClearField("instance_group")), "refadgen_unet", "instance_group"),
+    "CPU instances naming GPUs": (_mutated(lambda c: c.instance_group[0].gpus.append(0)), "refadgen_unet", "instance_group[0].gpus"),
+    "priority queue policy unbounded": (_mutated(lambda c: c.dynamic_batching.priority_queue_policy[1].SetInParent()),
+                                        "refadgen_unet", "dynamic_batching.priority_queue_policy[1].max_queue_size"),
+    "unknown adgen parameter": (_mutated(lambda c: _set_parameter(c, f"{PARAMETER_PREFIX}treads", "2")), "refadgen_unet",
+                                f"parameters[{PARAMETER_PREFIX}treads]"),
+    "preset parameter unknown": (_mutated(lambda c: _set_parameter(c, ConfigKey.PRESET.value, "huge"), None), "refadgen",
+                                 f"parameters[{ConfigKey.PRESET.value}]"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_CONFIGS))
+def test_invalid_config_fails_at_generation_naming_model_and_field(case):
+    generate, model, field = INVALID_CONFIGS[case]
+    with pytest.raises(ConfigError) as raised:
+        generate()
+    error = raised.value
+    assert (error.model, error.field) == (model, field), str(error)
+    assert str(error).startswith(f"{model or '(unnamed model)'}.{field}: ") and "(got " in str(error), str(error)
+
+
+def test_every_generated_config_passes_the_check(tiny):
+    """The rules hold for what is committed, in every flavour (generation would have raised), and
+    the checker does not only pass: a config it passed still fails once broken."""
+    options = RepositoryOptions(step_batching=False)
+    for name in PIPELINES:
+        definition = get_pipeline(name)
+        for spec in definition.specs(tiny).values():
+            for flavour in ("python", *NATIVE_FLAVOURS):
+                assert check_config(component_config(definition, spec, tiny, options, flavour)).name
+        config = pipeline_config(definition, tiny, replace(options, pipeline_instances=1))
+        config.instance_group[0].count = 0
+        with pytest.raises(ConfigError, match=rf"^{name}\.instance_group\[0\]\.count: must be >= 1 \(got 0\)$"):
+            check_config(config)
 
 
 def test_batch_only_tensors_travel_with_one_more_dim(tiny_specs):

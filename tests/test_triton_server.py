@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,8 +27,10 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
+from triton_checks import delta, model_stats, wait_until  # noqa: E402
+
 from runtime.api import load_pipeline  # noqa: E402
-from runtime.inputs.images import load_product
+from runtime.inputs.images import load_product  # noqa: E402
 from runtime.pipelines import get_pipeline  # noqa: E402
 from runtime.pipelines.refadgen import RefAdGenRequest  # noqa: E402
 from runtime.serving.remote import PipelineClient  # noqa: E402
@@ -134,17 +138,8 @@ def test_cli_refuses_a_url_without_the_triton_backend(product, tmp_path, capsys)
 
 
 def _unet_stats(server):
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/refadgen_unet/stats") as response:
-        stats = json.load(response)["model_stats"][0]
-    return {
-        "requests": int(stats["inference_stats"]["success"]["count"]),
-        "inferences": int(stats["inference_count"]),
-        "executions": int(stats["execution_count"]),
-    }
-
-
-def _delta(after, before):
-    return {k: after[k] - before[k] for k in after}
+    stats = model_stats(server.http_url, "refadgen_unet")
+    return {"requests": stats["success"], "inferences": stats["inferences"], "executions": stats["executions"]}
 
 
 def test_steps_of_concurrent_in_server_requests_share_unet_executions(server, product):
@@ -153,7 +148,7 @@ def test_steps_of_concurrent_in_server_requests_share_unet_executions(server, pr
     before = _unet_stats(server)
     with ThreadPoolExecutor(CONCURRENT) as pool:
         together = list(pool.map(lambda ps: _generate_in_server(server.grpc_url, product, *ps).image, prompts))
-    d = _delta(_unet_stats(server), before)
+    d = delta(_unet_stats(server), before)
     assert d["requests"] == CONCURRENT * STEPS and d["inferences"] == 2 * d["requests"]  # batch 2: guidance
     assert d["executions"] < d["requests"], d  # some executions ran steps of several requests
     for a, b in zip(alone, together):
@@ -172,7 +167,7 @@ def test_client_side_loops_batch_in_the_server_too(server, client_side, product,
         before = _unet_stats(server)
         with ThreadPoolExecutor(len(requests)) as pool:  # HTTP: one client and one set of regions per thread
             together = list(pool.map(lambda r: runner([r], steps=STEPS).generated[0], requests))
-        d = _delta(_unet_stats(server), before)
+        d = delta(_unet_stats(server), before)
     finally:
         if loaded is not client_side:
             loaded.close()
@@ -260,22 +255,37 @@ def _alive(pid):
 
 
 def _wait_gone(pids, timeout_s=30):
-    deadline = time.monotonic() + timeout_s
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    """The pids still alive after waiting up to `timeout_s` for all of them to exit."""
+    try:
+        wait_until(lambda: not any(_alive(p) for p in pids), timeout_s, f"processes {pids} gone", interval_s=0.2)
+    except AssertionError:
+        pass
     return [p for p in pids if _alive(p)]
 
 
-def _serve(cache_root, extra=()):
+def _serve(cache_root, extra=(), timeout_s=300):
+    """`adgen serve` in a child process and the lines it printed up to "Ctrl-C ..." (fewer if it
+    exited or did not get there within `timeout_s`; at most 100)."""
     env = {**os.environ, "ADGEN_CACHE": str(cache_root), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.cli", "serve", "--pipeline", "refadgen", "--preset", "tiny", "--instances", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
     )
+    printed: queue.Queue[str] = queue.Queue()
+
+    def read():  # ends when the child's stdout closes
+        for line in proc.stdout:
+            printed.put(line)
+        printed.put("")
+
+    threading.Thread(target=read, daemon=True).start()
     lines = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
+    deadline = time.monotonic() + timeout_s
+    for _ in range(100):
+        try:
+            line = printed.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break  # nothing printed in time
         if not line:
             break
         lines.append(line)

@@ -18,7 +18,8 @@ Failures are typed (`runtime.errors.ServerError` and subclasses). Every adgen re
 so running it twice gives the same answer: an inference that failed with a retriable error (queue
 full or timed out in the queue: 503 / UNAVAILABLE; connection refused or reset while the server
 restarts; a crashed stub the watchdog is replacing) is retried with capped exponential backoff
-(`RetryPolicy`); a refused request (400) or a client timeout never is. When the server restricts
+(`RetryPolicy`); a refused request (400) or a client timeout never is. `retries` counts the
+retries made, by error class, and `on_retry` is called before each. When the server restricts
 its shared-memory and model-control endpoints (`adgen serve` with ADGEN_ADMIN_KEY set), the
 connection sends the key from `admin_key` or the ADGEN_ADMIN_KEY variable with those calls.
 """
@@ -32,8 +33,9 @@ import random
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 import numpy as np
@@ -49,6 +51,14 @@ from runtime.errors import (
     ServerRequestError,
     ServerUnavailableError,
 )
+from runtime.serving.names import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    CLIENT_REGION_PREFIX,
+    GRPC_HEADER_PREFIX,
+    ConfigKey,
+    read_parameters,
+)
 from runtime.serving.protocol import from_wire, model_name, to_wire
 from runtime.specs.core import ComponentSpec
 from runtime.timing import Progress
@@ -57,9 +67,6 @@ DEFAULT_TIMEOUT_S = 600.0
 SHM_MIN_BYTES = 64 * 1024
 _ALIGN = 64
 _region_ids = itertools.count()
-ADMIN_HEADER = "adgen-admin-key"  # the header `adgen serve` restricts endpoints with
-ADMIN_KEY_ENV = "ADGEN_ADMIN_KEY"
-GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # Triton 2.51 expects restricted gRPC headers under it
 
 
 @dataclass(frozen=True)
@@ -81,30 +88,60 @@ class RetryPolicy:
 
 NO_RETRY = RetryPolicy(attempts=1)
 
+# Called before each retry's pause: (what was called, the retriable error, retry index from 0, pause in s).
+RetryHook = Callable[[str, "ServerError", int, float], None]
+
+
+@dataclass(frozen=True)
+class StatusRule:
+    """How an error with one status is typed: `default`, unless the message holds one of the
+    `by_message` fragments (for statuses Triton 2.51 uses for more than one thing)."""
+
+    default: type[ServerError]
+    by_message: tuple[tuple[str, type[ServerError]], ...] = ()
+
+
+# Message fragments, consulted only where the status leaves the meaning open (observed on 2.51).
+NOT_READY = (  # a known model unloading or loading (restart, reload, an operator's unload): it passes
+    ("has no available versions", ServerUnavailableError),
+    ("is not ready", ServerUnavailableError),
+)
+RESTRICTED = ("is restricted, expecting header", ServerAccessError)
+STUB_DEAD = ("is not healthy", ServerUnavailableError)  # until the watchdog reloads the model
+QUEUE = (("exceeds maximum queue size", ServerBusyError), ("request timeout expired", ServerBusyError))
+
+STATUS_RULES: dict[str, StatusRule] = {
+    # HTTP
+    "400": StatusRule(ServerRequestError, NOT_READY),  # a refused request, or (2.51) a model not ready
+    "403": StatusRule(ServerAccessError),  # a restricted endpoint without the key
+    "404": StatusRule(ServerRequestError, NOT_READY),  # an unknown model, or one with no version loaded now
+    "500": StatusRule(ServerError, (STUB_DEAD, *NOT_READY)),  # the model failed; via BLS also a component's state
+    "503": StatusRule(ServerBusyError),  # queue full, or waited past the queue timeout
+    # gRPC
+    "StatusCode.INVALID_ARGUMENT": StatusRule(ServerRequestError, NOT_READY),
+    "StatusCode.NOT_FOUND": StatusRule(ServerRequestError, NOT_READY),
+    "StatusCode.PERMISSION_DENIED": StatusRule(ServerAccessError),
+    "StatusCode.UNAUTHENTICATED": StatusRule(ServerAccessError),
+    "StatusCode.INTERNAL": StatusRule(ServerError, (STUB_DEAD, *NOT_READY)),
+    # busy, a refused or reset connection (server restarting), and restricted endpoints all say UNAVAILABLE
+    "StatusCode.UNAVAILABLE": StatusRule(ServerUnavailableError, (RESTRICTED, *QUEUE)),
+    "StatusCode.RESOURCE_EXHAUSTED": StatusRule(ServerBusyError),
+    "StatusCode.DEADLINE_EXCEEDED": StatusRule(ServerError),  # the client timeout: the request may still run
+}
+# No status, or one not above: the message is all there is.
+MESSAGE_ONLY = StatusRule(ServerError, (RESTRICTED, STUB_DEAD, *NOT_READY, *QUEUE))
+
 
 def classify(what: str, error: BaseException) -> ServerError:
-    """A client exception as a typed adgen error (retriable or not)."""
+    """A client exception as a typed adgen error (retriable or not): by the HTTP code or gRPC
+    status first, by the message only where the status is ambiguous (STATUS_RULES)."""
     if isinstance(error, InferenceServerException):
         status = str(error.status() or "")
         message = error.message() or str(error)
-        text = f"{what}: {message} (status {status})"
-        if "restricted" in message and "header" in message:  # gRPC says UNAVAILABLE, HTTP 403
-            return ServerAccessError(text, status)
-        if "has no available versions" in message or "is not ready" in message:
-            # a known model being unloaded or loaded (a restart, a reload, an operator's unload):
-            # 2.51 answers 400 / NOT_FOUND, but it is a state that passes, unlike a wrong name
-            return ServerUnavailableError(text, status)
-        if status in ("400", "StatusCode.INVALID_ARGUMENT"):
-            return ServerRequestError(text, status)
-        if status in ("503", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"):
-            # gRPC also reports a refused connection as UNAVAILABLE; both are worth a retry
-            busy = "queue" in message.lower() or "exceeds" in message.lower()
-            return (ServerBusyError if busy else ServerUnavailableError)(text, status)
-        if status == "403":
-            return ServerAccessError(text, status)
-        if "is not healthy" in message:  # a crashed Python stub, until the watchdog reloads it
-            return ServerUnavailableError(text, status)
-        return ServerError(text, status)
+        rule = STATUS_RULES.get(status, MESSAGE_ONLY)
+        lowered = message.lower()
+        kind = next((k for fragment, k in rule.by_message if fragment.lower() in lowered), rule.default)
+        return kind(f"{what}: {message} (status {status})", status)
     if isinstance(error, TimeoutError):  # the request may still run: retrying would add load
         return ServerError(f"{what}: no answer within the client timeout ({error})", "timeout")
     # HTTP client: refused / reset connections arrive as OSError
@@ -143,7 +180,7 @@ class _Region:
 
     def __init__(self, connection: "TritonConnection", size: int):
         n = next(_region_ids)
-        self.name = f"adgen_client_{os.getpid()}_{n}"
+        self.name = f"{CLIENT_REGION_PREFIX}{os.getpid()}_{n}"
         self.size = max(size, 1 << 20)
         self.handle = shm.create_shared_memory_region(self.name, f"/{self.name}", self.size, create_only=True)
         try:
@@ -176,10 +213,13 @@ class TritonConnection:
         use_shm: bool | None = None,
         retry: RetryPolicy = RetryPolicy(),
         admin_key: str | None = None,
+        on_retry: RetryHook | None = None,
     ):
         self.endpoint = Endpoint.parse(url)
         self.timeout_s = timeout_s
         self.retry = retry
+        self.on_retry = on_retry
+        self.retries: Counter[str] = Counter()  # retries made so far, by the error class that caused them
         key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV, "")
         header = (GRPC_HEADER_PREFIX + ADMIN_HEADER) if self.endpoint.protocol == "grpc" else ADMIN_HEADER
         self.admin_headers = {header: key} if key else None
@@ -226,7 +266,12 @@ class TritonConnection:
             except ServerError as e:
                 if not e.retriable or retry + 1 >= self.retry.attempts:
                     raise
-                time.sleep(self.retry.delay(retry))
+                pause = self.retry.delay(retry)
+                with self._lock:
+                    self.retries[type(e).__name__] += 1
+                if self.on_retry is not None:
+                    self.on_retry(what, e, retry, pause)
+                time.sleep(pause)
                 if isinstance(e, ServerUnavailableError):
                     self._reregister_regions()  # a restarted server has forgotten them
 
@@ -244,11 +289,15 @@ class TritonConnection:
                 continue  # registered already, or not back yet: the retry tells
 
     def model_parameters(self, model: str) -> dict[str, str]:
-        if self._grpc_client is not None:
-            config = self._call(model, self._grpc_client.get_model_config, model, as_json=True)["config"]
-        else:
-            config = self._call(model, self.client().get_model_config, model)
-        return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        """The parameters of `model`'s config on the server (ConfigKey -> value for ours); retried
+        like an inference (a server restarting answers later)."""
+
+        def attempt() -> dict:
+            if self._grpc_client is not None:
+                return self._call(model, self._grpc_client.get_model_config, model, as_json=True)["config"]
+            return self._call(model, self.client().get_model_config, model)
+
+        return read_parameters(self._call_with_retries(f"{model} config", attempt))
 
     def is_ready(self) -> bool:
         try:
@@ -387,7 +436,7 @@ def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Prog
         components = {}
         for name, spec in specs.items():
             model = model_name(source.pipeline, name)
-            served = connection.model_parameters(model).get("adgen_spec_hash")
+            served = connection.model_parameters(model).get(ConfigKey.SPEC_HASH)
             if served != spec.spec_hash():
                 raise BackendError(
                     f"{model} on {source.server_url} serves spec hash {served}, this pipeline needs {spec.spec_hash()} "

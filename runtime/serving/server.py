@@ -30,16 +30,15 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.errors import BackendError
+from runtime.serving.names import ADMIN_HEADER, ADMIN_KEY_ENV, SERVER_REGION_PREFIX
 
 PR_SET_PDEATHSIG = 1
 SHM_DIR = Path("/dev/shm")
 EXIT_TIMEOUT_S = 10
 WORKDIR_PREFIX = "adgen-triton-"
 OWNER_FILE = "owner.pid"
-# Endpoints that change or expose the server (load/unload models, register shared memory, set
-# log or trace files) answer only requests carrying this header with the operator's key.
-ADMIN_HEADER = "adgen-admin-key"
-ADMIN_KEY_ENV = "ADGEN_ADMIN_KEY"
+# Endpoints that change or expose the server answer only requests carrying ADMIN_HEADER with
+# the operator's key (load/unload models, register shared memory, set log or trace files).
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 
 
@@ -151,7 +150,7 @@ class TritonServer:
         self.ports = ports or Ports(*free_ports(host if host != "0.0.0.0" else "127.0.0.1"))
         self.model_config_name = model_config_name
         self.shm_default_bytes = shm_default_bytes
-        self.shm_prefix = f"adgen_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self.shm_prefix = f"{SERVER_REGION_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self._remove_workdir = workdir is None if remove_workdir is None else remove_workdir
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
         self.log_path = self.workdir / "tritonserver.log"

@@ -30,6 +30,7 @@ from runtime.backends.base import Component, ModelSource
 from runtime.errors import AdgenError, BackendError, InputError, SpecError
 from runtime.pipelines import get_pipeline
 from runtime.presets import get_preset
+from runtime.serving.names import ConfigKey, read_parameters
 from runtime.serving.protocol import (
     batch_dim,
     decode_request,
@@ -49,8 +50,7 @@ def _pb_utils():
 
 
 def _parameters(args: Mapping[str, str]) -> dict[str, str]:
-    config = json.loads(args["model_config"])
-    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+    return read_parameters(json.loads(args["model_config"]))
 
 
 def _error(pb: Any, message: str, user_error: bool) -> Any:
@@ -79,22 +79,23 @@ class ComponentModel:
         self.pb = _pb_utils()
         self.name = args["model_name"]
         params = _parameters(args)
-        preset = get_preset(params["adgen_preset"])
-        specs = get_pipeline(params["adgen_pipeline"]).specs(preset, Precision(params["adgen_precision"]))
-        self.spec = specs[params["adgen_component"]]
-        if self.spec.spec_hash() != params["adgen_spec_hash"]:
+        preset = get_preset(params[ConfigKey.PRESET])
+        specs = get_pipeline(params[ConfigKey.PIPELINE]).specs(preset, Precision(params[ConfigKey.PRECISION]))
+        self.spec = specs[params[ConfigKey.COMPONENT]]
+        if self.spec.spec_hash() != params[ConfigKey.SPEC_HASH]:
             raise BackendError(
-                f"{self.name}: config generated for spec hash {params['adgen_spec_hash']}, this runtime's spec is "
+                f"{self.name}: config generated for spec hash {params[ConfigKey.SPEC_HASH]}, this runtime's spec is "
                 f"{self.spec.spec_hash()}; regenerate the repository (python -m runtime.serving.repository)"
             )
-        if not params.get("adgen_graphs_dir"):
+        if not params.get(ConfigKey.GRAPHS_DIR):
             raise BackendError(
-                f"{self.name}: parameter adgen_graphs_dir is empty: set it to a folder from `adgen export`, or use `adgen serve`"
+                f"{self.name}: parameter {ConfigKey.GRAPHS_DIR} is empty: set it to a folder from `adgen export`, "
+                "or use `adgen serve`"
             )
-        path = check_component_graph(Path(params["adgen_graphs_dir"]), self.spec)
-        threads = int(params.get("adgen_threads") or 0) or None
+        path = check_component_graph(Path(params[ConfigKey.GRAPHS_DIR]), self.spec)
+        threads = int(params.get(ConfigKey.THREADS) or 0) or None
         # Idle pool threads must not spin: other models' processes share the cores.
-        self.session = OnnxRuntimeComponent(self.spec, path, (params["adgen_provider"],), threads, spin=False)
+        self.session = OnnxRuntimeComponent(self.spec, path, (params[ConfigKey.PROVIDER],), threads, spin=False)
         self.batched = batch_dim(self.spec) is not None
 
     def execute(self, requests: list) -> list:
@@ -174,16 +175,17 @@ class PipelineModel:
         self.name = args["model_name"]
         self.instance = args.get("model_instance_name", "")
         params = _parameters(args)
-        self.definition = get_pipeline(params["adgen_pipeline"])
-        preset = get_preset(params["adgen_preset"])
-        precision = Precision(params["adgen_precision"])
+        self.definition = get_pipeline(params[ConfigKey.PIPELINE])
+        preset = get_preset(params[ConfigKey.PRESET])
+        precision = Precision(params[ConfigKey.PRECISION])
         specs = self.definition.specs(preset, precision)
-        if specs_hash(specs) != params["adgen_specs_hash"]:
+        if specs_hash(specs) != params[ConfigKey.SPECS_HASH]:
             raise BackendError(
-                f"{self.name}: config generated for specs hash {params['adgen_specs_hash']}, this runtime's is "
+                f"{self.name}: config generated for specs hash {params[ConfigKey.SPECS_HASH]}, this runtime's is "
                 f"{specs_hash(specs)}; regenerate the repository (python -m runtime.serving.repository)"
             )
-        weights = WeightsSource(seed=int(params.get("adgen_init_seed") or 0), path=Path(params["adgen_weights"]) if params.get("adgen_weights") else None)
+        weights_dir = params.get(ConfigKey.WEIGHTS)
+        weights = WeightsSource(seed=int(params.get(ConfigKey.INIT_SEED) or 0), path=Path(weights_dir) if weights_dir else None)
         components = {
             name: BlsComponent(spec, model_name(self.definition.name, name), self.pb) for name, spec in specs.items()
         }

@@ -31,6 +31,7 @@ import numpy as np
 from runtime.errors import BackendError
 from runtime.pipelines import get_pipeline
 from runtime.presets import get_preset
+from runtime.serving.names import ConfigKey, read_parameters
 from runtime.serving.protocol import OptionKind, request_tensors, to_wire
 from runtime.specs.core import Precision
 
@@ -55,8 +56,8 @@ class Recovery:
 
 def canary_inputs(parameters: Mapping[str, str]) -> dict[str, np.ndarray]:
     """The canary request for a model with these adgen config parameters."""
-    definition = get_pipeline(parameters["adgen_pipeline"])
-    component = parameters.get("adgen_component")
+    definition = get_pipeline(parameters[ConfigKey.PIPELINE])
+    component = parameters.get(ConfigKey.COMPONENT)
     if not component:
         feed = {}
         for t in request_tensors(definition):
@@ -70,8 +71,8 @@ def canary_inputs(parameters: Mapping[str, str]) -> dict[str, np.ndarray]:
                 OptionKind.FLOAT: np.array([1.0], dtype=np.float64),
             }[t.kind]
         return feed
-    preset = get_preset(parameters["adgen_preset"])
-    spec = definition.specs(preset, Precision(parameters["adgen_precision"]))[component]
+    preset = get_preset(parameters[ConfigKey.PRESET])
+    spec = definition.specs(preset, Precision(parameters[ConfigKey.PRECISION]))[component]
     feed = spec.sample_inputs(np.random.default_rng(0), spec.env_at("min"))
     floating = [n for n, a in feed.items() if np.issubdtype(a.dtype, np.floating)]
     if floating:
@@ -143,9 +144,8 @@ class ModelWatchdog:
 
     def _canary(self, client: Any, model: str) -> dict[str, np.ndarray] | None:
         if model not in self._canaries:
-            config = client.get_model_config(model)
-            parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-            if "adgen_pipeline" not in parameters:
+            parameters = read_parameters(client.get_model_config(model))
+            if ConfigKey.PIPELINE not in parameters:
                 return None  # not one of ours: no canary we know to be refused
             self._canaries[model] = canary_inputs(parameters)
         return self._canaries[model]
