@@ -63,18 +63,6 @@ def _rss_kib(pids: list[int]) -> int:
     return total
 
 
-def _stubs_of_model(server, model: str) -> list[int]:
-    needle = f"/{model}/1/model.py".encode()
-    found = []
-    for pid in server.stub_pids():
-        try:
-            if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
 def _inputs(folder: Path, preset) -> tuple[dict, list[tuple[str, dict, str]]]:
     from PIL import Image
 
@@ -188,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
                 started = time.monotonic()
                 if kind == "kill stub":
                     model = random.Random(k).choice(["refadgen_unet", "refadgen_vae_decoder", "refadgen_text_encoder"])
-                    pids = _stubs_of_model(server, model)
+                    pids = server.stub_pids(model)
                     if pids:
                         os.kill(pids[0], signal.SIGKILL)
                     tally.faults.append({"fault": kind, "model": model, "pid": pids[0] if pids else None, "t": started})

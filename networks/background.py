@@ -211,13 +211,8 @@ def build_background(preset: Preset, weights: WeightsSource = WeightsSource()) -
         "background_unet": Part(lambda: CategoryUNet(preset), seed=10),
         "style_branch": Part(lambda: StyleBranch(preset), seed=11),
     }, BACKGROUND_FILE)
-    return for_inference({
-        "text_encoder": TextEncoder(text),
-        "vae_encoder": VAEEncoder(vae),
-        "style_branch": parts["style_branch"],
-        "background_unet": parts["background_unet"],
-        "vae_decoder": VAEDecoder(vae),
-    })
+    return for_inference({"text_encoder": TextEncoder(text), "vae_encoder": VAEEncoder(vae), **parts,
+                          "vae_decoder": VAEDecoder(vae)})
 
 
 def save_background(modules: dict[str, nn.Module], root: Path) -> None:

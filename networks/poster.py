@@ -265,15 +265,7 @@ def build_poster(preset: Preset, weights: WeightsSource = WeightsSource()) -> di
     own = {name: Part(partial(_NETWORKS[name], preset), seed=offset) for name, offset in _SEED_OFFSETS.items()}
     own["image_encoder"] = Part(partial(new_image_encoder, preset), seed=IMAGE_ENCODER_SEED)
     text, vae, parts = pipeline_networks(preset, weights, own, POSTER_FILE)
-    return for_inference({
-        "text_encoder": TextEncoder(text),
-        "image_encoder": parts["image_encoder"],
-        "plannet": parts["plannet"],
-        "render_cond": parts["render_cond"],
-        "controlnet": parts["controlnet"],
-        "poster_unet": parts["poster_unet"],
-        "vae_decoder": VAEDecoder(vae),
-    })
+    return for_inference({"text_encoder": TextEncoder(text), **parts, "vae_decoder": VAEDecoder(vae)})
 
 
 def save_poster(modules: dict[str, nn.Module], root: Path) -> None:

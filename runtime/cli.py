@@ -52,11 +52,16 @@ class TerminalProgress:
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", default="refadgen", choices=tuple(PIPELINES), help="which pipeline (default refadgen)")
+    _source_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
+
+
+def _source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which networks: their sizes, where their weights come from, where their graphs are cached."""
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS), help=f"network sizes (default {DEFAULT_PRESET})")
     parser.add_argument("--weights", type=Path, default=None, help="local weights folder (safetensors); default: random init")
     parser.add_argument("--init-seed", type=int, default=0, help="seed of the random initialisation (no --weights)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="exported-graph cache (default $ADGEN_CACHE or ~/.cache/adgen)")
-    parser.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,10 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", action="append", choices=tuple(PIPELINES), help="repeat; default: every pipeline")
-    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS), help=f"network sizes (default {DEFAULT_PRESET})")
-    parser.add_argument("--weights", type=Path, default=None, help="local weights folder (safetensors); default: random init")
-    parser.add_argument("--init-seed", type=int, default=0, help="seed of the random initialisation (no --weights)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="exported-graph cache (default $ADGEN_CACHE or ~/.cache/adgen)")
+    _source_arguments(parser)
     parser.add_argument("--graphs", type=Path, default=None, help="use this folder from `adgen export` (one pipeline)")
     parser.add_argument("--tritonserver", type=Path, default=None, help="server binary (default: the one in nvidia-pytriton)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")

@@ -10,19 +10,23 @@ class AdgenError(Exception):
     exit_code = 1
 
 
-class InputError(AdgenError, ValueError):
-    """A request field broke a rule: `field: rule (got value)`."""
+class RuleError(AdgenError):
+    """A named field broke a rule: `field: rule (got value)`, the field qualified by `where`."""
 
-    exit_code = 2
-
-    def __init__(self, field: str, rule: str, got: object | None = None):
+    def __init__(self, field: str, rule: str, got: object | None = None, where: str | None = None):
         self.field = field
         self.rule = rule
         self.got = got
-        message = f"{field}: {rule}"
+        message = f"{where or field}: {rule}"
         if got is not None:
             message += f" (got {got})"
         super().__init__(message)
+
+
+class InputError(RuleError, ValueError):
+    """A request field broke a rule: `field: rule (got value)`."""
+
+    exit_code = 2
 
 
 class SpecError(AdgenError, ValueError):
@@ -36,19 +40,13 @@ class SpecError(AdgenError, ValueError):
         super().__init__(f"{component}.{tensor}: expected {expected}, got {got}")
 
 
-class ConfigError(AdgenError):
+class ConfigError(RuleError):
     """A generated Triton model config that tritonserver would refuse at load, or that would load
     and mean nothing: `model.field: rule (got value)`. Raised at generation, not at server start."""
 
     def __init__(self, model: str, field: str, rule: str, got: object | None = None):
         self.model = model
-        self.field = field
-        self.rule = rule
-        self.got = got
-        message = f"{model or '(unnamed model)'}.{field}: {rule}"
-        if got is not None:
-            message += f" (got {got})"
-        super().__init__(message)
+        super().__init__(field, rule, got, where=f"{model or '(unnamed model)'}.{field}")
 
 
 class WeightsError(AdgenError):

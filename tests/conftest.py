@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ if env_flag(WITHOUT_TORCH):
 
 from runtime.artifacts.graphs import GraphKey, find_graphs  # noqa: E402
 from runtime.artifacts.weights import WeightsSource  # noqa: E402
+from runtime.errors import InputError  # noqa: E402
 from runtime.pipelines import get_pipeline  # noqa: E402
 from runtime.presets import get_preset  # noqa: E402
 from runtime.specs.core import Precision  # noqa: E402
@@ -142,6 +144,17 @@ class BadInputTally:
             self.converted += 1
         else:
             self.unexpected.append(f"{entry} / {case}: {detail}")
+
+    def expect_refused(self, entry: str, case: str, field: str, call: Callable[[], object]) -> InputError:
+        """Run `call`, which must raise an InputError naming `field`; recorded either way."""
+        try:
+            call()
+        except InputError as e:
+            self.record(entry, case, "clear" if e.field == field else "unexpected", str(e))
+            assert e.field == field, str(e)
+            return e
+        self.record(entry, case, "unexpected", "accepted")
+        pytest.fail(f"{entry} / {case}: accepted")
 
     def line(self) -> str:
         line = f"bad inputs tried: {self.tried} / clear errors: {self.clear} / unexpected: {len(self.unexpected)}"

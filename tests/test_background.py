@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import fixtures
 import numpy as np
 import pytest
 from counting import Counting
@@ -37,24 +38,10 @@ def bg_specs(tiny):
     return background_specs(tiny)
 
 
-@pytest.fixture(scope="session")
-def bg_modules(tiny_networks):
-    return tiny_networks("background")
-
-
-@pytest.fixture(scope="session")
-def bg_graphs(tiny_export):
-    return tiny_export("background")
-
-
-@pytest.fixture(scope="session")
-def bg_ort(bg_graphs, open_tiny):
-    return open_tiny("background")
-
-
-@pytest.fixture(scope="session")
-def bg_torch(open_tiny):
-    return open_tiny("background", "torch")
+bg_modules = fixtures.networks("background")
+bg_graphs = fixtures.exported("background")
+bg_ort = fixtures.opened("background")
+bg_torch = fixtures.opened("background", "torch")
 
 
 @pytest.fixture

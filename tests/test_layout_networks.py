@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import fixtures
 import numpy as np
 import pytest
 from graph_parity import assert_graph_matches_module
@@ -26,15 +27,8 @@ def specs(tiny):
     return layout_specs(tiny)
 
 
-@pytest.fixture(scope="module")
-def modules(tiny_networks):
-    return tiny_networks("layout")
-
-
-@pytest.fixture(scope="module")
-def graphs(tiny_export):
-    """The backbone and head exported (with the exporter's parity) into the session's cache."""
-    return tiny_export("layout", OWN)
+modules = fixtures.networks("layout")
+graphs = fixtures.exported("layout", OWN)  # the backbone and head, with the exporter's parity, in the session's cache
 
 
 def run_module(module, spec, feed):

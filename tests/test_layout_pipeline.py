@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import fixtures
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,14 +19,8 @@ from runtime.layout.elements import LAYOUT_CLASSES
 TEXTS = ["Breathable mesh", "40% off"]
 
 
-@pytest.fixture(scope="session")
-def layout_ort(open_tiny):
-    return open_tiny("layout")
-
-
-@pytest.fixture(scope="session")
-def layout_torch(open_tiny):
-    return open_tiny("layout", "torch")
+layout_ort = fixtures.opened("layout")
+layout_torch = fixtures.opened("layout", "torch")
 
 
 def _elements(result):
@@ -108,14 +103,8 @@ def test_bad_requests_fail_before_any_model(product_png, options, field, bad_inp
     from runtime.pipelines import get_pipeline
     from runtime.presets import get_preset
 
-    try:
-        get_pipeline("layout").prepare(get_preset("tiny"), product=product_png, **options)
-    except InputError as e:
-        bad_input_tally.record("api", f"layout {field}", "clear" if e.field == field else "unexpected", str(e))
-        assert e.field == field, str(e)
-    else:
-        bad_input_tally.record("api", f"layout {field}", "unexpected", "accepted")
-        pytest.fail("accepted")
+    bad_input_tally.expect_refused("api", f"layout {field}", field,
+                                   lambda: get_pipeline("layout").prepare(get_preset("tiny"), product=product_png, **options))
 
 
 def test_cli_bad_layout_fixed_is_one_line(tmp_path, product_png, capsys, bad_input_tally):

@@ -4,6 +4,7 @@ contract, RenderNet's locality, SD 1.5 parameter counts and the weights folder r
 
 from __future__ import annotations
 
+import fixtures
 import numpy as np
 import pytest
 from graph_parity import assert_graph_matches_module, assert_parity_report_format
@@ -24,14 +25,8 @@ def specs(tiny):
     return poster_specs(tiny)
 
 
-@pytest.fixture(scope="module")
-def modules(tiny_networks):
-    return tiny_networks("poster")
-
-
-@pytest.fixture(scope="module")
-def graphs(tiny_export):
-    return tiny_export("poster", NEW)
+modules = fixtures.networks("poster")
+graphs = fixtures.exported("poster", NEW)
 
 
 def _run(module, *args):

@@ -163,17 +163,14 @@ def _http_infer(server, model: str, feed: dict[str, np.ndarray]) -> tuple[str, s
     """(status, message, outputs) of one request with binary tensors; the client is closed after
     (an idle keep-alive would hold up the server's shutdown)."""
     import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+    from tritonclient.utils import InferenceServerException
+
+    from runtime.serving.client import http_inputs
 
     client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
     try:
-        inputs = []
-        for name, array in feed.items():
-            tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array, binary_data=True)
-            inputs.append(tensor)
         try:
-            result = client.infer(model, inputs)
+            result = client.infer(model, http_inputs(feed))
         except InferenceServerException as e:
             return str(e.status()), e.message(), {}
         return "200", "", {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}

@@ -18,7 +18,6 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,25 +174,11 @@ def test_full_queue_answers_503_at_once(server, product):
     assert max(busy) < min(images), "refusals came before the accepted requests finished"
 
 
-def _stub_pids(server, model):
-    """Python stubs of `server` serving `model` (its model.py path and the server's shm prefix
-    are on the stub's command line; other servers may run on this machine)."""
-    needle = f"/{model}/1/model.py".encode()
-    found = []
-    for pid in server.stub_pids():
-        try:
-            if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-        except OSError:
-            continue  # exited since
-    return found
-
-
 def test_killed_stub_is_detected_and_reloaded(server, product):
     watchdog = ModelWatchdog(server.http_url, server.admin_headers)
     assert watchdog.step() == [], "a healthy server needs no recovery"
     before = _generate(server.grpc_url, product, seed=3).image
-    (pid,) = _stub_pids(server, "refadgen_unet")
+    (pid,) = server.stub_pids("refadgen_unet")
     os.kill(pid, signal.SIGKILL)
     KILLED.append(pid)
     with pytest.raises(ServerUnavailableError, match="not healthy"):
@@ -203,7 +188,7 @@ def test_killed_stub_is_detected_and_reloaded(server, product):
     assert [r.model for r in recovered] == ["refadgen_unet"] and recovered[0].ok, recovered
     assert "stuck UNLOADING" in recovered[0].detail  # the canary reached the dead stub: 2.51 keeps it
     assert time.monotonic() - started < 120
-    assert _stub_pids(server, "refadgen_unet") and pid not in _stub_pids(server, "refadgen_unet")
+    assert server.stub_pids("refadgen_unet") and pid not in server.stub_pids("refadgen_unet")
     assert np.array_equal(_generate(server.grpc_url, product, seed=3).image, before)
     assert watchdog.step() == []
 
@@ -212,7 +197,7 @@ def test_client_retries_through_a_stub_crash(server, product):
     """A retrying client sees no error when the watchdog repairs the model between its attempts:
     the watchdog starts only once the client's first attempt has failed, so a retry must happen."""
     expected = _generate(server.grpc_url, product, seed=9).image
-    (pid,) = _stub_pids(server, "refadgen_vae_decoder")
+    (pid,) = server.stub_pids("refadgen_vae_decoder")
     os.kill(pid, signal.SIGKILL)
     KILLED.append(pid)
     watchdog = ModelWatchdog(server.http_url, server.admin_headers)

@@ -21,6 +21,8 @@ from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 from runtime.errors import ConfigError, InputError, SpecError  # noqa: E402
 from runtime.pipelines import PIPELINES, get_pipeline  # noqa: E402
 from runtime.presets import PRESETS, get_preset  # noqa: E402
+from runtime.serving.config_check import check_config  # noqa: E402
+from runtime.serving.names import PARAMETER_PREFIX, ConfigKey  # noqa: E402
 from runtime.serving.protocol import (  # noqa: E402
     MAX_FILE_BYTES,
     batch_only,
@@ -30,8 +32,6 @@ from runtime.serving.protocol import (  # noqa: E402
     model_name,
     to_wire,
 )
-from runtime.serving.config_check import check_config  # noqa: E402
-from runtime.serving.names import PARAMETER_PREFIX, ConfigKey  # noqa: E402
 from runtime.serving.repository import (  # noqa: E402
     CONFIG,
     NATIVE_FLAVOURS,

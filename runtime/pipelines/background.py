@@ -21,7 +21,7 @@ Reference rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -55,7 +55,7 @@ from runtime.pipelines.base import (
     Prepared,
     Schedule,
 )
-from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range
+from runtime.pipelines.checks import DEFAULT_GUIDANCE, Guided, check_range
 from runtime.presets import Preset
 from runtime.specs.background import BACKGROUND_COMPONENTS, style_residual_names
 from runtime.timing import StageTimer
@@ -75,30 +75,22 @@ class Reference:
 
 
 @dataclass(frozen=True)
-class BackgroundRequest:
+class BackgroundRequest(Guided):
     """One ad: a product already placed on the canvas, its category, and optionally a reference."""
 
     product: Product
     category: Category
     reference: Reference | None = None
-    negative_prompt: str = ""
-    seed: int = 0
-    guidance: float = DEFAULT_GUIDANCE
     style_scale: float = 1.0
 
     def validate(self) -> None:
-        check_guided(self)
+        self.check_guided()
         check_range("style_scale", self.style_scale, *STYLE_SCALE_RANGE)
         if self.reference is not None and self.reference.rgb.shape != self.product.rgb.shape:
             raise InputError(
                 "reference", f"expected the canvas size {self.product.width}x{self.product.height}",
                 f"{self.reference.rgb.shape[1]}x{self.reference.rgb.shape[0]}",
             )
-
-
-@dataclass
-class BackgroundOutput(PipelineOutput):
-    token_positions: list[dict[str, list[int]]] = field(default_factory=list)  # C's and D's, per request
 
 
 class BackgroundPipeline(LatentPipeline):
@@ -153,11 +145,7 @@ class BackgroundPipeline(LatentPipeline):
                 "identifier_tokens": identifier_tokens,
             },
         )
-        return Conditioning(denoiser, carry=positions)
-
-    def finish(self, requests: Sequence[BackgroundRequest], images: list[np.ndarray], generated: list[np.ndarray],
-               carry: list[dict[str, list[int]]], timer: StageTimer) -> BackgroundOutput:
-        return BackgroundOutput(images, generated, token_positions=carry)
+        return Conditioning(denoiser, carry=positions)  # reported: where C's and D's tokens sit
 
     def _style_zeros(self, n: int, h: int, w: int) -> dict[str, np.ndarray]:
         """Zero residuals for every request; a request with a reference gets the branch's instead."""
@@ -235,9 +223,8 @@ class BackgroundDefinition(PipelineDefinition):
                 reference, canvas.width, canvas.height, reference_mask, common.get("max_pixels", MAX_IMAGE_PIXELS)
             )
             return BackgroundRequest(
-                canvas, resolved, ref, negative_prompt, seed,
-                DEFAULT_GUIDANCE if guidance is None else guidance,
-                1.0 if style_scale is None else style_scale,
+                canvas, resolved, ref, 1.0 if style_scale is None else style_scale,
+                negative_prompt=negative_prompt, seed=seed, guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
             )
 
         return self.prepared(preset, common, build, reference=reference, reference_mask=reference_mask)
@@ -245,7 +232,7 @@ class BackgroundDefinition(PipelineDefinition):
     def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> BackgroundPipeline:
         return BackgroundPipeline(components, preset, load_tokenizer(preset, weights))
 
-    def request_report(self, prepared: Prepared, output: BackgroundOutput, index: int) -> dict:
+    def request_report(self, prepared: Prepared, output: PipelineOutput, index: int) -> dict:
         r = prepared.request
         return {
             "category": {
@@ -253,7 +240,7 @@ class BackgroundDefinition(PipelineDefinition):
                 "noun": r.category.noun,
                 "identifier": r.category.identifier,
                 "prompt": r.category.prompt,
-                **output.token_positions[index],
+                **output.reported[index],
             },
             "negative_prompt": r.negative_prompt,
             "guidance": r.guidance,

@@ -40,8 +40,8 @@ from runtime.specs.core import ComponentSpec, Precision, SpecBuilder, build_spec
 from runtime.specs.guided import with_guided_step
 from runtime.timing import StageTimer
 
-__all__ = ["Call", "Conditioning", "GenerateResult", "LatentPipeline", "PipelineDefinition", "PipelineOutput", "Prepared", "Schedule",
-           "StepCallback"]
+__all__ = ["Call", "Conditioning", "GenerateResult", "LatentPipeline", "PipelineDefinition", "PipelineOutput",
+           "Prepared", "Schedule", "StepCallback"]
 
 
 # The options `PipelineDefinition.prepared` reads for every pipeline (each only if the pipeline has it).
@@ -94,7 +94,8 @@ class Prepared:
 @dataclass
 class Conditioning:
     """What a latent pipeline computes once per request: the loop's per-step work, and whatever
-    its finishing needs of it (`carry`: the poster's planned layouts)."""
+    its finishing needs of it (`carry`: the poster's planned layouts; for the default finishing,
+    report fields per request)."""
 
     denoiser: Denoiser
     carry: Any = None
@@ -105,6 +106,7 @@ class PipelineOutput:
     images: list[np.ndarray]  # (H, W, 3) uint8: what the user gets
     generated: list[np.ndarray] = field(default_factory=list)  # (H, W, 3) uint8: the decoder's output
     timings: dict[str, object] = field(default_factory=dict)
+    reported: list[dict] = field(default_factory=list)  # per request, report fields the runner found out
 
 
 class LatentPipeline(ABC):
@@ -165,8 +167,8 @@ class LatentPipeline(ABC):
         self, requests: Sequence[Any], images: list[np.ndarray], generated: list[np.ndarray], carry: Any,
         timer: StageTimer,
     ) -> PipelineOutput:
-        """What follows compositing (nothing, unless the pipeline draws on the image or reports more)."""
-        return PipelineOutput(images, generated)
+        """What follows compositing: nothing, unless the pipeline draws on the image."""
+        return PipelineOutput(images, generated, reported=list(carry or []))
 
 
 class PipelineDefinition(ABC):

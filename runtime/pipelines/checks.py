@@ -3,6 +3,7 @@ what a valid seed, step count, guidance scale or batch is, and the defaults they
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
@@ -48,11 +49,19 @@ def check_range(field: str, value: float, low: float, high: float) -> None:
         raise InputError(field, f"expected a number in [{low}, {high}]", value)
 
 
-def check_guided(request: BatchedRequest) -> None:
-    """The fields every guided diffusion request has: negative prompt, seed, guidance."""
-    check_prompt("negative_prompt", request.negative_prompt)  # type: ignore[attr-defined]
-    check_seed(request.seed)  # type: ignore[attr-defined]
-    check_range("guidance", request.guidance, *GUIDANCE_RANGE)  # type: ignore[attr-defined]
+@dataclass(frozen=True, kw_only=True)
+class Guided:
+    """The fields every guided diffusion request has, given by keyword; a pipeline's request
+    adds its own and calls `check_guided` from its `validate`."""
+
+    negative_prompt: str = ""
+    seed: int = 0
+    guidance: float = DEFAULT_GUIDANCE
+
+    def check_guided(self) -> None:
+        check_prompt("negative_prompt", self.negative_prompt)
+        check_seed(self.seed)
+        check_range("guidance", self.guidance, *GUIDANCE_RANGE)
 
 
 def check_batch(requests: Sequence[BatchedRequest], steps: int, preset: Preset) -> None:

@@ -51,7 +51,7 @@ from runtime.pipelines.base import (
     Prepared,
     Schedule,
 )
-from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range
+from runtime.pipelines.checks import DEFAULT_GUIDANCE, Guided, check_range
 from runtime.pipelines.conditioning import image_tokens, prompt_embeddings, selling_point_features
 from runtime.presets import Preset
 from runtime.specs.poster import POSTER_COMPONENTS
@@ -62,21 +62,21 @@ CONTROL_SCALE_RANGE = (0.0, 2.0)
 
 
 @dataclass(frozen=True)
-class PosterRequest:
+class PosterRequest(Guided):
+    """One poster: the product placed on the canvas, a prompt, the selling points and the text
+    boxes the user fixed."""
+
     product: Product
     prompt: str
     texts: tuple[str, ...]
     fixed: tuple[FixedBox, ...] = ()
-    negative_prompt: str = ""
-    seed: int = 0
-    guidance: float = DEFAULT_GUIDANCE
     control_scale: float = 1.0
     layout_steps: int = DEFAULT_LAYOUT_STEPS
 
     def validate(self) -> None:
         check_prompt("prompt", self.prompt)
         check_texts(self.texts)
-        check_guided(self)
+        self.check_guided()
         check_range("control_scale", self.control_scale, *CONTROL_SCALE_RANGE)
         time_pairs(self.layout_steps)
 
@@ -204,10 +204,8 @@ class PosterDefinition(PipelineDefinition):
                 layout_fixed, canvas.width, canvas.height, texts, classes=("text",)
             )
             return PosterRequest(
-                canvas, prompt, texts, fixed, negative_prompt, seed,
-                DEFAULT_GUIDANCE if guidance is None else guidance,
-                1.0 if control_scale is None else control_scale,
-                schedule.layout_steps,
+                canvas, prompt, texts, fixed, 1.0 if control_scale is None else control_scale, schedule.layout_steps,
+                negative_prompt=negative_prompt, seed=seed, guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
             )
 
         return self.prepared(preset, common, build, layout_fixed=layout_fixed)

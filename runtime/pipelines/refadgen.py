@@ -30,7 +30,7 @@ from runtime.inputs.images import (
 )
 from runtime.inputs.tokenizer import Tokenizer, check_prompt, load_tokenizer
 from runtime.pipelines.base import Call, Conditioning, LatentPipeline, PipelineDefinition, Prepared
-from runtime.pipelines.checks import DEFAULT_GUIDANCE, check_guided, check_range
+from runtime.pipelines.checks import DEFAULT_GUIDANCE, Guided, check_range
 from runtime.pipelines.conditioning import image_tokens, prompt_embeddings
 from runtime.presets import Preset
 from runtime.specs.guided import guided_name
@@ -44,21 +44,18 @@ AFM_SCALE_RANGE = (0.0, 4.0)
 
 
 @dataclass(frozen=True)
-class RefAdGenRequest:
+class RefAdGenRequest(Guided):
     """One ad: a product already placed on the canvas (see images.place_on_canvas) and a prompt."""
 
     product: Product
     prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    guidance: float = DEFAULT_GUIDANCE
     afm_scale: float = DEFAULT_AFM_SCALE
 
     def validate(self) -> None:
         check_prompt("prompt", self.prompt)
         if not self.prompt.strip():  # the background is generated from it: nothing to follow
             raise InputError("prompt", "expected a description of the background, not empty text", repr(self.prompt))
-        check_guided(self)
+        self.check_guided()
         check_range("afm_scale", self.afm_scale, *AFM_SCALE_RANGE)
 
 
@@ -134,9 +131,8 @@ class RefAdGenDefinition(PipelineDefinition):
         **common: Any,
     ) -> Prepared:
         return self.prepared(preset, common, lambda canvas, schedule: RefAdGenRequest(
-            canvas, prompt, negative_prompt, seed,
-            DEFAULT_GUIDANCE if guidance is None else guidance,
-            DEFAULT_AFM_SCALE if afm_scale is None else afm_scale,
+            canvas, prompt, DEFAULT_AFM_SCALE if afm_scale is None else afm_scale,
+            negative_prompt=negative_prompt, seed=seed, guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
         ))
 
     def create(self, components: Mapping[str, Component], preset: Preset, weights: WeightsSource) -> RefAdGenPipeline:

@@ -203,6 +203,18 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+def http_inputs(feed: Mapping[str, np.ndarray]) -> list:
+    """The HTTP client's inputs for `feed`, each tensor in the binary-data extension."""
+    import tritonclient.http as httpclient
+
+    inputs = []
+    for name, array in feed.items():
+        tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array, binary_data=True)
+        inputs.append(tensor)
+    return inputs
+
+
 class TritonConnection:
     """A client of one server, shared by the components of a pipeline."""
 

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from runtime.artifacts.graphs import GraphSource, ensure_graphs
 from runtime.artifacts.weights import WeightsSource
@@ -66,29 +66,24 @@ def write_runtime_repository(
 def start_server(
     pipelines: Sequence[str],
     preset: str,
-    weights: Path | None = None,
-    init_seed: int = 0,
-    cache_dir: Path | None = None,
-    graphs_dir: Path | None = None,
-    options: RepositoryOptions = RepositoryOptions(),
     tritonserver: Path | None = None,
     host: str = "127.0.0.1",
     ports: Ports | None = None,
     timeout_s: float = 600.0,
     progress: Callable[[str], None] | None = None,
     admin_key: str | None = None,
+    **repository: Any,
 ) -> TritonServer:
-    """A started, ready server for `pipelines` at `preset`; stop it with `.stop()`."""
+    """A started, ready server for `pipelines` at `preset`; stop it with `.stop()`. `repository`
+    takes what `write_runtime_repository` does (weights, init_seed, cache_dir, graphs_dir, options)."""
     installation: Installation = given_installation(tritonserver) if tritonserver else bundled_installation()
     workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
     try:
-        repository = write_runtime_repository(
-            workdir / "repository", pipelines, preset, weights, init_seed, cache_dir, graphs_dir, options, progress
-        )
+        folder = write_runtime_repository(workdir / "repository", pipelines, preset, progress=progress, **repository)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     server = TritonServer(
-        repository, installation, host=host, ports=ports, workdir=workdir, remove_workdir=True, admin_key=admin_key
+        folder, installation, host=host, ports=ports, workdir=workdir, remove_workdir=True, admin_key=admin_key
     )
     return server.start(timeout_s, progress)  # stops the server and removes workdir if it fails

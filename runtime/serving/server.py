@@ -317,8 +317,10 @@ class TritonServer:
         while self.stub_pids() and time.monotonic() < deadline:
             time.sleep(0.1)
 
-    def stub_pids(self) -> list[int]:
-        """Python backend stubs of this server (they carry its shm prefix on their command line)."""
+    def stub_pids(self, model: str | None = None) -> list[int]:
+        """Python backend stubs of this server (they carry its shm prefix on their command line),
+        or only those serving `model` (its model.py path is on the command line too)."""
+        needle = f"/{model}/1/model.py".encode() if model else b""
         found = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
@@ -327,7 +329,7 @@ class TritonServer:
                 cmdline = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if self.shm_prefix.encode() in cmdline and b"triton_python_backend_stub" in cmdline:
+            if self.shm_prefix.encode() in cmdline and b"triton_python_backend_stub" in cmdline and needle in cmdline:
                 found.append(int(proc.name))
         return found
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from runtime.api import LoadedPipeline, run
-from runtime.artifacts.graphs import graph_bytes, graph_path, read_manifest
+from runtime.artifacts.graphs import check_component_graph, read_manifest
 from runtime.artifacts.weights import WeightsSource
 from runtime.backends.base import Component, ModelSource
 from runtime.errors import AdgenError, BackendError, InputError, SpecError
@@ -58,20 +58,6 @@ def _error(pb: Any, message: str, user_error: bool) -> Any:
     return pb.InferenceResponse(error=pb.TritonError(message, code))
 
 
-def check_component_graph(folder: Path, spec: ComponentSpec) -> Path:
-    """The graph of `spec` in an exported folder, checked against the folder's manifest."""
-    manifest = read_manifest(folder)
-    entry = manifest.get("components", {}).get(spec.name)
-    path = graph_path(folder, spec.name)
-    if entry is None:
-        raise BackendError(f"{folder}: manifest has no component {spec.name}")
-    if entry.get("spec_hash") != spec.spec_hash():
-        raise BackendError(f"{path}: spec hash {entry.get('spec_hash')} != {spec.spec_hash()}; re-export")
-    if graph_bytes(path) != entry.get("bytes"):
-        raise BackendError(f"{path}: {graph_bytes(path)} bytes, manifest says {entry.get('bytes')}; re-export")
-    return path
-
-
 class ComponentModel:
     def __init__(self, args: Mapping[str, str]):
         from runtime.backends.onnxruntime import OnnxRuntimeComponent
@@ -92,7 +78,8 @@ class ComponentModel:
                 f"{self.name}: parameter {ConfigKey.GRAPHS_DIR} is empty: set it to a folder from `adgen export`, "
                 "or use `adgen serve`"
             )
-        path = check_component_graph(Path(params[ConfigKey.GRAPHS_DIR]), self.spec)
+        folder = Path(params[ConfigKey.GRAPHS_DIR])
+        path = check_component_graph(folder, read_manifest(folder), self.spec)
         threads = int(params.get(ConfigKey.THREADS) or 0) or None
         # Idle pool threads must not spin: other models' processes share the cores.
         self.session = OnnxRuntimeComponent(self.spec, path, (params[ConfigKey.PROVIDER],), threads, spin=False)

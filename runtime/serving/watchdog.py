@@ -151,8 +151,9 @@ class ModelWatchdog:
         return self._canaries[model]
 
     def probe(self, client: Any, model: str) -> Probe:
-        import tritonclient.http as httpclient
-        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+        from tritonclient.utils import InferenceServerException
+
+        from runtime.serving.client import http_inputs
 
         try:
             feed = self._canary(client, model)
@@ -160,13 +161,8 @@ class ModelWatchdog:
             return Probe(model, "unexpected", f"config: {e}")
         if feed is None:
             return Probe(model, "alive", "not an adgen model: not probed")
-        inputs = []
-        for name, array in feed.items():
-            tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array, binary_data=True)
-            inputs.append(tensor)
         try:
-            client.infer(model, inputs)
+            client.infer(model, http_inputs(feed))
             if not any(np.issubdtype(a.dtype, np.floating) for a in feed.values()):
                 return Probe(model, "alive")
         except InferenceServerException as e:

@@ -21,6 +21,7 @@ from runtime.specs.core import ComponentSpec, DType, Precision, TensorSpec, buil
 from runtime.specs.shared import (
     denoiser_dims,
     latent_tensor,
+    scale_input,
     skip_residual_layout,
     skip_residual_names,
     skip_residuals,
@@ -80,8 +81,7 @@ def background_unet_spec(preset: Preset, precision: Precision = Precision.FP32) 
             TensorSpec("identifier_tokens", DType.FLOAT32, ("B", t.max_length), invariant=True, value_range=(0.0, 1.0),
                        doc="1 at the token positions of D; only background positions attend to them"),
             *skip_residuals("style", preset, f, invariant=True, doc=STYLE_DOC),
-            TensorSpec("style_scale", DType.FLOAT32, ("B",), invariant=True, value_range=(0.5, 1.5),
-                       doc="weight of the style residuals (0: category-common branch alone)"),
+            scale_input("style_scale", "weight of the style residuals (0: category-common branch alone)"),
         ),
         outputs=(latent_tensor("noise_pred", preset, f),),
         dims=denoiser_dims(preset),

@@ -24,12 +24,13 @@ from runtime.specs.layout import BOX_SCALE, BOX_TRAIN_STEPS
 from runtime.specs.shared import (
     canvas_dims,
     denoiser_dims,
+    denoiser_inputs,
     image_encoder_spec,
     latent_tensor,
     network_batch,
+    scale_input,
     skip_residual_names,
     skip_residuals,
-    text_embeds_input,
     text_encoder_spec,
     timestep_input,
     vae_decoder_spec,
@@ -89,13 +90,10 @@ def controlnet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Co
     return ComponentSpec(
         name="controlnet",
         inputs=(
-            latent_tensor("sample", preset, f, doc="noisy latent"),
-            timestep_input(),
-            text_embeds_input(preset, f),
+            *denoiser_inputs(preset, f),
             latent_tensor("control_cond", preset, f, preset.unet.block_out_channels[0], invariant=True,
                           doc="render_cond output"),
-            TensorSpec("control_scale", DType.FLOAT32, ("B",), invariant=True, value_range=(0.5, 1.5),
-                       doc="ControlNet conditioning scale per sample; multiplies every residual"),
+            scale_input("control_scale", "ControlNet conditioning scale per sample; multiplies every residual"),
         ),
         outputs=skip_residuals("control", preset, f, doc="times control_scale"),
         dims=denoiser_dims(preset),
@@ -108,9 +106,7 @@ def poster_unet_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
     return ComponentSpec(
         name="poster_unet",
         inputs=(
-            latent_tensor("sample", preset, f, doc="noisy latent"),
-            timestep_input(),
-            text_embeds_input(preset, f),
+            *denoiser_inputs(preset, f),
             *skip_residuals("control", preset, f, doc="times control_scale"),
         ),
         outputs=(latent_tensor("noise_pred", preset, f),),

@@ -7,14 +7,14 @@ from __future__ import annotations
 from runtime.presets import Preset
 from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec, build_specs
 from runtime.specs.shared import (
+    denoiser_inputs,
     image_encoder_spec,
     latent_dims,
     latent_tensor,
     level_size,
     network_batch,
-    text_embeds_input,
+    scale_input,
     text_encoder_spec,
-    timestep_input,
     vae_decoder_spec,
     vae_encoder_spec,
 )
@@ -80,13 +80,10 @@ def unet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Componen
     return ComponentSpec(
         name="unet",
         inputs=(
-            latent_tensor("sample", preset, f, preset.latent_channels + 1,
-                       doc="concat(noisy latent, product mask at latent size)"),
-            timestep_input(),
-            text_embeds_input(preset, f),
+            *denoiser_inputs(preset, f, preset.latent_channels + 1, "concat(noisy latent, product mask at latent size)"),
             *_ref_tensors(preset, "key", f, invariant=True),
             *_ref_tensors(preset, "value", f, invariant=True),
-            TensorSpec("afm_scale", DType.FLOAT32, ("B",), invariant=True, value_range=(0.5, 1.5)),
+            scale_input("afm_scale", "weight of the reference attention"),
         ),
         outputs=(latent_tensor("noise_pred", preset, f),),
         dims=(network_batch(preset), *latent_dims(preset), *token_dims()),

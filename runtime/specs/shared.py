@@ -93,6 +93,21 @@ def latent_tensor(name: str, preset: Preset, dtype: DType, channels: int | None 
     return TensorSpec(name, dtype, ("B", c, "latent_h", "latent_w"), **kw)  # type: ignore[arg-type]
 
 
+def scale_input(name: str, doc: str = "") -> TensorSpec:
+    """A per-request weight, (B,) float32 (sample inputs draw it around 1)."""
+    return TensorSpec(name, DType.FLOAT32, ("B",), invariant=True, value_range=(0.5, 1.5), doc=doc)
+
+
+def denoiser_inputs(preset: Preset, dtype: DType, sample_channels: int | None = None,
+                    sample_doc: str = "noisy latent") -> tuple[TensorSpec, TensorSpec, TensorSpec]:
+    """`sample`, `timestep` and `text_embeds`: the inputs a U-Net-shaped denoiser starts with."""
+    return (
+        latent_tensor("sample", preset, dtype, sample_channels, doc=sample_doc),
+        timestep_input(),
+        text_embeds_input(preset, dtype),
+    )
+
+
 def text_embeds_input(preset: Preset, dtype: DType, doc: str = "") -> TensorSpec:
     """The text encoder's output as a denoiser's cross-attention context, per request."""
     return TensorSpec("text_embeds", dtype, ("B", preset.text.max_length, preset.unet.cross_attention_dim),
