@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+import torch
 from diffusers import AutoencoderKL
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from torch import nn
@@ -108,7 +109,9 @@ def build_resampler(preset: Preset) -> IPAdapterPlusImageProjection:
 
 
 class VAEEncoder(nn.Module):
-    """forward(image (B, 3, H, W) in [-1, 1]) -> latent (B, 4, H/8, W/8): posterior mode x scale."""
+    """forward(image (B, 3, H, W) in [-1, 1]) -> latent (B, 4, H/8, W/8), latent_std (same): the
+    posterior's mode and standard deviation, both x scale (a sample is latent + latent_std * noise;
+    diffusers' DiagonalGaussianDistribution, log-variance clamped to [-30, 20])."""
 
     def __init__(self, vae: AutoencoderKL):
         super().__init__()
@@ -116,8 +119,9 @@ class VAEEncoder(nn.Module):
 
     def forward(self, image):
         moments = self.vae.quant_conv(self.vae.encoder(image))
-        mean = moments[:, : self.vae.config.latent_channels]
-        return mean * self.vae.config.scaling_factor
+        mean, logvar = moments.chunk(2, dim=1)
+        scale = self.vae.config.scaling_factor
+        return mean * scale, torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * scale
 
 
 class VAEDecoder(nn.Module):

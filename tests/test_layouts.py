@@ -245,6 +245,27 @@ def test_select_elements_keeps_fixed_boxes_and_plans_around_them():
     assert [(e.class_name, e.box, e.text) for e in planned] == [("text", (10, 50, 90, 60), 1)]
 
 
+def test_radm_merge_takes_earlier_steps_candidates():
+    last = np.array([[0.1, 0.6, 0.9, 0.7], [0.5, 0.5, 0.6, 0.6]])
+    first = np.array([[0.0, 0.0, 0.2, 0.1], [0.5, 0.5, 0.6, 0.6]])
+    last_logits = _logits(2, {0: (1, 3.0)})
+    first_logits = _logits(2, {0: (0, 2.0)})  # a logo only the first step saw
+    alone, _ = select_elements(last, last_logits, (), 1, 100, 100)
+    merged, _ = select_elements(last, last_logits, (), 1, 100, 100, earlier=[(first, first_logits)])
+    assert [e.class_name for e in alone] == ["text"]
+    assert sorted(e.class_name for e in merged) == ["logo", "text"]
+    assert [e.box for e in merged if e.class_name == "logo"] == [(0, 0, 20, 10)]
+
+
+def test_radm_drops_candidates_with_no_area_inside_the_canvas():
+    boxes = np.array([[0.1, 0.6, 0.9, 0.7], [1.2, 0.1, 1.5, 0.3]])  # the logo lies right of the canvas
+    logits = _logits(2, {0: (1, 3.0), 1: (0, 2.0)})
+    kept, _ = select_elements(boxes, logits, (), 1, 100, 100)
+    dropped, _ = select_elements(boxes, logits, (), 1, 100, 100, drop_empty=True)
+    assert [e.box for e in kept if e.class_name == "logo"] == [(99, 10, 100, 30)]  # adgen: one pixel at the edge
+    assert [e.class_name for e in dropped] == ["text"]
+
+
 def test_grow_box_and_layout_mask():
     box, grown = grow_box(np.array([50, 50, 52, 51]), 100, 200)
     assert grown and box[2] - box[0] >= 25 and box[3] - box[1] >= 12

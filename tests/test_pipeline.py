@@ -123,3 +123,37 @@ def test_concurrent_requests_get_the_images_they_would_get_alone(backend, ort_pi
         together = list(pool.map(lambda r: pipe([r], steps=2).generated[0], requests))
     for a, b in zip(alone, together):
         assert np.array_equal(a, b)
+
+
+def test_explicit_initial_latents_replace_the_seeds_noise(ort_pipeline, product_png, tmp_path):
+    """The noise seed 7 would draw, given as a file, gives seed 7's image whatever the seed."""
+    from runtime.api import prepare, run
+
+    latents = np.random.Generator(np.random.PCG64(7)).standard_normal((4, 20, 16), dtype=np.float32)
+    np.save(tmp_path / "noise.npy", latents)
+    options = dict(product=product_png, prompt="studio", steps=2)
+    from_seed = run(ort_pipeline, prepare(ort_pipeline, **options, seed=7))
+    given = run(ort_pipeline, prepare(ort_pipeline, **options, seed=99, latents=tmp_path / "noise.npy"))
+    other = run(ort_pipeline, prepare(ort_pipeline, **options, seed=99))
+    assert np.array_equal(given.image, from_seed.image)
+    assert not np.array_equal(given.image, other.image)
+    assert given.report["latents"] == str(tmp_path / "noise.npy") and "latents" not in other.report
+    # an array works as the file does, (1, C, h, w) included
+    assert np.array_equal(run(ort_pipeline, prepare(ort_pipeline, **options, latents=latents[None])).image, from_seed.image)
+
+
+@pytest.mark.parametrize("content, rule", [
+    (np.zeros((4, 8, 8), dtype=np.float32), "expected shape (4, 20, 16)"),
+    (np.zeros((4, 20, 16), dtype=np.int64), "expected floating-point values"),
+    (np.full((4, 20, 16), np.nan, dtype=np.float32), "expected finite values"),
+    (np.array([{"pickled": True}], dtype=object), "expected a .npy file of numbers"),
+])
+def test_bad_initial_latents_are_refused_before_any_model(product_png, tmp_path, content, rule, bad_input_tally):
+    from runtime.pipelines import get_pipeline
+    from runtime.presets import get_preset
+
+    path = tmp_path / "latents.npy"
+    np.save(path, content, allow_pickle=True)
+    error = bad_input_tally.expect_refused("api", f"latents: {rule}", "latents", lambda: get_pipeline("refadgen").prepare(
+        get_preset("tiny"), product=product_png, prompt="studio", latents=path))
+    assert rule in str(error)

@@ -17,7 +17,7 @@ network plans the other boxes around them, and the result keeps them exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -108,6 +108,8 @@ class BoxDenoiser:
 class BoxSample:
     boxes: np.ndarray  # (B, N, 4) normalized xyxy, fixed slots exactly the user's boxes
     class_logits: np.ndarray | None  # (B, N, C) of the last network call
+    # every step's prediction: (clean boxes (B, N, 4) normalized xyxy, class logits or None)
+    predictions: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
 
 
 def sample_boxes(
@@ -119,18 +121,24 @@ def sample_boxes(
     eta: float = 1.0,
     renewal: bool = False,
     on_step: Callable[[int, int], None] | None = None,
+    renewal_threshold: float | Sequence[float] = RENEWAL_THRESHOLD,
 ) -> BoxSample:
-    """DDIM from pure noise to a layout of `slots` boxes per request (module docstring)."""
+    """DDIM from pure noise to a layout of `slots` boxes per request (module docstring). With
+    `renewal`, boxes whose best class score is at most `renewal_threshold` (one for all, or one
+    per request) are replaced by fresh noise after each step."""
     pairs = time_pairs(steps)
     batch = len(generators)
     fixed = fixed or FixedBoxes.none(batch, slots)
     alpha_bar = cosine_alphas_cumprod()
     fixed_scaled = to_scaled(fixed.boxes)
     x = np.stack([g.standard_normal((slots, 4)) for g in generators]).astype(np.float32)  # (B, N, 4)
+    threshold = np.broadcast_to(np.asarray(renewal_threshold, dtype=np.float64), (batch,))[:, None]  # (B, 1)
     logits = None
+    predictions = []
     for i, (t, t_next) in enumerate(pairs):
         x = np.where(fixed.mask[..., None], fixed_scaled, x)
         boxes, logits = predict(x, np.full(batch, t, dtype=np.float32))
+        predictions.append((np.where(fixed.mask[..., None], fixed.boxes, boxes), logits))
         x0 = np.where(fixed.mask[..., None], fixed_scaled, to_scaled(boxes))
         if on_step:
             on_step(i + 1, len(pairs))
@@ -145,11 +153,11 @@ def sample_boxes(
         x = (x0 * math.sqrt(a_next) + c * eps + sigma * noise).astype(np.float32)
         if renewal and logits is not None:
             fresh = np.stack([g.standard_normal((slots, 4)) for g in generators]).astype(np.float32)
-            weak = _sigmoid(logits).max(-1) <= RENEWAL_THRESHOLD  # (B, N): per request, never sample 0's
+            weak = _sigmoid(logits).max(-1) <= threshold  # (B, N): per request, never sample 0's
             x = np.where(weak[..., None], fresh, x)
     result = from_scaled(x)
     result = np.where(fixed.mask[..., None], fixed.boxes, result)
-    return BoxSample(boxes=result, class_logits=logits)
+    return BoxSample(boxes=result, class_logits=logits, predictions=predictions)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -103,10 +103,16 @@ class Denoiser:
         return guidance.combine(values[self.output].astype(np.float32, copy=False))
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], sigma: float) -> np.ndarray:
-    """(B, C, h, w) float32, each request's noise from its own seed: independent of the batch."""
+def initial_noise(
+    seeds: Sequence[int], shape: tuple[int, int, int], sigma: float, given: Sequence[np.ndarray | None] | None = None
+) -> np.ndarray:
+    """(B, C, h, w) float32, each request's noise from its own seed (independent of the batch),
+    or the request's own initial latents where `given` has them; scaled by the scheduler's
+    initial sigma either way, as diffusers does with `latents=`."""
+    given = given or [None] * len(seeds)
     return np.stack([
-        np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32) for seed in seeds
+        np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32) if start is None else start
+        for seed, start in zip(seeds, given)
     ]) * np.float32(sigma)
 
 
@@ -119,12 +125,13 @@ def denoise(
     guidance: Guidance,
     timer: StageTimer,
     on_step: StepCallback | None = None,
+    given: Sequence[np.ndarray | None] | None = None,
 ) -> np.ndarray:
-    """`steps` steps of `scheduler` from each seed's noise of `shape` (C, h, w): the denoised
-    latents (B, C, h, w) float32."""
+    """`steps` steps of `scheduler` from each seed's noise of `shape` (C, h, w) (or the initial
+    latents `given` for a request): the denoised latents (B, C, h, w) float32."""
     sched = make_scheduler(scheduler)
     sched.set_timesteps(steps)
-    latents = initial_noise(seeds, shape, sched.init_noise_sigma)
+    latents = initial_noise(seeds, shape, sched.init_noise_sigma, given)
     for i, t in enumerate(sched.timesteps):
         with timer.stage(STEP_STAGE, repeated=True):
             eps = denoiser.predict(latents, int(t), guidance)

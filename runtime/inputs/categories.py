@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import InputError
+from runtime.inputs.files import read_capped
 from runtime.inputs.tokenizer import Tokenizer
 
 PROMPT_PREFIX = "a photo of"
@@ -71,12 +72,9 @@ def get_category(name: str, extra: str | Path | None = None) -> Category:
 
 
 def _read_json(path: Path) -> object:
-    if not path.is_file():
-        raise InputError("categories", "file not found", str(path))
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise InputError("categories", f"expected a JSON file of at most {MAX_FILE_BYTES} bytes", path.stat().st_size)
+    raw = read_capped(path, "categories", MAX_FILE_BYTES, "a JSON file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError("categories", "expected a JSON object of {name: {noun, identifier}}", f"{path}: {e}") from None
 

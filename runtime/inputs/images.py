@@ -330,9 +330,11 @@ class Placement:
     scale: float
     offset: tuple[int, int]
     size: tuple[int, int]
+    stretched: bool = False  # the photo fills the canvas, its aspect ratio not kept (`stretch_on_canvas`)
 
     def to_dict(self) -> dict:
-        return {"scale": round(self.scale, 6), "offset": list(self.offset), "size": list(self.size)}
+        placed = {"scale": round(self.scale, 6), "offset": list(self.offset), "size": list(self.size)}
+        return placed | ({"stretched": True} if self.stretched else {})
 
 
 def place_on_canvas(product: Product, width: int, height: int) -> tuple[Product, Placement]:
@@ -401,12 +403,14 @@ def canvas_size(product_w: int, product_h: int, width: int | None, height: int |
 @dataclass(frozen=True)
 class PlacedProduct:
     """A request's product: the file it came from, its size as loaded, where it went on the
-    canvas, and the product on the canvas (what every later stage treats as the product)."""
+    canvas, the product on the canvas (what every later stage treats as the product) and the
+    photo as loaded."""
 
     path: str
     size: tuple[int, int]
     placement: Placement
     product: Product
+    photo: Product
 
     def to_dict(self) -> dict:
         return {"path": self.path, "size": list(self.size), "placement": self.placement.to_dict()}
@@ -419,18 +423,56 @@ def placed_product(
     width: int | None,
     height: int | None,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    stretch: bool = False,
 ) -> PlacedProduct:
     """Load the product (and its mask) and place it on its canvas: the size asked for, else its
-    own when the preset allows it, else the preset's default."""
+    own when the preset allows it, else the preset's default. With `stretch` the canvas is the
+    size asked for or the preset's default, and the photo is stretched onto it."""
     item = load_product(product, mask, max_pixels=max_pixels)
-    width, height = canvas_size(item.width, item.height, width, height, preset)
-    placed, placement = place_on_canvas(item, width, height)
-    return PlacedProduct(str(product), (item.width, item.height), placement, placed)
+    if stretch:
+        width, height = canvas_size(0, 0, width, height, preset)  # no own size to keep: asked for, else the default
+        placed, placement = stretch_on_canvas(item, width, height)
+    else:
+        width, height = canvas_size(item.width, item.height, width, height, preset)
+        placed, placement = place_on_canvas(item, width, height)
+    return PlacedProduct(str(product), (item.width, item.height), placement, placed, item)
 
 
-def product_only(product: Product) -> np.ndarray:
-    """The product on neutral grey, (H, W, 3) uint8: what the encoders see of it."""
-    return np.where(product.mask[..., None], product.rgb, np.uint8(GREY))
+def stretch_on_canvas(product: Product, width: int, height: int) -> tuple[Product, Placement]:
+    """The photo resized to fill a width x height canvas, aspect ratio not kept (rgb bilinear, the
+    mask as `place_on_canvas` resizes it)."""
+    rgb = resize_rgb(product.rgb, width, height)
+    mask = resize_mask(product.mask, width, height)
+    _check_mask(mask, when=f" after stretching the product to the {width}x{height} canvas")
+    scale = float(np.sqrt(width * height / (product.width * product.height)))
+    return Product(rgb=rgb, mask=mask), Placement(scale=scale, offset=(0, 0), size=(width, height), stretched=True)
+
+
+def product_only(product: Product, fill: int = GREY) -> np.ndarray:
+    """The product on a plain `fill` colour (neutral grey by default), (H, W, 3) uint8: what the
+    encoders see of it."""
+    return np.where(product.mask[..., None], product.rgb, np.uint8(fill))
+
+
+def long_side_resized(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """RefAdGen's reference resize of a photo for a width x height canvas: scaled (bilinear) so its
+    short side is the canvas's short side, then so its long side is the canvas's long side, each
+    size rounded; then its sides floored to a multiple of 64 (at a 512-wide canvas; scaled with
+    the canvas) and resized to that (bilinear)."""
+    short, long = min(width, height), max(width, height)
+    multiple = max(8, round(64 * short / 512))
+    h, w = rgb.shape[:2]
+    ratio = short / min(h, w)
+    w, h = round(ratio * w), round(ratio * h)
+    ratio = long / max(h, w)
+    w, h = round(ratio * w), round(ratio * h)
+    first = resize_rgb(rgb, w, h)
+    return resize_rgb(first, max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple))
+
+
+def resize_rgb(rgb: np.ndarray, width: int, height: int, resample: int = Image.BILINEAR) -> np.ndarray:
+    """(H, W, 3) uint8 resized to (height, width, 3), aspect ratio not kept."""
+    return np.asarray(Image.fromarray(rgb).resize((int(width), int(height)), resample))
 
 
 def to_model_image(rgb: np.ndarray) -> np.ndarray:
@@ -456,12 +498,19 @@ def from_model_image(x: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(img.transpose(1, 2, 0)) for img in u8]
 
 
-def resize_mask_nearest(mask: np.ndarray, h: int, w: int) -> np.ndarray:
-    """(H, W) bool mask -> float32 (h, w) of 0.0/1.0, nearest-neighbour (e.g. to latent size)."""
+def resize_mask_nearest(mask: np.ndarray, h: int, w: int, corner: bool = False) -> np.ndarray:
+    """(H, W) bool mask -> float32 (h, w) of 0.0/1.0, nearest-neighbour (e.g. to latent size).
+
+    Pillow samples each output pixel at its centre, source floor((i + 0.5) * H / h); with
+    `corner`, at its corner, source floor(i * H / h), as torch's `interpolate(mode="nearest")`."""
     if not isinstance(mask, np.ndarray) or mask.ndim != 2:
         raise ValueError(f"resize_mask_nearest: expected an (H, W) bool array, got {describe_array(mask)}")
     if h <= 0 or w <= 0:
         raise ValueError(f"resize_mask_nearest: expected a positive size, got {h}x{w}")
+    if corner:
+        rows = np.minimum(np.floor(np.arange(h) * (mask.shape[0] / h)).astype(np.int64), mask.shape[0] - 1)
+        cols = np.minimum(np.floor(np.arange(w) * (mask.shape[1] / w)).astype(np.int64), mask.shape[1] - 1)
+        return mask.astype(bool)[rows[:, None], cols[None, :]].astype(np.float32)
     im = Image.fromarray(mask.astype(bool).astype(np.uint8) * 255)
     small = np.asarray(im.resize((int(w), int(h)), Image.NEAREST))
     return (small >= MASK_THRESHOLD).astype(np.float32)
@@ -472,18 +521,30 @@ def clip_pixels(
     size: int = 224,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    crop: bool = False,
 ) -> np.ndarray:
     """CLIP image input: pad (H, W, 3) uint8 to a centred square with grey, resize to
-    size x size (bicubic), scale to [0, 1] and normalize per channel -> float32 (1, 3, size, size)."""
+    size x size (bicubic), scale to [0, 1] and normalize per channel -> float32 (1, 3, size, size).
+
+    With `crop`, as transformers' CLIPImageProcessor does instead: resize the short side to
+    `size` (bicubic), then take the centred size x size crop (what falls outside is lost)."""
     _check_rgb(rgb, "clip_pixels: rgb")
     if size <= 0:
         raise ValueError(f"clip_pixels: expected a positive size, got {size}")
     h, w = rgb.shape[:2]
-    side = max(h, w)
-    square = np.full((side, side, 3), GREY, dtype=np.uint8)
-    y0, x0 = (side - h) // 2, (side - w) // 2
-    square[y0 : y0 + h, x0 : x0 + w] = rgb
-    im = Image.fromarray(square).resize((int(size), int(size)), Image.BICUBIC)
+    if crop:
+        short, long = (w, h) if w <= h else (h, w)
+        other = int(size * long / short)  # transformers' shortest-edge rule truncates the long side
+        sw, sh = (size, other) if w <= h else (other, size)
+        resized = Image.fromarray(rgb).resize((sw, sh), Image.BICUBIC)
+        x0, y0 = (sw - size) // 2, (sh - size) // 2
+        im = resized.crop((x0, y0, x0 + size, y0 + size))
+    else:
+        side = max(h, w)
+        square = np.full((side, side, 3), GREY, dtype=np.uint8)
+        y0, x0 = (side - h) // 2, (side - w) // 2
+        square[y0 : y0 + h, x0 : x0 + w] = rgb
+        im = Image.fromarray(square).resize((int(size), int(size)), Image.BICUBIC)
     x = np.asarray(im).astype(np.float32) / 255.0
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])

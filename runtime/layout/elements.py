@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from runtime.errors import InputError
+from runtime.inputs.files import read_capped
 from runtime.inputs.tokenizer import check_prompt
 from runtime.specs.layout import LAYOUT_CLASSES
 
@@ -72,13 +73,9 @@ def load_fixed_boxes(
 
     Text boxes come back with their text index resolved, in the order of the file."""
     field = "layout_fixed"
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(field, "file not found", str(path))
-    if path.stat().st_size > MAX_FIXED_FILE_BYTES:
-        raise InputError(field, f"expected a JSON file of at most {MAX_FIXED_FILE_BYTES} bytes", path.stat().st_size)
+    raw = read_capped(path, field, MAX_FIXED_FILE_BYTES, "a JSON file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise InputError(field, "expected a UTF-8 JSON file", str(path)) from None
     except json.JSONDecodeError as e:

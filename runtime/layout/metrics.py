@@ -1,12 +1,15 @@
-"""Layout quality metrics in the conventions of PKU PosterLayout (Hsu et al., CVPR 2023,
-`eval.py` of PKU-ICST-MIPL/PosterLayout-CVPR2023) and CGL-GAN / RADM, numpy only.
+"""Layout quality metrics after PKU PosterLayout (Hsu et al., CVPR 2023, `eval.py` of
+PKU-ICST-MIPL/PosterLayout-CVPR2023), numpy only. RADM (liuan0803/RADM, `metrics.py`) reports
+differently defined R_ove, R_ali and R_und; of those only one choice is taken here, which classes
+overlap counts (see below), and none of their formulas.
 
-A layout is N boxes (pixel x0, y0, x1, y1 on a canvas of w x h) with classes from `LAYOUT_CLASSES` (runtime/specs/layout.py).
-Boxes are clipped to the canvas first. An element is valid when its clipped area is at least
-0.1% of the canvas; every metric but validity uses only valid elements. "Content" elements
-are text and logo: PosterLayout's classes are text, logo and underlay, and its overlap and
-underlay metrics use the non-underlay ones; embellishments are left out of those two as in
-CGL-GAN / RADM's R_ove (decorations may overlap by design).
+A layout is N boxes (pixel x0, y0, x1, y1 on a canvas of w x h) with classes from
+`LAYOUT_CLASSES` (runtime/specs/layout.py). Boxes are clipped to the canvas first. An element
+is valid when its clipped area is at least 0.1% of the canvas; every metric but validity uses
+only valid elements. "Content" elements are text and logo: PosterLayout's classes are text,
+logo and underlay, and its overlap and underlay metrics use the non-underlay ones;
+embellishments are left out of those two as RADM's R_ove leaves them out (decorations may
+overlap by design).
 
     validity        Val = #valid / #elements                                        (higher better)
     overlap         Ove = sum_{i<j} IoU(b_i, b_j) / n, over the n content elements    (lower better)
@@ -20,6 +23,13 @@ CGL-GAN / RADM's R_ove (decorations may overlap by design).
 
 Deviations from the released PosterLayout code, each on purpose:
 
+* Every metric works on boxes clipped to the canvas, overlap included: the released code
+  takes the raw boxes, so a box reaching past the canvas counts its outside part there.
+* Ali is summed over the elements (as PosterLayout's paper and code), not averaged per element
+  as RALF reports it, nor RADM's R_ali (the per-element min of separate x and y gaps, natural
+  log, averaged per layout): compare Ali only with PosterLayout's numbers.
+* Ove is PosterLayout's (pairwise IoU summed over i < j, divided by n), not RADM's R_ove (the
+  intersection over one box's own area, averaged over ordered pairs).
 * Occ and Uti use the product mask (where the product was placed) in place of the saliency
   map (the max of two saliency detectors); a float mask in [0, 1] works as a saliency map.
   With no mask, the product is taken as absent: Occ = 0 and Uti = covered share of canvas.

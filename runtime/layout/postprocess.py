@@ -22,7 +22,7 @@ import numpy as np
 
 from runtime.errors import InputError
 from runtime.inputs.images import Product
-from runtime.layout.boxes import iou, nms, to_pixels
+from runtime.layout.boxes import area, iou, nms, to_pixels
 from runtime.layout.elements import TEXT_CLASS, Element, FixedBox
 from runtime.layout.metrics import layout_metrics
 from runtime.specs.layout import LAYOUT_CLASSES, NMS_IOU, SCORE_THRESHOLD
@@ -66,19 +66,28 @@ def select_elements(
     height: int,
     iou_threshold: float = NMS_IOU,
     score_threshold: float = SCORE_THRESHOLD,
+    earlier: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+    drop_empty: bool = False,
 ) -> tuple[list[Element], int]:
     """RADM's post-processing for one canvas, plus the selling-point assignment (module docstring).
 
     `boxes` (N, 4) normalized xyxy and `logits` (N, C), the first len(fixed) slots the fixed
-    boxes. Returns the elements (fixed first, then planned by score) and how many confident text
-    boxes were left without a selling point."""
+    boxes. `earlier`: the earlier steps' (boxes, logits), whose top-k candidates join this step's
+    before NMS (RADM's multi-step merge). `drop_empty`: a candidate left with no area once
+    clipped to the canvas is dropped (RADM's order: NMS on raw boxes, then clip, then drop empty;
+    otherwise it is kept at the edge, one pixel wide). Returns the elements (fixed first, then
+    planned by score) and how many confident text boxes were left without a selling point."""
     k = len(fixed)
-    scores = 1 / (1 + np.exp(-logits[k:].astype(np.float64)))  # (N - k, C)
-    n_classes = scores.shape[1]
-    order = np.lexsort((np.arange(scores.size), -scores.ravel()))[: len(scores)]  # top-k over (box, class)
-    slot, cls = np.divmod(order, n_classes)
-    cand_boxes, cand_scores = boxes[k + slot], scores.ravel()[order]
+    scores = _sigmoid(logits[k:])  # (N - k, C)
+    slot, cls, cand_scores = _top_k(scores)
+    cand_boxes = boxes[k + slot]
+    for step_boxes, step_logits in earlier:
+        _, step_cls, step_scores = step = _top_k(_sigmoid(step_logits[k:]))
+        cand_boxes = np.concatenate([cand_boxes, step_boxes[k + step[0]]])
+        cls, cand_scores = np.concatenate([cls, step_cls]), np.concatenate([cand_scores, step_scores])
     keep = nms(cand_boxes, cand_scores, cls, iou_threshold)
+    if drop_empty:
+        keep = keep[area(np.clip(cand_boxes[keep], 0.0, 1.0)) > 0]
     if k:
         fixed_boxes = np.stack([f.normalized(width, height) for f in fixed])
         fixed_cls = np.array([LAYOUT_CLASSES.index(f.class_name) for f in fixed])
@@ -92,8 +101,9 @@ def select_elements(
     text_picks = [int(i) for i in confident if cls[i] == TEXT_CLASS][: len(free_texts)]
     below = [int(i) for i in keep if cls[i] == TEXT_CLASS and int(i) not in text_picks and cand_scores[i] <= score_threshold]
     picks_below = below[: len(free_texts) - len(text_picks)]
-    taken = [boxes[k + slot[i]] for i in text_picks + picks_below] + [f.normalized(width, height) for f in fixed]
-    spare = _spare_slots(boxes[k:], scores[:, TEXT_CLASS], {int(slot[i]) for i in text_picks + picks_below}, taken,
+    taken = [cand_boxes[i] for i in text_picks + picks_below] + [f.normalized(width, height) for f in fixed]
+    used = {int(slot[i]) for i in text_picks + picks_below if i < len(slot)}  # this step's slots (not earlier steps')
+    spare = _spare_slots(boxes[k:], scores[:, TEXT_CLASS], used, taken,
                          len(free_texts) - len(text_picks) - len(picks_below), iou_threshold)
     if len(text_picks) + len(picks_below) + len(spare) < len(free_texts):
         raise InputError("text", f"expected at most {len(scores)} selling points besides the fixed boxes", len(free_texts))
@@ -113,6 +123,18 @@ def select_elements(
             elements.append(Element(LAYOUT_CLASSES[cls[i]], tuple(int(v) for v in px), float(cand_scores[i])))
     unused = sum(1 for i in confident if cls[i] == TEXT_CLASS) - len(text_picks)
     return elements, unused
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-logits.astype(np.float64)))
+
+
+def _top_k(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k over (slot, class) pairs of (N, C) scores, k = N (ties: lower index first): the
+    pairs' slots, classes and scores."""
+    order = np.lexsort((np.arange(scores.size), -scores.ravel()))[: len(scores)]
+    slot, cls = np.divmod(order, scores.shape[1])
+    return slot, cls, scores.ravel()[order]
 
 
 def _spare_slots(

@@ -37,6 +37,7 @@ from runtime.inputs.images import (
     GREY,
     MASK_THRESHOLD,
     MAX_IMAGE_PIXELS,
+    PlacedProduct,
     Product,
     decode_mask,
     load_image,
@@ -194,7 +195,7 @@ class BackgroundDefinition(PipelineDefinition):
     name = "background"
     spec_builders = BACKGROUND_COMPONENTS
     options = ("product", "mask", "category", "categories", "reference", "reference_mask", "negative_prompt", "width",
-               "height", "steps", "guidance", "style_scale", "seed", "scheduler")
+               "height", "steps", "guidance", "style_scale", "seed", "scheduler", "latents")
     required = ("product", "category")
     step_components = ("background_unet",)
 
@@ -218,7 +219,8 @@ class BackgroundDefinition(PipelineDefinition):
         if style_scale is not None and reference is None:
             raise InputError("style_scale", "is only read with --reference", style_scale)
 
-        def build(canvas: Product, schedule: Schedule) -> BackgroundRequest:
+        def build(placed: PlacedProduct, schedule: Schedule) -> BackgroundRequest:
+            canvas = placed.product
             ref = None if reference is None else load_reference(
                 reference, canvas.width, canvas.height, reference_mask, common.get("max_pixels", MAX_IMAGE_PIXELS)
             )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -26,7 +26,8 @@ from runtime.diffusion.boxes import time_pairs
 from runtime.diffusion.loop import Denoiser, Guidance, StepCallback, denoise
 from runtime.errors import InputError
 from runtime.finishing.compose import compose
-from runtime.inputs.images import MAX_IMAGE_PIXELS, PlacedProduct, Product, from_model_image, placed_product
+from runtime.inputs.images import MAX_IMAGE_PIXELS, PlacedProduct, from_model_image, placed_product
+from runtime.inputs.latents import load_latents
 from runtime.inputs.tokenizer import Tokenizer
 from runtime.pipelines.checks import (
     DEFAULT_SCHEDULER,
@@ -45,7 +46,7 @@ __all__ = ["Call", "Conditioning", "GenerateResult", "LatentPipeline", "Pipeline
 
 
 # The options `PipelineDefinition.prepared` reads for every pipeline (each only if the pipeline has it).
-COMMON_OPTIONS = ("product", "mask", "width", "height", "steps", "scheduler", "layout_steps", "max_pixels")
+COMMON_OPTIONS = ("product", "mask", "width", "height", "steps", "scheduler", "layout_steps", "latents", "max_pixels")
 
 
 @dataclass(frozen=True)
@@ -148,16 +149,20 @@ class LatentPipeline(ABC):
             conditioning = self.condition(requests, guidance, timer)
             canvas, s = requests[0].product, self.preset.vae_scale
             shape = (self.preset.latent_channels, canvas.height // s, canvas.width // s)
-            seeds = [r.seed for r in requests]
-            latents = denoise(conditioning.denoiser, seeds, shape, steps, scheduler, guidance, timer, on_step)
+            seeds, given = [r.seed for r in requests], [r.latents for r in requests]
+            latents = denoise(conditioning.denoiser, seeds, shape, steps, scheduler, guidance, timer, on_step, given)
             with timer.stage("vae_decode"):
                 decoded = run_cast(self.components["vae_decoder"], {"latent": latents})["image"]
                 generated = from_model_image(decoded.astype(np.float32, copy=False))
             with timer.stage("compose"):
-                images = [compose(g, r.product) for g, r in zip(generated, requests)]
+                images = [self.compose(g, r) for g, r in zip(generated, requests)]
             output = self.finish(requests, images, generated, conditioning.carry, timer)
         output.timings = timer.summary()
         return output
+
+    def compose(self, generated: np.ndarray, request: Any) -> np.ndarray:
+        """The request's product pasted back over its generated image (its pixels exact)."""
+        return compose(generated, request.product)
 
     @abstractmethod
     def condition(self, requests: Sequence[Any], guidance: Guidance, timer: StageTimer) -> Conditioning:
@@ -243,6 +248,7 @@ class PipelineDefinition(ABC):
             "height": r.product.height,
             **prepared.schedule.to_dict(),
             "product": prepared.product.to_dict(),
+            **({"latents": prepared.files.get("latents", "given")} if getattr(r, "latents", None) is not None else {}),
             "batch": batch,
             "timings_s": {"load_inputs": round(prepared.seconds, 6), **output.timings},
         }
@@ -251,13 +257,15 @@ class PipelineDefinition(ABC):
         self,
         preset: Preset,
         common: Mapping[str, Any],
-        build: Callable[[Product, Schedule], Any],
+        build: Callable[[PlacedProduct, Schedule], Any],
+        stretch: bool = False,
         **files: str | Path | None,
     ) -> Prepared:
         """The part of `prepare` every pipeline shares: the options in `common` (the product and
-        its mask, the canvas size, the schedule, `max_pixels`) checked and loaded, then the
-        pipeline's request built by `build(canvas product, schedule)` and validated. `files` are
-        the other input files, named in the report."""
+        its mask, the canvas size, the schedule, initial latents, `max_pixels`) checked and
+        loaded, then the pipeline's request built by `build(placed product, schedule)` and
+        validated. `stretch`: the photo stretched onto the canvas (`placed_product`). `files`
+        are the other input files, named in the report."""
         started = time.perf_counter()
         unknown = sorted(k for k in common if k != "max_pixels" and (k not in COMMON_OPTIONS or k not in self.options))
         if unknown:
@@ -267,8 +275,14 @@ class PipelineDefinition(ABC):
             raise InputError(missing[0], f"is required by pipeline {self.name}")
         schedule = self.schedule(common)
         placed = placed_product(preset, common["product"], common.get("mask"), common.get("width"),
-                                common.get("height"), common.get("max_pixels", MAX_IMAGE_PIXELS))
-        request = build(placed.product, schedule)
+                                common.get("height"), common.get("max_pixels", MAX_IMAGE_PIXELS), stretch)
+        request = build(placed, schedule)
+        if common.get("latents") is not None:
+            canvas, s = placed.product, preset.vae_scale
+            shape = (preset.latent_channels, canvas.height // s, canvas.width // s)
+            request = replace(request, latents=load_latents(common["latents"], shape))
+            if not isinstance(common["latents"], np.ndarray):
+                files = {**files, "latents": common["latents"]}
         request.validate()
         named = {k: str(v) for k, v in files.items() if v is not None}
         return Prepared(request, placed, schedule, time.perf_counter() - started, named)

@@ -3,7 +3,7 @@ what a valid seed, step count, guidance scale or batch is, and the defaults they
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
@@ -57,6 +57,7 @@ class Guided:
     negative_prompt: str = ""
     seed: int = 0
     guidance: float = DEFAULT_GUIDANCE
+    latents: np.ndarray | None = field(default=None, compare=False)  # (C, h, w): in place of the seed's noise
 
     def check_guided(self) -> None:
         check_prompt("negative_prompt", self.negative_prompt)

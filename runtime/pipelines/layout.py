@@ -24,15 +24,16 @@ from PIL import Image
 
 from runtime.artifacts.weights import WeightsSource
 from runtime.backends.base import Component, run_cast
-from runtime.diffusion.boxes import BoxDenoiser, FixedBoxes, sample_boxes
+from runtime.diffusion.boxes import BoxDenoiser, BoxSample, FixedBoxes, sample_boxes
 from runtime.diffusion.loop import StepCallback
-from runtime.inputs.images import Product, product_only, to_model_image
+from runtime.inputs.images import PlacedProduct, Product, product_only, to_model_image
 from runtime.inputs.tokenizer import Tokenizer, load_tokenizer
 from runtime.layout.elements import FixedBox, check_texts, draw_layout, load_fixed_boxes
 from runtime.layout.postprocess import Layout, layout_report, scored_layout, select_elements
 from runtime.pipelines.base import Call, PipelineDefinition, PipelineOutput, Prepared, Schedule
 from runtime.pipelines.checks import check_batch, check_seed, require_components
 from runtime.pipelines.conditioning import selling_point_features
+from runtime.pipelines.processing import LAYOUT, LayoutProcessing, Profile
 from runtime.presets import Preset
 from runtime.specs.layout import FPN_LEVELS, LAYOUT_COMPONENTS, layout_image_size
 from runtime.timing import StageTimer
@@ -48,6 +49,7 @@ class LayoutRequest:
     texts: tuple[str, ...]
     fixed: tuple[FixedBox, ...] = ()
     seed: int = 0
+    processing: LayoutProcessing = LAYOUT[Profile.ADGEN]
 
     def validate(self) -> None:
         check_texts(self.texts)
@@ -92,9 +94,10 @@ class LayoutPipeline:
                 slots,
             )
             generators = [np.random.Generator(np.random.PCG64(r.seed)) for r in requests]
-            sample = sample_boxes(head, generators, slots, steps, fixed=fixed, renewal=True, on_step=on_step)
+            sample = sample_boxes(head, generators, slots, steps, fixed=fixed, renewal=True, on_step=on_step,
+                                  renewal_threshold=[r.processing.renewal_threshold for r in requests])
             with timer.stage("postprocess"):
-                layouts = [self._layout(r, sample.boxes[b], sample.class_logits[b]) for b, r in enumerate(requests)]
+                layouts = [self._layout(r, sample, b) for b, r in enumerate(requests)]
             with timer.stage("draw"):
                 images = [draw_layout(product_only(r.product), layout.elements, r.texts) for r, layout in zip(requests, layouts)]
         return LayoutOutput(images, layouts=layouts, timings=timer.summary())
@@ -107,16 +110,19 @@ class LayoutPipeline:
             for r in requests
         ])
 
-    def _layout(self, request: LayoutRequest, boxes: np.ndarray, logits: np.ndarray) -> Layout:
+    def _layout(self, request: LayoutRequest, sample: BoxSample, b: int) -> Layout:
         w, h = request.product.width, request.product.height
-        elements, unused = select_elements(boxes, logits, request.fixed, len(request.texts), w, h)
+        p = request.processing
+        earlier = [(boxes[b], logits[b]) for boxes, logits in sample.predictions[:-1]] if p.merge_steps else []
+        elements, unused = select_elements(sample.boxes[b], sample.class_logits[b], request.fixed, len(request.texts),
+                                           w, h, earlier=earlier, drop_empty=p.drop_empty)
         return scored_layout(elements, request.product, unused)
 
 
 class LayoutDefinition(PipelineDefinition):
     name = "layout"
     spec_builders = LAYOUT_COMPONENTS
-    options = ("product", "mask", "text", "layout_fixed", "width", "height", "layout_steps", "seed")
+    options = ("product", "mask", "text", "layout_fixed", "width", "height", "layout_steps", "seed", "processing")
     required = ("product", "text")
     default_layout_steps = DEFAULT_LAYOUT_STEPS
     step_components = ("layout_head",)
@@ -130,15 +136,18 @@ class LayoutDefinition(PipelineDefinition):
         text: Sequence[str],
         layout_fixed: str | Path | None = None,
         seed: int = 0,
+        processing: str | Profile | None = None,
         **common: Any,
     ) -> Prepared:
         texts = check_texts(text, min(preset.layout.max_texts, preset.layout.num_boxes))
+        proc = LAYOUT[Profile.parse(processing)]
 
-        def build(canvas: Product, schedule: Schedule) -> LayoutRequest:
+        def build(placed: PlacedProduct, schedule: Schedule) -> LayoutRequest:
+            canvas = placed.product
             fixed = () if layout_fixed is None else load_fixed_boxes(
                 layout_fixed, canvas.width, canvas.height, texts, max_boxes=preset.layout.num_boxes - len(texts)
             )
-            return LayoutRequest(canvas, texts, fixed, seed)
+            return LayoutRequest(canvas, texts, fixed, seed, proc)
 
         return self.prepared(preset, common, build, layout_fixed=layout_fixed)
 
@@ -150,7 +159,8 @@ class LayoutDefinition(PipelineDefinition):
 
     def request_report(self, prepared: Prepared, output: LayoutOutput, index: int) -> dict:
         r = prepared.request
-        return {"texts": list(r.texts), "layout": layout_report(output.layouts[index], r.texts, prepared.files.get("layout_fixed"))}
+        layout = layout_report(output.layouts[index], r.texts, prepared.files.get("layout_fixed"))
+        return {"texts": list(r.texts), "layout": layout, "processing": r.processing.profile.value}
 
     def call_plan(self, requests: int, steps: int) -> dict[str, Call]:
         return {

@@ -29,6 +29,11 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "layout_fixed": (("--layout-fixed",), dict(type=Path, help="layout/poster: JSON boxes kept exactly; the rest is planned around them")),
     "layout_steps": (("--layout-steps",), dict(type=int, help="layout/poster: box-diffusion steps (default: RADM 1, PlanNet 20)")),
     "control_scale": (("--control-scale",), dict(type=float, help="poster: weight of the RenderNet/ControlNet conditioning (default 1.0)")),
+    "processing": (("--processing",), dict(choices=("adgen", "reference"),
+                                           help="refadgen/layout: pre/post-processing around the networks: adgen's, or the reference "
+                                                "code's the trained weights expect (default adgen; see runtime/pipelines/processing.py)")),
+    "latents": (("--latents",), dict(type=Path, help="refadgen/background/poster: initial latents (.npy, (C, H/8, W/8)) "
+                                                     "in place of the seed's noise, to compare with another implementation")),
 }
 
 

@@ -37,7 +37,7 @@ from runtime.diffusion.boxes import BoxDenoiser, FixedBoxes, sample_boxes, time_
 from runtime.diffusion.loop import Denoiser, Guidance
 from runtime.errors import InputError
 from runtime.finishing.typeset import check_drawable, typeset
-from runtime.inputs.images import Product, product_only, to_model_image
+from runtime.inputs.images import PlacedProduct, Product, product_only, to_model_image
 from runtime.inputs.tokenizer import check_prompt, load_tokenizer
 from runtime.layout.boxes import to_pixels
 from runtime.layout.elements import Element, FixedBox, check_texts, layout_mask, load_fixed_boxes
@@ -178,7 +178,7 @@ class PosterDefinition(PipelineDefinition):
     name = "poster"
     spec_builders = POSTER_COMPONENTS
     options = ("product", "mask", "prompt", "text", "layout_fixed", "negative_prompt", "width", "height", "steps",
-               "layout_steps", "guidance", "control_scale", "seed", "scheduler")
+               "layout_steps", "guidance", "control_scale", "seed", "scheduler", "latents")
     required = ("product", "prompt", "text")
     default_layout_steps = DEFAULT_LAYOUT_STEPS
     step_components = ("controlnet", "poster_unet")
@@ -199,7 +199,8 @@ class PosterDefinition(PipelineDefinition):
         texts = check_texts(text, preset.layout.max_texts)
         check_drawable(texts)  # before any model runs, not after the whole loop
 
-        def build(canvas: Product, schedule: Schedule) -> PosterRequest:
+        def build(placed: PlacedProduct, schedule: Schedule) -> PosterRequest:
+            canvas = placed.product
             fixed = () if layout_fixed is None else load_fixed_boxes(
                 layout_fixed, canvas.width, canvas.height, texts, classes=("text",)
             )

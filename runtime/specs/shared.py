@@ -151,9 +151,13 @@ def vae_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
     return ComponentSpec(
         name="vae_encoder",
         inputs=(TensorSpec("image", precision.float_dtype, ("B", 3, "height", "width"), doc="RGB in [-1, 1]"),),
-        outputs=(latent_tensor("latent", preset, precision.float_dtype, doc="posterior mode x scaling factor"),),
+        outputs=(
+            latent_tensor("latent", preset, precision.float_dtype, doc="posterior mode x scaling factor"),
+            latent_tensor("latent_std", preset, precision.float_dtype,
+                          doc="posterior standard deviation x scaling factor: a sample is latent + latent_std * noise"),
+        ),
         dims=(network_batch(preset), *canvas_dims(preset)),
-        doc="VAE encoder: image -> scaled latent.",
+        doc="VAE encoder: image -> the scaled latent posterior (mode and standard deviation).",
     )
 
 
