@@ -20,7 +20,7 @@ copy into the captured buffers and replay it (no per-layer launch cost).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import numpy as np
 
@@ -52,6 +52,18 @@ def trt_to_numpy(dtype: "trt.DataType") -> np.dtype:
     return np.dtype(trt.nptype(dtype))
 
 
+
+class DeviceTensor(Protocol):
+    """What the backend needs of a device buffer (a CUDA torch tensor): its address for TensorRT."""
+
+    def data_ptr(self) -> int: ...
+
+
+class CapturedGraph(Protocol):
+    """A captured CUDA graph (torch.cuda.CUDAGraph): replayed for a step shape seen before."""
+
+    def replay(self) -> None: ...
+
 class TensorRTComponent(Component):
     def __init__(self, spec: ComponentSpec, engine_file: Path, profile_set: list[Profile], cuda_graphs: bool = False):
         super().__init__(spec)
@@ -82,8 +94,8 @@ class TensorRTComponent(Component):
         self.profile_index = -1
         self.cuda_graphs = cuda_graphs
         self._invariant = {t.name for t in spec.inputs if t.invariant}
-        self._on_device: dict[str, tuple[np.ndarray, object]] = {}
-        self._graphs: dict[tuple, tuple[object, dict, dict]] = {}  # shapes -> (graph, inputs, outputs)
+        self._on_device: dict[str, tuple[np.ndarray, DeviceTensor]] = {}
+        self._graphs: dict[tuple, tuple[CapturedGraph, dict, dict]] = {}  # shapes -> (graph, inputs, outputs)
         self._torch_dtype = {t.name: getattr(torch, t.dtype.value) for t in spec.inputs + spec.outputs}
 
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -108,7 +120,7 @@ class TensorRTComponent(Component):
         self.stream.synchronize()
         return {name: host[name].numpy() for name in self.spec.output_names}
 
-    def _bind(self, inputs: Mapping[str, object], shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    def _bind(self, inputs: Mapping[str, DeviceTensor], shapes: Mapping[str, tuple[int, ...]]) -> dict:
         index = select_profile(self.profiles, shapes)
         if index != self.profile_index:
             self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
@@ -118,7 +130,8 @@ class TensorRTComponent(Component):
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
         for name in self.spec.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
+            dims = self.context.get_tensor_shape(name)
+            shape = tuple(dims[i] for i in range(len(dims)))
             outputs[name] = self.torch.empty(shape, dtype=self._torch_dtype[name], device="cuda")
             self.context.set_tensor_address(name, outputs[name].data_ptr())
         return outputs
