@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fused-step", action="store_true", default=False,
                      help="run each denoising step as one guided-step graph (both guidance halves inside)")
     gen.add_argument("--cuda-graphs", action="store_true", default=False,
-                     help="tensorrt backend: replay each step shape from a captured CUDA graph")
+                     help="tensorrt and torch (--device cuda) backends: replay each shape set from a captured CUDA graph")
     gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
     gen.add_argument("--url", default=None, help="--backend triton: the server (host:port gRPC, or http://host:port)")
     gen.add_argument("--server", default=None, help="run the whole pipeline in this Triton server (host:port gRPC, or http://...)")

@@ -190,14 +190,17 @@ def test_cuda_device_on_a_cpu_only_install_fails_at_load(tiny_graphs, cache_root
         load_pipeline("refadgen", preset="tiny", backend="onnxruntime", cache_dir=cache_root, device="cuda")
 
 
-@pytest.mark.gpu
-def test_cuda_provider_with_io_binding_matches_cpu(tiny_fp16_graphs, tiny_fp16_specs, tiny):
+def _has_cuda_provider() -> bool:
     import onnxruntime as ort
 
+    return CUDA_EP in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda_provider(), reason="needs onnxruntime-gpu and a CUDA device")
+def test_cuda_provider_with_io_binding_matches_cpu(tiny_fp16_graphs, tiny_fp16_specs, tiny):
     from runtime.backends.onnxruntime import OnnxRuntimeComponent
 
-    if CUDA_EP not in ort.get_available_providers():
-        pytest.skip("needs onnxruntime-gpu and a CUDA device")
     spec = tiny_fp16_specs["unet"]
     path = graph_path(tiny_fp16_graphs, "unet")
     cpu = OnnxRuntimeComponent(spec, path, Device.CPU.providers, None, precision=Precision.FP16)

@@ -27,7 +27,7 @@ class ModelSource(GraphSource):
     device: Device = Device.CPU
     providers: tuple[str, ...] | None = None  # ONNX Runtime providers; None = the device's (Device.providers)
     engines_dir: Path | None = None  # TensorRT engines made by `adgen engines` (tensorrt backend)
-    cuda_graphs: bool = False  # tensorrt backend: replay each step shape from a captured CUDA graph
+    cuda_graphs: bool = False  # tensorrt and torch (cuda) backends: replay each shape set from a captured CUDA graph
     threads: int | None = None  # intra-op threads; None = the library's default
     spin: bool = True  # let idle ONNX Runtime pool threads busy-wait (lower latency when alone on the cores)
     server_url: str | None = None  # triton backend: host:port (gRPC), grpc://host:port or http://host:port

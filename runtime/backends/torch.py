@@ -1,5 +1,7 @@
 """The torch reference backend: the networks themselves, eager; float32 on the CPU, the
-source's precision on CUDA."""
+source's precision on CUDA. On CUDA, inputs the spec marks invariant stay on the device while the
+caller passes the same array, and `cuda_graphs` replays each component from CUDA graphs captured
+per input-shape set (networks.common.runner.GraphedModule)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 from torch import nn
 
 from networks.common.guided import WithGuidedSteps
-from networks.common.runner import run_module
+from networks.common.runner import GraphedModule, HeldInputs, run_module
 from networks.registry import build_modules
 from runtime.backends.base import Component, ModelSource
 from runtime.errors import BackendError
@@ -22,14 +24,26 @@ class TorchComponent(Component):
     """Calls are serialised: the U-Nets hand per-call tensors to their attention processors
     through shared attributes, so two threads in one module would mix requests."""
 
-    def __init__(self, spec: ComponentSpec, module: nn.Module, lock: threading.Lock):
+    def __init__(self, spec: ComponentSpec, module: nn.Module, lock: threading.Lock, cuda_graphs: bool = False):
         super().__init__(spec)
         self.module = module
         self.lock = lock
+        on_cuda = any(p.device.type == "cuda" for p in module.parameters())
+        self.graphed = GraphedModule(module, spec) if cuda_graphs else None
+        # invariant inputs kept on the device; on the CPU there is no copy to save
+        self.held: HeldInputs | None = {} if on_cuda else None
 
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self.lock:
-            return run_module(self.module, self.spec, feed)
+            if self.graphed is not None:
+                return self.graphed(feed, self.held)
+            return run_module(self.module, self.spec, feed, self.held)
+
+    def close(self) -> None:
+        if self.held is not None:
+            self.held.clear()
+        if self.graphed is not None:
+            self.graphed.graphs.clear()
 
 
 def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Progress | None = None) -> dict[str, Component]:
@@ -38,6 +52,8 @@ def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Prog
     built = WithGuidedSteps(build_modules(source.pipeline, source.preset, source.weights), specs)
     modules = {name: built[name] for name in specs}
     device = source.device.torch_device
+    if source.cuda_graphs and device == "cpu":
+        raise BackendError("torch backend: CUDA graphs need --device cuda (they capture CUDA kernels)")
     if device != "cpu":
         import torch
 
@@ -49,4 +65,7 @@ def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Prog
         for module in modules.values():
             module.to(device=device, dtype=dtype)
     # afm_kv shares parameters (not call state) with unet; one lock per module is enough.
-    return {name: TorchComponent(spec, modules[name], threading.Lock()) for name, spec in specs.items()}
+    return {
+        name: TorchComponent(spec, modules[name], threading.Lock(), cuda_graphs=source.cuda_graphs)
+        for name, spec in specs.items()
+    }
