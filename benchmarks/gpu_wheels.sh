@@ -29,5 +29,10 @@ done
 # shellcheck disable=SC2086 - $pins is a list of requirement strings
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$python" --implementation cp \
     "${platforms[@]}" -d "$dir" $pins
-python3 -m pip wheel -q --no-deps --no-build-isolation -w "$dir" "$root"
+# this project from a copy of the checkout's files (tracked and untracked, not ignored), so the
+# build leaves no build/ folder behind in it
+src=$(mktemp -d)
+trap 'rm -rf "$src"' EXIT
+git -C "$root" ls-files -z -co --exclude-standard | tar -C "$root" --null --ignore-failed-read -T - -cf - | tar -xf - -C "$src"
+python3 -m pip wheel -q --no-deps --no-build-isolation -w "$dir" "$src"
 ls -l "$dir"

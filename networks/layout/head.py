@@ -50,40 +50,71 @@ def roi_align_levels(features: list[torch.Tensor], boxes: torch.Tensor, output: 
 
     features: p2..p5, each (B, C, h_l, w_l) with stride 4, 8, 16, 32 (input image = 4 x p2);
     boxes: (B, N, 4) x0, y0, x1, y1 in [0, 1] of the image -> (B, N, C, output, output).
-    Each box is pooled from its level only: every level is sampled (one grid_sample each) and
-    the box's own level selected.
+    Each box is pooled from its level only: every level is pooled (one RoIAlign each) and the
+    box's own level selected.
     """
-    b, n = boxes.shape[:2]
     image_hw = _shape_hw(features[0]) * FPN_STRIDES[0]
     pixel = boxes * torch.stack([image_hw[1], image_hw[0], image_hw[1], image_hw[0]])
     level = fpn_levels(pixel)  # (B, N)
-    s = output * sampling_ratio
-    # sample positions within the box, as fractions of its side: (p + (i + 0.5) / r) / output
-    frac = (torch.arange(s, dtype=boxes.dtype, device=boxes.device) + 0.5) / s
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    sx = x0[..., None] + frac * (x1 - x0)[..., None]  # (B, N, S) in [0, 1] units
-    sy = y0[..., None] + frac * (y1 - y0)[..., None]
-    # grid_sample (align_corners=False) maps u in [0, 1] to pixel u * size - 0.5: exactly the
-    # aligned RoIAlign's half-pixel shift, whatever the level's size.
-    gx = (2 * sx - 1)[:, :, None, :].expand(b, n, s, s)
-    gy = (2 * sy - 1)[:, :, :, None].expand(b, n, s, s)
-    grid = torch.stack([gx, gy], dim=-1).reshape(b, n, s * s, 2)
     pooled = None
     for index, feat in enumerate(features):
         hw = _shape_hw(feat)
-        # ROIAlign: a sample beyond one pixel outside the map is 0; within it, clamp to the border
-        px, py = sx * hw[1] - 0.5, sy * hw[0] - 0.5
-        inside_x = ((px >= -1) & (px <= hw[1])).to(boxes.dtype)  # (B, N, S)
-        inside_y = ((py >= -1) & (py <= hw[0])).to(boxes.dtype)
-        inside = (inside_y[:, :, :, None] * inside_x[:, :, None, :]).reshape(b, 1, n, s * s)
-        sampled = F.grid_sample(feat, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        sampled = sampled * inside  # (B, C, N, S * S)
-        c = sampled.shape[1]
-        cells = sampled.reshape(b, c, n, output, sampling_ratio, output, sampling_ratio).mean(dim=(4, 6))
-        cells = cells.permute(0, 2, 1, 3, 4)  # (B, N, C, output, output)
+        # the level's pixel units from the normalised box, so a map of any size is pooled alike
+        cells = RoIAlignLevel.apply(feat, boxes * torch.stack([hw[1], hw[0], hw[1], hw[0]]), output, sampling_ratio)
         chosen = (level == MIN_LEVEL + index).to(boxes.dtype)[:, :, None, None, None]
         pooled = cells * chosen if pooled is None else pooled + cells * chosen
     return pooled
+
+
+class RoIAlignLevel(torch.autograd.Function):
+    """Aligned RoIAlign of one feature map: feat (B, C, h, w), boxes (B, N, 4) x0, y0, x1, y1 in
+    the map's pixel units -> (B, N, C, output, output), the average of sampling_ratio^2 bilinear
+    samples per cell at pixel (x - 0.5, y - 0.5); a sample more than one pixel outside the map is
+    0, one within a pixel of it reads the border.
+
+    Eager torch computes it with one grid_sample; the exported graph holds ONNX's RoiAlign
+    (opset 16, coordinate_transformation_mode half_pixel: the same arithmetic), which ONNX
+    Runtime runs per box instead of through its slow GridSample, and TensorRT parses natively."""
+
+    @staticmethod
+    def forward(ctx, feat: torch.Tensor, boxes: torch.Tensor, output: int, sampling_ratio: int) -> torch.Tensor:
+        b, n = boxes.shape[:2]
+        h, w = feat.shape[2:]
+        s = output * sampling_ratio
+        # sample positions within the box, as fractions of its side: (p + (i + 0.5) / r) / output
+        frac = (torch.arange(s, dtype=boxes.dtype, device=boxes.device) + 0.5) / s
+        x0, y0, x1, y1 = boxes.unbind(-1)
+        px = x0[..., None] + frac * (x1 - x0)[..., None] - 0.5  # (B, N, S) sample pixels
+        py = y0[..., None] + frac * (y1 - y0)[..., None] - 0.5
+        # grid_sample (align_corners=False) reads pixel p at (2p + 1) / size - 1
+        gx = ((2 * px + 1) / w - 1)[:, :, None, :].expand(b, n, s, s)
+        gy = ((2 * py + 1) / h - 1)[:, :, :, None].expand(b, n, s, s)
+        grid = torch.stack([gx, gy], dim=-1).reshape(b, n, s * s, 2)
+        inside_x = ((px >= -1) & (px <= w)).to(boxes.dtype)  # (B, N, S)
+        inside_y = ((py >= -1) & (py <= h)).to(boxes.dtype)
+        inside = (inside_y[:, :, :, None] * inside_x[:, :, None, :]).reshape(b, 1, n, s * s)
+        sampled = F.grid_sample(feat, grid, mode="bilinear", padding_mode="border", align_corners=False) * inside
+        c = sampled.shape[1]  # (B, C, N, S * S)
+        cells = sampled.reshape(b, c, n, output, sampling_ratio, output, sampling_ratio).mean(dim=(4, 6))
+        return cells.permute(0, 2, 1, 3, 4)
+
+    @staticmethod
+    def symbolic(g, feat, boxes, output: int, sampling_ratio: int):
+        def const(values, dtype=torch.int64):
+            return g.op("Constant", value_t=torch.tensor(values, dtype=dtype))
+
+        shape = g.op("Shape", boxes)  # (B, N, 4)
+        batch_boxes = g.op("Slice", shape, const([0]), const([2]))  # [B, N]
+        batch = g.op("Gather", shape, const(0))
+        # box r of the flattened (B * N) list belongs to image r // N
+        index = g.op("Range", const(0), batch, const(1))
+        index = g.op("Reshape", g.op("Expand", g.op("Unsqueeze", index, const([1])), batch_boxes), const([-1]))
+        pooled = g.op(
+            "RoiAlign", feat, g.op("Reshape", boxes, const([-1, 4])), index,
+            mode_s="avg", output_height_i=output, output_width_i=output, sampling_ratio_i=sampling_ratio,
+            spatial_scale_f=1.0, coordinate_transformation_mode_s="half_pixel",
+        )  # (B * N, C, output, output)
+        return g.op("Reshape", pooled, g.op("Concat", batch_boxes, const([-1, output, output]), axis_i=0))
 
 
 class SinusoidalEmbedding(nn.Module):

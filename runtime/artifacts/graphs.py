@@ -27,6 +27,9 @@ MANIFEST = "manifest.json"
 PARITY = "parity.json"
 REEXPORT = "re-export with `adgen export` (or remove it from the cache)"
 OPSET = 17
+# Bumped when the exported graphs change while the specs do not (a cached folder of an earlier
+# revision is then exported again): 2 = RADM's RoIAlign as ONNX RoiAlign instead of GridSample.
+GRAPH_REVISION = 2
 
 
 def default_cache_root() -> Path:
@@ -47,6 +50,7 @@ class GraphKey:
     weights: str  # WeightsSource.fingerprint
     attention: AttentionKernel = AttentionKernel.ORT
     opset: int = OPSET
+    revision: int = GRAPH_REVISION
 
     @classmethod
     def of(
@@ -63,7 +67,7 @@ class GraphKey:
     @property
     def dirname(self) -> str:
         return (
-            f"{self.pipeline}-{self.preset}-{self.precision.value}-{self.attention.value}attn-opset{self.opset}"
+            f"{self.pipeline}-{self.preset}-{self.precision.value}-{self.attention.value}attn-opset{self.opset}-r{self.revision}"
             f"-{self.specs_hash}-{self.weights}"
         )
 
