@@ -34,7 +34,7 @@ from runtime.pipelines.checks import DEFAULT_GUIDANCE, Guided, check_range
 from runtime.pipelines.conditioning import image_tokens, prompt_embeddings
 from runtime.presets import Preset
 from runtime.specs.guided import guided_name
-from runtime.specs.refadgen import REFADGEN_COMPONENTS
+from runtime.specs.pipelines import PIPELINE_SPECS
 from runtime.timing import StageTimer
 
 STEP = "unet"
@@ -112,7 +112,7 @@ class RefAdGenPipeline(LatentPipeline):
 
 class RefAdGenDefinition(PipelineDefinition):
     name = "refadgen"
-    spec_builders = REFADGEN_COMPONENTS
+    spec_builders = PIPELINE_SPECS["refadgen"]
     options = ("product", "mask", "prompt", "negative_prompt", "width", "height", "steps", "guidance",
                "afm_scale", "seed", "scheduler")
     required = ("product", "prompt")
