@@ -14,8 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from runtime.artifacts.graphs import GraphSource, ensure_graphs
 from runtime.artifacts.architecture import resolve_preset
+from runtime.artifacts.graphs import GraphSource, ensure_graphs
 from runtime.artifacts.weights import WeightsSource, parts_of
 from runtime.pipelines import get_pipeline
 from runtime.serving.repository import RepositoryOptions, write_repository
