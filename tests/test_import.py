@@ -1,4 +1,4 @@
-"""`adgen import`: synthetic checkpoints in the real layouts and containers (tests/checkpoints.py)
+"""`adgen import`: synthetic checkpoints in the real layouts and containers (benchmarks/synthetic_checkpoints.py)
 import, export and generate at a tiny architecture that is not the `tiny` preset's; each part
 whose library class exists computes what that class computes when loaded from the same source
 files (fp32, bound IMPORT_ATOL); pickles beside safetensors are never read, and a pickle whose
@@ -16,8 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import checkpoints as ck  # noqa: E402
-
+from benchmarks import synthetic_checkpoints as ck  # noqa: E402
 from runtime.api import generate, load_pipeline  # noqa: E402
 from runtime.artifacts.architecture import resolve_preset  # noqa: E402
 from runtime.artifacts.weights import WeightsSource, read_weights_manifest  # noqa: E402
@@ -129,7 +128,7 @@ def test_refadgen_parts_equal_the_library_classes_on_the_same_files(sources, ref
         pixels = torch.randn(2, 3, 32, 32)
         vision = CLIPVisionModelWithProjection.from_pretrained(sources.image_encoder).eval()
         proj = {k.removeprefix("proj."): v for k, v in sources.module.items() if k.startswith("proj.")}
-        carrier = UNet2DConditionModel(**ck.UNET)
+        carrier = UNet2DConditionModel(**ck.TINY.unet)
         resampler = carrier._convert_ip_adapter_image_proj_to_diffusers(proj, low_cpu_mem_usage=False).eval()
         hidden = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
         close(modules["image_encoder"](pixels), resampler(hidden), "image_encoder")
@@ -141,7 +140,7 @@ def test_refadgen_parts_equal_the_library_classes_on_the_same_files(sources, ref
         close(modules["vae_encoder"](image), vae.encode(image).latent_dist.mode() * vae.config.scaling_factor, "vae_encoder")
 
         context = torch.randn(2, 77, 64)
-        reference = UNet2DConditionModel(**ck.UNET).eval()
+        reference = UNet2DConditionModel(**ck.TINY.unet).eval()
         reference.load_state_dict({k.removeprefix("ref_unet."): v for k, v in sources.module.items()
                                    if k.startswith("ref_unet.")})
         captured = []
@@ -160,7 +159,7 @@ def test_refadgen_parts_equal_the_library_classes_on_the_same_files(sources, ref
         kv = modules["afm_kv"](*states)
         first = modules["unet"].layer_names[0]
         close(kv[0], states[0] @ sources.module[f"unet.{first}.processor.to_k_ref.weight"].T, "afm_kv key 0")
-        generation = UNet2DConditionModel(**(ck.UNET | {"in_channels": 5})).eval()
+        generation = UNet2DConditionModel(**(ck.TINY.unet | {"in_channels": 5})).eval()
         generation.load_state_dict({k.removeprefix("unet."): v for k, v in sources.module.items()
                                     if k.startswith("unet.") and "_ref." not in k})
         sample, t = torch.randn(2, 5, 8, 8), torch.tensor([999.0, 10.0])
@@ -208,7 +207,7 @@ def test_radm_without_text_encoder_runs_only_with_allow_random(sources, tmp_path
     with pytest.raises(WeightsError, match="holds no trained text_encoder .* --allow-random text_encoder"):
         load_pipeline("layout", preset="tiny", weights=out, cache_dir=tmp_path / "cache")
     preset = resolve_preset("tiny", WeightsSource(path=out, allow_random=frozenset({"text_encoder"})))
-    assert preset.text.hidden_size == ck.RADM["text_dim"]  # the random encoder is as wide as the head reads
+    assert preset.text.hidden_size == ck.TINY.radm["text_dim"]  # the random encoder is as wide as the head reads
 
 
 def test_sd_and_controlnet_parts_equal_the_library_classes(sources, poster_weights):

@@ -1,5 +1,5 @@
 """Prompts -> token ids: HashTokenizer's CLIP-shaped output, prompt checks, tokenizer choice, and
-the real CLIP BPE read from vocabulary files in the real format (tests/vocabulary.py)."""
+the real CLIP BPE read from vocabulary files in the real format (benchmarks/synthetic_vocabulary.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-import vocabulary
 
+from benchmarks import synthetic_vocabulary as vocabulary
 from runtime.artifacts.weights import TOKENIZER_FILES, WeightsSource, write_weights_manifest
 from runtime.errors import InputError, WeightsError
 from runtime.inputs.tokenizer import (

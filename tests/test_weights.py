@@ -5,6 +5,7 @@ is torch-free and so are its tests on hand-made folders; building networks needs
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -222,8 +223,6 @@ def test_missing_part_file_is_a_weights_error(tiny, weights_copy):
 
 
 def test_part_missing_from_the_folder_is_refused_unless_allowed_random(tiny, weights_copy, tiny_modules, torch):
-    import json
-
     manifest = json.loads((weights_copy / WEIGHTS_MANIFEST).read_text())
     del manifest["parts"]["unet"]
     (weights_copy / WEIGHTS_MANIFEST).write_text(json.dumps(manifest))
@@ -295,3 +294,80 @@ def test_generation_unet_conv_in_takes_latent_plus_mask(tiny, tiny_modules):
     assert conv_in.in_channels == tiny.latent_channels + 1 == 5
     assert tuple(conv_in.weight.shape[:2]) == (tiny.unet.block_out_channels[0], 5)
     assert tiny_modules["reference_unet"].unet.conv_in.in_channels == tiny.latent_channels
+
+
+def configs_folder(root: Path, configs: dict[str, dict]) -> WeightsSource:
+    """A weights folder of part configs with stub weight files: what the torch-free checks read."""
+    from runtime.artifacts.weights import part_config_path, part_weights_path
+
+    for part, config in configs.items():
+        part_config_path(root, part).parent.mkdir(parents=True, exist_ok=True)
+        part_config_path(root, part).write_text(json.dumps(config))
+        part_weights_path(root, part).write_bytes(b"stub")
+    write_weights_manifest(root, {"parts": {p: {"source": "test"} for p in configs}, "processing": {"layout": "reference"}})
+    return WeightsSource(path=root)
+
+
+SD_UNET = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+           "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "block_out_channels": [32, 32, 64, 64],
+           "attention_head_dim": 2, "cross_attention_dim": 64, "norm_num_groups": 8, "layers_per_block": 2}
+CLIP_TEXT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+             "hidden_act": "gelu"}
+
+
+def test_manifest_reader_gives_the_processing_profiles_and_none_without_a_manifest(tmp_path):
+    from runtime.artifacts.weights import read_weights_manifest
+
+    configs_folder(tmp_path / "w", {"layout_head": {}})
+    assert read_weights_manifest(tmp_path / "w")["processing"] == {"layout": "reference"}
+    assert read_weights_manifest(tmp_path) is None
+
+
+def test_preset_follows_the_folders_configs_and_keeps_the_canvas(tiny, tmp_path):
+    from runtime.artifacts.architecture import resolve_preset
+
+    weights = configs_folder(tmp_path, {"poster_unet": SD_UNET, "text_encoder": CLIP_TEXT})
+    preset = resolve_preset("tiny", weights)
+    assert preset.unet.cross_attention_dim == 64 and preset.unet.norm_num_groups == 8
+    assert (preset.text.hidden_size, preset.text.hidden_act) == (64, "gelu")
+    assert (preset.min_side, preset.max_side, preset.default_width) == (tiny.min_side, tiny.max_side, tiny.default_width)
+    assert preset.name == "tiny" and preset.architecture.startswith("weights ")
+
+
+@pytest.mark.parametrize("configs,message", [
+    ({"poster_unet": SD_UNET, "text_encoder": CLIP_TEXT | {"hidden_size": 32}},
+     "the text encoder is 32 wide but the U-Net's cross-attention reads 64"),
+    ({"poster_unet": SD_UNET, "controlnet": SD_UNET | {"block_out_channels": [32, 64, 64, 64]}},
+     "parts poster_unet and controlnet disagree on the U-Net sizes"),
+    ({"poster_unet": SD_UNET | {"down_block_types": ["DownBlock2D"] * 4}}, "adgen's specs assume the SD 1.5 U-Net layout"),
+    ({"poster_unet": SD_UNET | {"attention_head_dim": [5, 10, 20, 20]}}, "expected one integer attention_head_dim"),
+], ids=["narrow text encoder", "two U-Net sizes", "not the SD layout", "per-block heads"])
+def test_configs_that_do_not_fit_together_are_refused(tmp_path, configs, message):
+    from runtime.artifacts.architecture import resolve_preset
+
+    with pytest.raises(WeightsError, match=message):
+        resolve_preset("tiny", configs_folder(tmp_path, configs))
+
+
+def test_random_text_encoder_is_sized_to_what_the_trained_parts_read(tmp_path):
+    from runtime.artifacts.architecture import resolve_preset
+
+    weights = configs_folder(tmp_path, {"poster_unet": SD_UNET})
+    assert resolve_preset("tiny", WeightsSource(path=tmp_path, allow_random=frozenset({"text_encoder"}))).text.hidden_size == 64
+    assert weights.status(["poster_unet", "text_encoder"]) == {"poster_unet": "trained (test)",
+                                                               "text_encoder": "random init (seed 0)"}
+
+
+@pytest.mark.parametrize("path,allowed,message", [
+    (True, {"vae", "nonsense"}, "expected parts of pipeline poster"),
+    (True, {"poster_unet"}, "poster_unet is trained in"),
+    (False, {"vae"}, "is for a weights folder with parts missing"),
+], ids=["unknown part", "trained part", "no folder"])
+def test_allow_random_that_means_nothing_is_refused(tmp_path, path, allowed, message):
+    from runtime.errors import InputError
+
+    configs_folder(tmp_path, {"poster_unet": SD_UNET})
+    weights = WeightsSource(path=tmp_path if path else None, allow_random=frozenset(allowed))
+    with pytest.raises(InputError, match=message) as excinfo:
+        weights.check("poster", ("text_encoder", "vae", "poster_unet"))
+    assert excinfo.value.field == "allow_random"

@@ -91,6 +91,8 @@ def _unet_size(root: Path, configs: dict[str, dict]) -> UNetSize | None:
         blocks = tuple(c.get("down_block_types", ()))
         if blocks != SD_DOWN_BLOCKS or ("up_block_types" in c and tuple(c["up_block_types"]) != SD_UP_BLOCKS):
             raise WeightsError(f"{where}: adgen's specs assume the SD 1.5 U-Net layout {SD_DOWN_BLOCKS}; got {blocks}")
+        if c.get("layers_per_block", 2) != 2:
+            raise WeightsError(f"{where}: expected two layers per block (SD 1.5), got {c['layers_per_block']}")
         if c.get("transformer_layers_per_block", 1) not in (1, [1] * 4):
             raise WeightsError(f"{where}: expected one transformer layer per block (SD 1.5), got "
                                f"{c['transformer_layers_per_block']}")
@@ -100,11 +102,12 @@ def _unet_size(root: Path, configs: dict[str, dict]) -> UNetSize | None:
         sizes[part] = unet_size(c)
     if "style_branch" in configs:
         sizes["style_branch"] = _dataclass_from(UNetSize, configs["style_branch"])
-    if len(set(sizes.values())) > 1:
-        (a, size_a), (b, size_b) = list(sizes.items())[:2]
-        raise WeightsError(f"{root}: parts {a} and {b} disagree on the U-Net sizes ({size_a} vs {size_b}); "
-                           "a pipeline's U-Net-shaped networks share one size")
-    return next(iter(sizes.values()), None)
+    (first, size), *others = list(sizes.items()) or [(None, None)]
+    for part, other in others:
+        if other != size:
+            raise WeightsError(f"{root}: parts {first} and {part} disagree on the U-Net sizes ({size} vs {other}); "
+                               "a pipeline's U-Net-shaped networks share one size")
+    return size
 
 
 def unet_size(config: dict) -> UNetSize:

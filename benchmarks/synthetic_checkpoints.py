@@ -1,4 +1,5 @@
-"""Synthetic checkpoints in the layouts and containers users hold, at tiny sizes, random weights:
+"""Synthetic checkpoints in the layouts and containers users hold, random weights, at tiny sizes
+(TINY, for tests) or at the released sizes (SD15, for benchmarks/import_cost.py):
 
 - diffusers/transformers folders (an SD 1.5-family model, a VAE with files at its root and
   diffusers' older attention names, an IP-Adapter image encoder, a ControlNet), each with a
@@ -13,9 +14,6 @@
 - Stable Diffusion's original single file (`model.diffusion_model.*`, `first_stage_model.*`,
   `cond_stage_model.transformer.text_model.*`, EMA and DDPM extras), converted here from a
   diffusers folder by the inverse of the original->diffusers mapping.
-
-The architecture is deliberately not the `tiny` preset's (a wider cross-attention, a gelu text
-encoder, 8 image tokens): an import must take it from the files.
 """
 
 from __future__ import annotations
@@ -23,28 +21,63 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from vocabulary import write_vocabulary
 
-UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
+from benchmarks.synthetic_vocabulary import write_vocabulary
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The architecture of a synthetic set: library configs, the resampler's and RADM's sizes."""
+
+    unet: dict
+    text: dict
+    vae: dict
+    vision: dict
+    resampler: dict
+    radm: dict
+
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=64, attention_head_dim=2, norm_num_groups=8,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
 )
-TEXT = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, hidden_act="gelu", bos_token_id=550, eos_token_id=551, pad_token_id=551,
-            projection_dim=64)
-VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 32, 32), layers_per_block=2,
-           latent_channels=4, norm_num_groups=8, sample_size=64)
-VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8, projection_dim=24, hidden_act="gelu")
-RESAMPLER = dict(dim=64, depth=4, heads=1, dim_head=64, num_queries=8, ff_mult=4)  # RefAdGen: 768, 4, 12, 64, 16, 4
-RADM = dict(stem_channels=8, blocks=(1, 1, 1, 1), fpn_channels=32, hidden=32, heads=8, ffn=64, dynamic_dim=8,
-            num_boxes=100, cascade=2, text_dim=64)
+SD15_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                latent_channels=4, norm_num_groups=32, sample_size=512)
+# Not the `tiny` preset's architecture (a wider cross-attention, gelu CLIP towers, 8 image tokens):
+# an import must take it from the files.
+TINY = Sizes(
+    unet=SD15_UNET | dict(sample_size=16, block_out_channels=(32, 32, 64, 64), cross_attention_dim=64,
+                          attention_head_dim=2, norm_num_groups=8),
+    text=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+              max_position_embeddings=77, hidden_act="gelu", bos_token_id=550, eos_token_id=551, pad_token_id=551,
+              projection_dim=64),
+    vae=SD15_VAE | dict(block_out_channels=(8, 16, 32, 32), norm_num_groups=8, sample_size=64),
+    vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                patch_size=8, projection_dim=24, hidden_act="gelu"),
+    resampler=dict(dim=64, depth=4, heads=1, dim_head=64, num_queries=8, ff_mult=4),
+    radm=dict(stem_channels=8, blocks=(1, 1, 1, 1), fpn_channels=32, hidden=32, heads=8, ffn=64, dynamic_dim=8,
+              num_boxes=100, cascade=2, text_dim=64),
+)
+# What the releases hold: SD 1.5's U-Nets, VAE and ViT-L text encoder, IP-Adapter's ViT-H image
+# encoder and RefAdGen's resampler, RADM's ResNet-50 + FPN and six heads.
+SD15 = Sizes(
+    unet=SD15_UNET,
+    text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+    vae=SD15_VAE,
+    vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
+                patch_size=14, projection_dim=1024, hidden_act="gelu"),
+    resampler=dict(dim=768, depth=4, heads=12, dim_head=64, num_queries=16, ff_mult=4),
+    radm=dict(stem_channels=64, blocks=(3, 4, 6, 3), fpn_channels=256, hidden=256, heads=8, ffn=2048, dynamic_dim=64,
+              num_boxes=100, cascade=6, text_dim=768),
+)
 DIFFUSION_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                      "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                      "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -83,35 +116,35 @@ def _randomize(module: torch.nn.Module, seed: int, which) -> torch.nn.Module:
     return module
 
 
-def diffusers_unet(in_channels: int = 4, seed: int = 0):
+def diffusers_unet(sizes: Sizes = TINY, seed: int = 0, dtype=torch.float32):
     from diffusers import UNet2DConditionModel
 
-    return _seeded(seed, lambda: UNet2DConditionModel(**(UNET | {"in_channels": in_channels})))
+    return _seeded(seed, lambda: UNet2DConditionModel(**sizes.unet)).to(dtype)
 
 
-def text_encoder_folder(folder: Path, marker: Path, seed: int = 1):
+def text_encoder_folder(folder: Path, marker: Path, sizes: Sizes = TINY, seed: int = 1, dtype=torch.float32):
     """A transformers-4 CLIP text encoder: `text_model.*` names, the position_ids buffer, a pickle trap beside."""
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    model = _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**TEXT)))
+    model = _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**sizes.text))).to(dtype)
     folder.mkdir(parents=True)
     state = {f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    state["text_model.embeddings.position_ids"] = torch.arange(TEXT["max_position_embeddings"])[None]
+    state["text_model.embeddings.position_ids"] = torch.arange(sizes.text["max_position_embeddings"])[None]
     save_file(state, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-                                                    **TEXT, "transformers_version": "4.36.2"}))
+                                                    **sizes.text, "transformers_version": "4.36.2"}))
     pickle_trap(folder / "pytorch_model.bin", marker)
     return model
 
 
-def vae_folder(folder: Path, marker: Path, seed: int = 2):
+def vae_folder(folder: Path, marker: Path, sizes: Sizes = TINY, seed: int = 2):
     """sd-vae-ft-mse's layout: files at the folder root, the mid-block attention under the old
     names (query, key, value, proj_attn), a pickle trap beside."""
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    model = _seeded(seed, lambda: AutoencoderKL(**VAE))
+    model = _seeded(seed, lambda: AutoencoderKL(**sizes.vae))
     folder.mkdir(parents=True)
     old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     state = {}
@@ -121,39 +154,40 @@ def vae_folder(folder: Path, marker: Path, seed: int = 2):
                 key = key.replace(f".{new}.", f".{former}.")
         state[key] = tensor.contiguous()
     save_file(state, folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2", **VAE}))
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2", **sizes.vae}))
     pickle_trap(folder / "diffusion_pytorch_model.bin", marker)
     return model
 
 
-def image_encoder_folder(folder: Path, marker: Path, seed: int = 3):
+def image_encoder_folder(folder: Path, marker: Path, sizes: Sizes = TINY, seed: int = 3, dtype=torch.float32):
     """IP-Adapter's image encoder: a CLIPVisionModelWithProjection saved by transformers 4."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    model = _seeded(seed, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)))
+    model = _seeded(seed, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**sizes.vision))).to(dtype)
     folder.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    state["vision_model.embeddings.position_ids"] = torch.arange((32 // 8) ** 2 + 1)[None]
+    patches = (sizes.vision["image_size"] // sizes.vision["patch_size"]) ** 2
+    state["vision_model.embeddings.position_ids"] = torch.arange(patches + 1)[None]
     save_file(state, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPVisionModelWithProjection"],
-                                                    "model_type": "clip_vision_model", **VISION}))
+                                                    "model_type": "clip_vision_model", **sizes.vision}))
     pickle_trap(folder / "pytorch_model.bin", marker)
     return model
 
 
-def sd_folder(folder: Path, marker: Path, unet_weights: bool = True) -> dict:
+def sd_folder(folder: Path, marker: Path, unet_weights: bool = True, sizes: Sizes = TINY, dtype=torch.float32) -> dict:
     """An SD 1.5-family diffusers folder: tokenizer, text encoder, VAE, U-Net (config, and weights
     unless RefAdGen's base, whose U-Nets come from its own file)."""
     from safetensors.torch import save_file
 
     write_vocabulary(folder / "tokenizer")
-    models = {"text_encoder": text_encoder_folder(folder / "text_encoder", marker),
-              "vae": vae_folder(folder / "vae", marker)}
+    models = {"text_encoder": text_encoder_folder(folder / "text_encoder", marker, sizes, dtype=dtype),
+              "vae": vae_folder(folder / "vae", marker, sizes)}
     (folder / "unet").mkdir(parents=True)
-    (folder / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **UNET}))
+    (folder / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **sizes.unet}))
     if unet_weights:
-        models["unet"] = diffusers_unet(seed=4)
+        models["unet"] = diffusers_unet(sizes, seed=4, dtype=dtype)
         save_file({k: v.contiguous() for k, v in models["unet"].state_dict().items()},
                   folder / "unet" / "diffusion_pytorch_model.safetensors")
         pickle_trap(folder / "unet" / "diffusion_pytorch_model.bin", marker)
@@ -161,10 +195,10 @@ def sd_folder(folder: Path, marker: Path, unet_weights: bool = True) -> dict:
     return models
 
 
-def resampler_state(r: dict = RESAMPLER, embed: int = VISION["hidden_size"], out: int = UNET["cross_attention_dim"],
-                    seed: int = 5, dtype=torch.float32) -> dict[str, torch.Tensor]:
+def resampler_state(sizes: Sizes = TINY, seed: int = 5, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """IP-Adapter Plus's Resampler (RefAdGen's `proj`), its own names: fused to_kv, layers.i.{0,1}."""
     g = torch.Generator().manual_seed(seed)
+    r, embed, out = sizes.resampler, sizes.vision["hidden_size"], sizes.unet["cross_attention_dim"]
     dim, inner, ff = r["dim"], r["heads"] * r["dim_head"], r["dim"] * r["ff_mult"]
     shapes = {"latents": (1, r["num_queries"], dim), "proj_in.weight": (dim, embed), "proj_in.bias": (dim,),
               "proj_out.weight": (out, dim), "proj_out.bias": (out,), "norm_out.weight": (out,), "norm_out.bias": (out,)}
@@ -178,14 +212,13 @@ def resampler_state(r: dict = RESAMPLER, embed: int = VISION["hidden_size"], out
             for k, s in shapes.items()}
 
 
-def refadgen_module(unet_config: dict = UNET, resampler: dict[str, torch.Tensor] | None = None,
-                    dtype=torch.float32, seed: int = 8) -> dict[str, torch.Tensor]:
+def refadgen_module(sizes: Sizes = TINY, dtype=torch.float32, seed: int = 8) -> dict[str, torch.Tensor]:
     """The `module` entry of RefAdGen's DeepSpeed file, laid out as its ADGenModel's state dict:
     each U-Net built, then cast and handed over one at a time (a full-size one is 3.4 GB in fp32)."""
     from diffusers import UNet2DConditionModel
 
     module: dict[str, torch.Tensor] = {}
-    unet = _seeded(seed, lambda: UNet2DConditionModel(**(unet_config | {"in_channels": 5}))).to(dtype)
+    unet = _seeded(seed, lambda: UNet2DConditionModel(**(sizes.unet | {"in_channels": 5}))).to(dtype)
     processors = list(unet.attn_processors)  # the reference's adapter_modules: this order
     modules = dict(unet.named_modules())
     g = torch.Generator().manual_seed(seed)
@@ -196,15 +229,14 @@ def refadgen_module(unet_config: dict = UNET, resampler: dict[str, torch.Tensor]
             afm |= {f"{name}.{p}.weight": (torch.randn(c, c, generator=g) * c**-0.5).to(dtype) for p in ("to_k_ref", "to_v_ref")}
     module |= {f"unet.{k}": v for k, v in (unet.state_dict() | afm).items()}
     del unet, modules
-    ref_unet = _seeded(seed + 1, lambda: UNet2DConditionModel(**unet_config)).to(dtype)
+    ref_unet = _seeded(seed + 1, lambda: UNet2DConditionModel(**sizes.unet)).to(dtype)
     module |= {f"ref_unet.{k}": v for k, v in ref_unet.state_dict().items()}
     del ref_unet
     for i, name in enumerate(processors):
         for projection in ("to_k_ref", "to_v_ref"):
             if f"{name}.{projection}.weight" in afm:
                 module[f"adapter_modules.{i}.{projection}.weight"] = afm[f"{name}.{projection}.weight"]
-    resampler = resampler_state(dtype=dtype) if resampler is None else resampler
-    module |= {f"proj.{k}": v for k, v in resampler.items()}
+    module |= {f"proj.{k}": v for k, v in resampler_state(sizes, dtype=dtype).items()}
     return module
 
 
@@ -222,7 +254,7 @@ def deepspeed_file(path: Path, module: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def radm_file(path: Path, seed: int = 6) -> dict[str, torch.Tensor]:
+def radm_file(path: Path, sizes: Sizes = TINY, seed: int = 6) -> dict[str, torch.Tensor]:
     """RADM's model_final.pth: detectron2's {"model": ..., "optimizer", "scheduler", "iteration"}."""
     from dataclasses import replace
 
@@ -230,11 +262,11 @@ def radm_file(path: Path, seed: int = 6) -> dict[str, torch.Tensor]:
     from networks.layout.head import LayoutHead
     from runtime.presets import get_preset
 
-    sizes = {k: v for k, v in RADM.items() if k != "text_dim"}
-    preset = replace(get_preset("tiny"), layout=replace(get_preset("tiny").layout, **sizes))
+    layout = {k: v for k, v in sizes.radm.items() if k != "text_dim"}
+    preset = replace(get_preset("tiny"), layout=replace(get_preset("tiny").layout, **layout))
     frozen_bn = (".norm.weight", ".norm.bias", "running_mean", "running_var")
     backbone = _randomize(_seeded(seed, lambda: LayoutBackbone(preset)), seed, lambda name: name.endswith(frozen_bn))
-    head = _seeded(seed + 1, lambda: LayoutHead(preset, RADM["text_dim"]))
+    head = _seeded(seed + 1, lambda: LayoutHead(preset, sizes.radm["text_dim"]))
     model = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     model |= {f"head.{k}": v for k, v in head.state_dict().items()}
     model |= {name: torch.rand(1000, dtype=torch.float64) for name in DIFFUSION_BUFFERS}
@@ -243,11 +275,11 @@ def radm_file(path: Path, seed: int = 6) -> dict[str, torch.Tensor]:
     return model
 
 
-def controlnet_folder(folder: Path, marker: Path, seed: int = 7):
+def controlnet_folder(folder: Path, marker: Path, sizes: Sizes = TINY, seed: int = 7):
     """An SD 1.5 ControlNet saved by diffusers, with a pickle trap beside."""
     from diffusers import ControlNetModel
 
-    config = {k: v for k, v in UNET.items() if k not in ("sample_size", "out_channels", "up_block_types")}
+    config = {k: v for k, v in sizes.unet.items() if k not in ("sample_size", "out_channels", "up_block_types")}
     model = _seeded(seed, lambda: ControlNetModel(**config, conditioning_embedding_out_channels=(8, 16)))
     _randomize(model, seed, lambda name: name.startswith(("controlnet_down_blocks", "controlnet_mid_block")))
     model.save_pretrained(folder)
@@ -317,12 +349,12 @@ def _vae_to_original(state: dict[str, torch.Tensor], levels: int) -> dict[str, t
     return out
 
 
-def sd_single_file(path: Path, models: dict) -> Path:
+def sd_single_file(path: Path, models: dict, sizes: Sizes = TINY) -> Path:
     """SD 1.5's original single file from the models of `sd_folder` (with the extras the real one holds)."""
     from safetensors.torch import save_file
 
     state = _unet_to_original(models["unet"].state_dict())
-    state |= _vae_to_original(models["vae"].state_dict(), len(VAE["block_out_channels"]))
+    state |= _vae_to_original(models["vae"].state_dict(), len(sizes.vae["block_out_channels"]))
     text = {f"cond_stage_model.transformer.text_model.{k}": v for k, v in models["text_encoder"].state_dict().items()}
     text["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     state |= text
