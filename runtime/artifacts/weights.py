@@ -158,14 +158,21 @@ class WeightsSource:
                 f"{', '.join(sorted(trained)) or 'nothing'}): import them with `adgen import`, or run them randomly "
                 f"initialised with {flags}"
             )
-        if TEXT_ENCODER in parts and TEXT_ENCODER in trained and not self.has_tokenizer():
+        if TEXT_ENCODER in parts:
+            self.tokenizer_folder()
+
+    def tokenizer_folder(self) -> Path | None:
+        """The folder's tokenizer when its text encoder is trained (refused if missing: real
+        weights need their own vocabulary); None for a random text encoder."""
+        if self.path is None or not self.is_trained(TEXT_ENCODER):
+            return None
+        folder = Path(self.path) / TOKENIZER
+        if not all((folder / name).is_file() for name in TOKENIZER_FILES):
             raise WeightsError(
                 f"{self.path}: the text encoder is trained but {TOKENIZER}/ ({', '.join(TOKENIZER_FILES)}) is missing: "
                 "real weights need their tokenizer (import it with the text encoder)"
             )
-
-    def has_tokenizer(self) -> bool:
-        return self.path is not None and all((Path(self.path) / TOKENIZER / f).is_file() for f in TOKENIZER_FILES)
+        return folder
 
     def status(self, parts: Sequence[str]) -> dict[str, str]:
         """Per part: "trained (<source>)" or "random init (seed N)"; for the report."""

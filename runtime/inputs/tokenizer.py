@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from runtime.artifacts.weights import TEXT_ENCODER, TOKENIZER, TOKENIZER_FILES, WeightsSource
+from runtime.artifacts.weights import WeightsSource
 from runtime.errors import InputError, WeightsError
 from runtime.presets import Preset
 
@@ -90,12 +90,10 @@ class CLIPTokenizerFiles:
 
 def load_tokenizer(preset: Preset, weights: WeightsSource) -> Tokenizer:
     """The weights folder's CLIP tokenizer when its text encoder is trained, else the hash tokenizer."""
-    if weights.path is None or not weights.is_trained(TEXT_ENCODER):
+    folder = weights.tokenizer_folder()
+    if folder is None:
         return HashTokenizer(preset.text.vocab_size, preset.text.max_length)
-    if not weights.has_tokenizer():
-        raise WeightsError(f"{weights.path}: the text encoder is trained but {TOKENIZER}/ ({', '.join(TOKENIZER_FILES)}) "
-                           "is missing: real weights need their tokenizer")
-    return CLIPTokenizerFiles(Path(weights.path) / TOKENIZER, preset.text.max_length)
+    return CLIPTokenizerFiles(folder, preset.text.max_length)
 
 
 def describe_tokenizer(tokenizer: Tokenizer) -> str:
