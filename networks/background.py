@@ -49,8 +49,6 @@ Assumptions where the paper is silent:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
@@ -59,17 +57,11 @@ from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBloc
 from torch import nn
 
 from networks.common.attention import CrossAttentionProcessor, attend_biased
-from networks.sd import Part, TextEncoder, VAEDecoder, VAEEncoder, for_inference, pipeline_networks, unet_config
-from networks.weights import (
-    save_parts,
-    save_text_and_vae,
-)
-from runtime.artifacts.weights import BACKGROUND_FILE, WeightsSource
+from networks.sd import diffusers_config
+from runtime.artifacts.architecture import unet_size
 from runtime.presets import Preset
 from runtime.specs.background import MASK_BIAS, style_residual_layout
-from runtime.specs.shared import LEVELS
-
-BACKGROUND_PARTS = ("background_unet", "style_branch")
+from runtime.specs.shared import LEVELS, unet_skip_layout
 
 
 def mask_pyramid(mask: torch.Tensor, levels: int = LEVELS) -> list[torch.Tensor]:
@@ -121,13 +113,13 @@ class MaskAwareCrossAttention:
 class CategoryUNet(nn.Module):
     """forward(sample (B, 4, h, w), timestep (B,), product_latent (B, 4, h, w), product_mask (B, 1, h, w),
     text_embeds (B, 77, C), class_tokens (B, 77), identifier_tokens (B, 77), *style_residuals (13),
-    style_scale (B,)) -> noise_pred (B, 4, h, w)."""
+    style_scale (B,)) -> noise_pred (B, 4, h, w). Built from the diffusers config of its U-Net
+    (`in_channels` 9: noisy latent, product mask, product latent)."""
 
-    def __init__(self, preset: Preset):
+    def __init__(self, config: dict):
         super().__init__()
-        c = preset.latent_channels
-        self.unet = UNet2DConditionModel(**unet_config(preset, in_channels=2 * c + 1))
-        self.num_residuals = len(style_residual_layout(preset))
+        self.unet = UNet2DConditionModel.from_config(diffusers_config(config))
+        self.num_residuals = len(unet_skip_layout(unet_size(config)))
         self._biases: list[torch.Tensor | None] = [None] * LEVELS
         for name, module in self.unet.named_modules():
             if name.endswith(".attn1"):
@@ -198,24 +190,3 @@ class StyleBranch(nn.Module):
             raise RuntimeError(f"style branch produced {len(features)} features, layout has {len(self.output_convs)}")
         background = [1.0 - m.to(reference_latent.dtype) for m in mask_pyramid(product_mask)]
         return tuple(conv(f) * background[level] for f, conv, level in zip(features, self.output_convs, self.levels))
-
-
-def build_background(preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
-    """The five background components as eval-mode float32 modules, keyed by spec name.
-
-    Random init shares `build_refadgen`'s seeds for the text encoder and the VAE, so both
-    pipelines see the same shared components. A weights folder holds `text_encoder/`, `vae/`
-    and `background.safetensors` (`background_unet.*`, `style_branch.*`), loaded strictly.
-    """
-    text, vae, parts = pipeline_networks(preset, weights, {
-        "background_unet": Part(lambda: CategoryUNet(preset), seed=10),
-        "style_branch": Part(lambda: StyleBranch(preset), seed=11),
-    }, BACKGROUND_FILE)
-    return for_inference({"text_encoder": TextEncoder(text), "vae_encoder": VAEEncoder(vae), **parts,
-                          "vae_decoder": VAEDecoder(vae)})
-
-
-def save_background(modules: dict[str, nn.Module], root: Path) -> None:
-    """Write `modules` (from `build_background`) in the weights-folder layout `build_background` reads."""
-    save_text_and_vae(modules, root)
-    save_parts(modules, BACKGROUND_PARTS, root / BACKGROUND_FILE)

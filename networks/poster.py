@@ -45,37 +45,19 @@ Assumptions where the paper is silent:
 
 from __future__ import annotations
 
-from functools import partial
-from pathlib import Path
-
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from networks.common.attention import CrossAttentionProcessor, attend_biased
-from networks.sd import (
-    IMAGE_ENCODER_SEED,
-    Part,
-    TextEncoder,
-    VAEDecoder,
-    for_inference,
-    new_image_encoder,
-    pipeline_networks,
-    unet_config,
-)
-from networks.weights import (
-    save_parts,
-    save_text_and_vae,
-)
-from runtime.artifacts.weights import POSTER_FILE, WeightsSource
+from networks.sd import diffusers_config, unet_config
+from runtime.artifacts.architecture import unet_size
 from runtime.presets import Preset
 from runtime.specs.background import MASK_BIAS
 from runtime.specs.layout import BOX_SCALE
-from runtime.specs.shared import skip_residual_layout
+from runtime.specs.shared import unet_skip_layout
 
-POSTER_PARTS = ("plannet", "render_cond", "controlnet", "poster_unet", "image_encoder")
-_SEED_OFFSETS = {"plannet": 30, "render_cond": 31, "controlnet": 32, "poster_unet": 33}
 TIMESTEP_FREQUENCIES = 256  # sinusoidal timestep features (DiT, DiffusionDet)
 
 
@@ -209,16 +191,17 @@ def _use_attend(model: nn.Module) -> None:
 
 class PosterControlNet(nn.Module):
     """forward(sample (B, 4, h, w), timestep (B,), text_embeds (B, 77, C), control_cond (B, C0, h, w),
-    control_scale (B,)) -> 12 down residuals and the mid residual (runtime.specs.shared.skip_residual_layout)."""
+    control_scale (B,)) -> 12 down residuals and the mid residual (runtime.specs.shared.skip_residual_layout).
+    Built from a diffusers ControlNet config; its conditioning embedding is RenderNet's place."""
 
-    def __init__(self, preset: Preset):
+    def __init__(self, config: dict):
         super().__init__()
-        self.controlnet = ControlNetModel(**controlnet_config(preset))
+        self.controlnet = ControlNetModel.from_config(diffusers_config(config))
         self.controlnet.controlnet_cond_embedding = nn.Identity()
         for conv in (*self.controlnet.controlnet_down_blocks, self.controlnet.controlnet_mid_block):
             conv.reset_parameters()  # see assumption 6
         _use_attend(self.controlnet)
-        self.num_residuals = len(skip_residual_layout(preset))
+        self.num_residuals = len(unet_skip_layout(unet_size(config)))
 
     def forward(self, sample, timestep, text_embeds, control_cond, control_scale):
         down, mid = self.controlnet(
@@ -233,13 +216,13 @@ class PosterControlNet(nn.Module):
 
 class PosterUNet(nn.Module):
     """forward(sample (B, 4, h, w), timestep (B,), text_embeds (B, 77, C), *control residuals (13))
-    -> noise_pred (B, 4, h, w)."""
+    -> noise_pred (B, 4, h, w). Built from the diffusers config of an SD 1.5-layout U-Net."""
 
-    def __init__(self, preset: Preset):
+    def __init__(self, config: dict):
         super().__init__()
-        self.unet = UNet2DConditionModel(**unet_config(preset, in_channels=preset.latent_channels))
+        self.unet = UNet2DConditionModel.from_config(diffusers_config(config))
         _use_attend(self.unet)
-        self.num_residuals = len(skip_residual_layout(preset))
+        self.num_residuals = len(unet_skip_layout(unet_size(config)))
 
     def forward(self, sample, timestep, text_embeds, *residuals):
         if len(residuals) != self.num_residuals:
@@ -249,26 +232,3 @@ class PosterUNet(nn.Module):
             down_block_additional_residuals=tuple(residuals[:-1]), mid_block_additional_residual=residuals[-1],
             return_dict=False,
         )[0]
-
-
-_NETWORKS = {"plannet": PlanNet, "render_cond": RenderNet, "controlnet": PosterControlNet, "poster_unet": PosterUNet}
-
-
-def build_poster(preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
-    """The seven poster components as eval-mode float32 modules, keyed by spec name.
-
-    Random init shares RefAdGen's seeds for the text encoder, the VAE and the image encoder, so
-    every pipeline sees the same shared components. A weights folder holds `text_encoder/`,
-    `vae/` and `poster.safetensors` (prefixes `plannet.`, `render_cond.`, `controlnet.`,
-    `poster_unet.`, `image_encoder.`), loaded strictly.
-    """
-    own = {name: Part(partial(_NETWORKS[name], preset), seed=offset) for name, offset in _SEED_OFFSETS.items()}
-    own["image_encoder"] = Part(partial(new_image_encoder, preset), seed=IMAGE_ENCODER_SEED)
-    text, vae, parts = pipeline_networks(preset, weights, own, POSTER_FILE)
-    return for_inference({"text_encoder": TextEncoder(text), **parts, "vae_decoder": VAEDecoder(vae)})
-
-
-def save_poster(modules: dict[str, nn.Module], root: Path) -> None:
-    """Write `modules` (from `build_poster`) in the weights-folder layout `build_poster` reads."""
-    save_text_and_vae(modules, root)
-    save_parts(modules, POSTER_PARTS, root / POSTER_FILE)

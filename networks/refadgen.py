@@ -20,7 +20,6 @@ the reference input is the VAE latent of the product on a neutral background.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -28,30 +27,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from networks.common.attention import CrossAttentionProcessor, attend
-from networks.sd import (
-    TextEncoder,
-    VAEDecoder,
-    VAEEncoder,
-    for_inference,
-    new_image_encoder,
-    random_image_encoder,
-    random_text_model,
-    random_vae,
-    unet_config,
-)
-from networks.weights import (
-    check_text_size,
-    check_vae_size,
-    load_strict,
-    load_text_encoder,
-    load_vae,
-    read_prefixed,
-    save_parts,
-    save_text_and_vae,
-    seeded,
-)
-from runtime.artifacts.weights import REFADGEN_FILE, WeightsSource, weight_files
-from runtime.presets import Preset
+from networks.sd import diffusers_config
 
 _ATTN1 = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn1$")
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
@@ -126,11 +102,12 @@ class AFMProcessor(nn.Module):
 
 class GenerationUNet(nn.Module):
     """forward(sample (B, 5, h, w), timestep (B,), text_embeds (B, 77, C), *ref_keys, *ref_values,
-    afm_scale (B,)) -> noise_pred (B, 4, h, w). 16 keys then 16 values, each (B, N_l, C_l)."""
+    afm_scale (B,)) -> noise_pred (B, 4, h, w). 16 keys then 16 values, each (B, N_l, C_l).
+    Built from the diffusers config of its U-Net (`in_channels` 5)."""
 
-    def __init__(self, preset: Preset):
+    def __init__(self, config: dict):
         super().__init__()
-        self.unet = UNet2DConditionModel(**unet_config(preset, in_channels=preset.latent_channels + 1))
+        self.unet = UNet2DConditionModel.from_config(diffusers_config(config))
         use_cross_attention_processors(self.unet)
         self.layer_names = self_attention_names(self.unet)
         modules = dict(self.unet.named_modules())
@@ -168,11 +145,12 @@ class AFMKeyValue(nn.Module):
 
 class ReferenceUNet(nn.Module):
     """forward(product_latent (B, 4, h, w), image_tokens (B, 16, C)) -> 16 reference states,
-    the inputs of the self-attention layers at t = 0, each (B, N_l, C_l)."""
+    the inputs of the self-attention layers at t = 0, each (B, N_l, C_l). Built from the diffusers
+    config of its U-Net."""
 
-    def __init__(self, preset: Preset):
+    def __init__(self, config: dict):
         super().__init__()
-        self.unet = UNet2DConditionModel(**unet_config(preset, in_channels=preset.latent_channels))
+        self.unet = UNet2DConditionModel.from_config(diffusers_config(config))
         use_cross_attention_processors(self.unet)
         self.layer_names = self_attention_names(self.unet)
         self._store: list[torch.Tensor | None] = [None] * len(self.layer_names)
@@ -189,61 +167,3 @@ class ReferenceUNet(nn.Module):
         if any(s is None for s in states):
             raise RuntimeError("reference U-Net did not reach every self-attention layer")
         return states
-
-
-REFADGEN_PARTS = ("unet", "reference_unet", "image_encoder")  # in refadgen.safetensors
-
-
-def build_refadgen(preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
-    """The seven RefAdGen components as eval-mode float32 modules, keyed by spec name."""
-    parts = {part: refadgen_part(preset, weights, part) for part in _REFADGEN_BUILD_ORDER}
-    return for_inference({name: wrap(parts[part]) for name, (part, wrap) in REFADGEN_COMPONENTS.items()})
-
-
-def refadgen_part(preset: Preset, weights: WeightsSource, part: str) -> nn.Module:
-    """One network of RefAdGen (the VAE and the generation U-Net each serve two components)."""
-    if weights.path is None:
-        module = {
-            "text": lambda: random_text_model(preset, weights.seed),
-            "vae": lambda: random_vae(preset, weights.seed),
-            "unet": lambda: seeded(weights.seed, 2, lambda: GenerationUNet(preset)),
-            "reference_unet": lambda: seeded(weights.seed, 3, lambda: ReferenceUNet(preset)),
-            "image_encoder": lambda: random_image_encoder(preset, weights.seed),
-        }[part]()
-    else:
-        root = Path(weights.path)
-        weight_files(root)  # refuses pickled checkpoints before anything is read
-        if part == "text":
-            module = load_text_encoder(root / "text_encoder")
-        elif part == "vae":
-            module = load_vae(root / "vae")
-        else:
-            module = {
-                "unet": lambda: GenerationUNet(preset),
-                "reference_unet": lambda: ReferenceUNet(preset),
-                "image_encoder": lambda: new_image_encoder(preset),
-            }[part]()
-            load_strict(module, read_prefixed(root / REFADGEN_FILE, f"{part}.", REFADGEN_PARTS), f"{REFADGEN_FILE}:{part}")
-    if part == "text":
-        check_text_size(preset, module)
-    elif part == "vae":
-        check_vae_size(preset, module)
-    return module
-
-
-_REFADGEN_BUILD_ORDER = ("text", "vae", "unet", "reference_unet", "image_encoder")
-REFADGEN_COMPONENTS = {
-    "text_encoder": ("text", TextEncoder),
-    "image_encoder": ("image_encoder", lambda m: m),
-    "vae_encoder": ("vae", VAEEncoder),
-    "reference_unet": ("reference_unet", lambda m: m),
-    "afm_kv": ("unet", AFMKeyValue),
-    "unet": ("unet", lambda m: m),
-    "vae_decoder": ("vae", VAEDecoder),
-}
-
-
-def save_refadgen(modules: dict[str, nn.Module], root: Path) -> None:
-    """Write `modules` (from `build_refadgen`) in the weights-folder layout `build_refadgen` reads."""
-    save_text_and_vae(modules, root)
-    save_parts(modules, REFADGEN_PARTS, root / REFADGEN_FILE)

@@ -1,15 +1,14 @@
 """Stable Diffusion 1.5 parts every pipeline shares: transformers' CLIP text and vision models,
 diffusers' resampler, AutoencoderKL, and the SD 1.5 U-Net layout at a preset's widths.
 
+Each network has a config: `*_config(preset)` sizes a randomly initialised one, a weights folder's
+`<part>/config.json` a trained one; `*_from_config` builds either (networks/parts.py).
+
 Each wrapper's forward takes its spec's inputs positionally and returns its outputs, so export
 and the torch backend call every component the same way.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 from diffusers import AutoencoderKL
@@ -17,15 +16,8 @@ from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
-from networks.weights import check_text_size, check_vae_size, load_parts, load_text_encoder, load_vae, seeded
-from runtime.artifacts.weights import WeightsSource, weight_files
+from runtime.artifacts.architecture import SD_DOWN_BLOCKS, SD_UP_BLOCKS
 from runtime.presets import ImageEncoderSize, Preset, TextEncoderSize
-
-# Random init draws each shared network from its own seed offset, the same in every pipeline, so
-# one seed gives every pipeline the same text encoder, VAE and image encoder.
-TEXT_ENCODER_SEED = 0
-VAE_SEED = 1
-IMAGE_ENCODER_SEED = 4
 
 
 def _clip_size(size: TextEncoderSize | ImageEncoderSize) -> dict:
@@ -35,7 +27,7 @@ def _clip_size(size: TextEncoderSize | ImageEncoderSize) -> dict:
         intermediate_size=size.intermediate_size,
         num_hidden_layers=size.num_layers,
         num_attention_heads=size.num_heads,
-        hidden_act="quick_gelu",
+        hidden_act=size.hidden_act,
         projection_dim=size.hidden_size,
     )
 
@@ -95,19 +87,6 @@ class ImageEncoder(nn.Module):
         return self.resampler(hidden)
 
 
-def build_resampler(preset: Preset) -> IPAdapterPlusImageProjection:
-    i = preset.image
-    return IPAdapterPlusImageProjection(
-        embed_dims=i.hidden_size,
-        output_dims=preset.unet.cross_attention_dim,
-        hidden_dims=i.resampler_heads * i.resampler_dim_head,
-        depth=i.resampler_depth,
-        dim_head=i.resampler_dim_head,
-        heads=i.resampler_heads,
-        num_queries=i.num_tokens,
-    )
-
-
 class VAEEncoder(nn.Module):
     """forward(image (B, 3, H, W) in [-1, 1]) -> latent (B, 4, H/8, W/8), latent_std (same): the
     posterior's mode and standard deviation, both x scale (a sample is latent + latent_std * noise;
@@ -136,13 +115,37 @@ class VAEDecoder(nn.Module):
         return self.vae.decoder(z)
 
 
-def vae_from_preset(preset: Preset) -> AutoencoderKL:
-    return AutoencoderKL(**vae_config(preset))
+def vae_from_config(config: dict) -> AutoencoderKL:
+    return AutoencoderKL.from_config(diffusers_config(config))
 
 
-def new_image_encoder(preset: Preset) -> ImageEncoder:
-    """CLIP vision tower + resampler at the preset's sizes, freshly initialised."""
-    return ImageEncoder(CLIPVisionModel(vision_config(preset)), build_resampler(preset))
+def text_encoder_from_config(config: dict) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig.from_dict(config))
+
+
+def resampler_config(preset: Preset) -> dict:
+    """IP-Adapter Plus resampler (diffusers' IPAdapterPlusImageProjection) at the preset's sizes."""
+    i = preset.image
+    return dict(
+        embed_dims=i.hidden_size,
+        output_dims=preset.unet.cross_attention_dim,
+        hidden_dims=i.resampler_heads * i.resampler_dim_head,
+        depth=i.resampler_depth,
+        dim_head=i.resampler_dim_head,
+        heads=i.resampler_heads,
+        num_queries=i.num_tokens,
+        ffn_ratio=4,
+    )
+
+
+def image_encoder_config(preset: Preset) -> dict:
+    """The image encoder's config: its CLIP vision tower's and its resampler's."""
+    return {"vision": vision_config(preset).to_dict(), "resampler": resampler_config(preset)}
+
+
+def image_encoder_from_config(config: dict) -> ImageEncoder:
+    return ImageEncoder(CLIPVisionModel(CLIPVisionConfig.from_dict(config["vision"])),
+                        IPAdapterPlusImageProjection(**config["resampler"]))
 
 
 def unet_config(preset: Preset, in_channels: int) -> dict:
@@ -152,8 +155,8 @@ def unet_config(preset: Preset, in_channels: int) -> dict:
         sample_size=preset.default_height // preset.vae_scale,
         in_channels=in_channels,
         out_channels=preset.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        down_block_types=SD_DOWN_BLOCKS,
+        up_block_types=SD_UP_BLOCKS,
         block_out_channels=u.block_out_channels,
         layers_per_block=u.layers_per_block,
         cross_attention_dim=u.cross_attention_dim,
@@ -162,47 +165,9 @@ def unet_config(preset: Preset, in_channels: int) -> dict:
     )
 
 
-def random_text_model(preset: Preset, seed: int) -> CLIPTextModel:
-    return seeded(seed, TEXT_ENCODER_SEED, lambda: CLIPTextModel(text_config(preset)))
-
-
-def random_vae(preset: Preset, seed: int) -> AutoencoderKL:
-    return seeded(seed, VAE_SEED, lambda: vae_from_preset(preset))
-
-
-def random_image_encoder(preset: Preset, seed: int) -> ImageEncoder:
-    return seeded(seed, IMAGE_ENCODER_SEED, lambda: new_image_encoder(preset))
-
-
-@dataclass(frozen=True)
-class Part:
-    """One of a pipeline's own networks: how to build it, and the seed offset of its random init."""
-
-    make: Callable[[], nn.Module]
-    seed: int
-
-
-def pipeline_networks(
-    preset: Preset, weights: WeightsSource, parts: Mapping[str, Part], parts_file: str, vae: bool = True
-) -> tuple[CLIPTextModel, AutoencoderKL | None, dict[str, nn.Module]]:
-    """The shared text encoder (and VAE) and a pipeline's own networks, random-initialised from
-    `weights.seed` or loaded strictly from the folder `weights.path` (`text_encoder/`, `vae/` and
-    `parts_file` with one key prefix per part), their sizes checked against the preset."""
-    if weights.path is None:
-        text = random_text_model(preset, weights.seed)
-        autoencoder = random_vae(preset, weights.seed) if vae else None
-        own = {name: seeded(weights.seed, part.seed, part.make) for name, part in parts.items()}
-    else:
-        root = Path(weights.path)
-        weight_files(root)  # refuses pickled checkpoints before anything is read
-        text = load_text_encoder(root / "text_encoder")
-        autoencoder = load_vae(root / "vae") if vae else None
-        own = {name: part.make() for name, part in parts.items()}
-        load_parts(root / parts_file, own)
-    check_text_size(preset, text)
-    if autoencoder is not None:
-        check_vae_size(preset, autoencoder)
-    return text, autoencoder, own
+def diffusers_config(config: dict) -> dict:
+    """A diffusers config without its bookkeeping keys (`_class_name`, `_diffusers_version`)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def for_inference(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:

@@ -13,17 +13,19 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from runtime.artifacts.weights import WeightsSource
+from runtime.artifacts.architecture import resolve_preset
+from runtime.artifacts.weights import WeightsSource, parts_of
 from runtime.backends import load_components
 from runtime.backends.base import ModelSource
 from runtime.backends.devices import Device
 from runtime.errors import InputError
 from runtime.inputs.images import save_png
+from runtime.inputs.tokenizer import describe_tokenizer
 from runtime.pipelines import get_pipeline
+from runtime.pipelines.processing import with_weights_default
 from runtime.pipelines.base import GenerateResult, PipelineDefinition, StepCallback
-from runtime.presets import get_preset
 from runtime.specs.core import Precision, specs_hash
 from runtime.timing import Progress
 
@@ -64,18 +66,25 @@ def load_pipeline(
     engines_dir: str | Path | None = None,
     cuda_graphs: bool = False,
     fused_step: bool = False,
+    allow_random: Iterable[str] = (),
 ) -> LoadedPipeline:
     """Open every component of `pipeline` on `backend` (exporting ONNX graphs on a cache miss).
 
-    `precision` fp16 runs float16 graphs (inputs are cast to the spec's dtypes); `device` cuda
-    or tensorrt picks ONNX Runtime's GPU providers (torch: cuda)."""
+    With `weights` (a folder from `adgen import`) the networks have the folder's architecture
+    and `preset` gives only the canvas bounds; parts the folder lacks run randomly initialised
+    only when named in `allow_random`. `precision` fp16 runs float16 graphs (inputs are cast to
+    the spec's dtypes); `device` cuda or tensorrt picks ONNX Runtime's GPU providers (torch: cuda)."""
     definition = get_pipeline(pipeline)
     started = time.perf_counter()
-    size = get_preset(preset)
+    if isinstance(allow_random, str):
+        raise InputError("allow_random", "expected a list of part names", repr(allow_random))
+    source_weights = WeightsSource(seed=init_seed, path=Path(weights) if weights else None, allow_random=frozenset(allow_random))
+    size = resolve_preset(preset, source_weights)
+    source_weights.check(pipeline, parts_of(definition.specs(size)))
     source = ModelSource(
         pipeline=pipeline,
         preset=size,
-        weights=WeightsSource(seed=init_seed, path=Path(weights) if weights else None),
+        weights=source_weights,
         cache_root=Path(cache_dir) if cache_dir else None,
         graphs_dir=Path(graphs_dir) if graphs_dir else None,
         threads=threads,
@@ -94,19 +103,25 @@ def load_pipeline(
 
 def prepare(loaded: LoadedPipeline, **options: Any) -> Any:
     """Validate a request for `loaded` (see the pipeline's `prepare` for its options)."""
-    return loaded.definition.prepare(loaded.source.preset, **options)
+    definition = loaded.definition
+    options = with_weights_default(definition.name, definition.options, loaded.source.weights, options)
+    return definition.prepare(loaded.source.preset, **options)
 
 
 def run(loaded: LoadedPipeline, prepared: Any, on_step: StepCallback | None = None) -> GenerateResult:
     """One prepared request; the report gains the fields common to every pipeline."""
     result = loaded.definition.run(loaded.runner, prepared, on_step)
+    source = loaded.source
     result.report = {
         "pipeline": loaded.name,
-        "preset": loaded.source.preset.name,
+        "preset": source.preset.name,
+        "architecture": source.preset.architecture or f"preset {source.preset.name}",
         "backend": loaded.backend,
-        "precision": loaded.source.precision.value,
-        "device": loaded.source.device.value,
-        "weights": loaded.source.weights.describe(),
+        "precision": source.precision.value,
+        "device": source.device.value,
+        "weights": source.weights.describe(),
+        "weights_parts": source.weights.status(parts_of(loaded.definition.specs(source.preset))),
+        "tokenizer": describe_tokenizer(loaded.runner.tokenizer),
         **result.report,
         "pipeline_load_s": round(loaded.load_seconds, 6),
         "specs_hash": loaded.specs_hash,

@@ -4,6 +4,7 @@
     adgen export --pipeline refadgen --preset tiny --out build/
     adgen serve --pipeline refadgen --preset tiny       # tritonserver; then generate ... --server HOST:PORT
     adgen engines --onnx build/ --out engines/        # where TensorRT is installed
+    adgen import refadgen --checkpoint mp_rank_00_model_states.pt --base SD --vae VAE --image-encoder ENC --out weights/
 
 Errors a user can cause print one line naming the field and the rule, and exit non-zero.
 """
@@ -59,7 +60,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def _source_arguments(parser: argparse.ArgumentParser) -> None:
     """Which networks: their sizes, where their weights come from, where their graphs are cached."""
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS), help=f"network sizes (default {DEFAULT_PRESET})")
-    parser.add_argument("--weights", type=Path, default=None, help="local weights folder (safetensors); default: random init")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="weights folder from `adgen import` (its configs set the networks' sizes); default: random init")
+    parser.add_argument("--allow-random", action="append", default=[], metavar="PART",
+                        help="with --weights: run PART randomly initialised where the folder has none (repeat per part)")
     parser.add_argument("--init-seed", type=int, default=0, help="seed of the random initialisation (no --weights)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="exported-graph cache (default $ADGEN_CACHE or ~/.cache/adgen)")
 
@@ -111,18 +115,53 @@ def build_parser() -> argparse.ArgumentParser:
     if add_bench_arguments:
         add_bench_arguments(bench)
 
+    _import_arguments(sub.add_parser(
+        "import", help="convert trained checkpoints into an adgen weights folder (the only command that reads pickles)"
+    ))
+
     srv = sub.add_parser("serve", help="serve pipelines with tritonserver until Ctrl-C")
     _serve_arguments(srv)
 
     eng = sub.add_parser("engines", help="build TensorRT engines from an `adgen export --attention onnx` folder")
     eng.add_argument("--onnx", type=Path, required=True, help="folder made by `adgen export --attention onnx`")
     eng.add_argument("--out", type=Path, required=True, help="engines folder (engines are keyed per GPU; existing ones are kept)")
+    eng.add_argument("--weights", type=Path, default=None,
+                     help="the weights folder the graphs were exported from (its configs set the architecture)")
     eng.add_argument("--sizes", default=None,
                      help="fixed ad canvases WxH[,WxH...]: one static-size profile each (default: the specs' dynamic range)")
     eng.add_argument("--fp16-tactics", action="store_true", default=False,
                      help="fp32 graphs: let TensorRT choose fp16 kernels (fp16 graphs are built strongly typed)")
     eng.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
     return parser
+
+
+def _import_arguments(parser: argparse.ArgumentParser) -> None:
+    """`adgen import FAMILY`: the checkpoints each family is released as (docs/weights.md)."""
+    families = parser.add_subparsers(dest="family", required=True)
+    refadgen = families.add_parser("refadgen", help="RefAdGen: the DeepSpeed file plus the diffusers/transformers folders")
+    refadgen.add_argument("--checkpoint", type=Path, required=True,
+                          help="DeepSpeed model states (mp_rank_00_model_states.pt): unet, ref_unet, proj, adapter_modules")
+    refadgen.add_argument("--base", type=Path, required=True,
+                          help="the SD 1.5-family diffusers folder it was trained on: tokenizer/, text_encoder/, unet/config.json")
+    refadgen.add_argument("--vae", type=Path, required=True, help="VAE folder (sd-vae-ft-mse: config.json and weights at its root)")
+    refadgen.add_argument("--image-encoder", type=Path, required=True,
+                          help="IP-Adapter image encoder folder (transformers CLIPVisionModelWithProjection)")
+    radm = families.add_parser("radm", help="RADM: detectron2's model_final.pth")
+    radm.add_argument("--checkpoint", type=Path, required=True, help="model_final.pth ({'model': ...})")
+    radm.add_argument("--text-encoder", type=Path, default=None,
+                      help="CLIP text encoder folder (+ its tokenizer) for the selling points; RADM ships none")
+    sd = families.add_parser("sd", help="Stable Diffusion 1.5: text encoder, tokenizer, VAE and U-Net (the poster's U-Net)")
+    controlnet = families.add_parser("controlnet", help="an SD 1.5 ControlNet as the poster's ControlNet trunk")
+    for family, what in ((sd, "diffusers folder, or one original-layout file (.safetensors / .ckpt)"),
+                         (controlnet, "diffusers folder, or one original-layout file (.safetensors / .pth)")):
+        family.add_argument("--checkpoint", type=Path, required=True, help=what)
+        family.add_argument("--config", type=Path, default=None,
+                            help="single files: a local diffusers folder of the same model for its configs "
+                                 "(and, for sd, its tokenizer); nothing is downloaded")
+    for family in (refadgen, radm, sd, controlnet):
+        family.add_argument("--out", type=Path, required=True,
+                            help="weights folder to write (an existing one gains the new parts)")
+        family.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,7 +225,12 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
     if args.server is not None:
         result = _generate_in_server(definition, options, args)
     else:
+        from runtime.artifacts.weights import WeightsSource
+        from runtime.pipelines.processing import with_weights_default
+
         preset = args.preset or DEFAULT_PRESET
+        weights = WeightsSource(path=Path(args.weights)) if args.weights else WeightsSource()
+        options = with_weights_default(definition.name, definition.options, weights, options)
         prepared = definition.prepare(get_preset(preset), **options)
         if (args.backend == "triton") != (args.url is not None):
             raise InputError("url", "--backend triton needs --url host:port, and --url needs --backend triton")
@@ -195,12 +239,16 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
             init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, threads=args.threads,
             progress=progress.message, server_url=args.url, precision=args.precision, device=args.device,
             engines_dir=args.engines, cuda_graphs=args.cuda_graphs, fused_step=args.fused_step,
+            allow_random=args.allow_random,
         )
         try:
             result = run(loaded, prepared, on_step=progress.step)
         finally:
             loaded.close()
     image_path, report_path = save_result(result, args.out)
+    random_parts = [p for p, status in result.report.get("weights_parts", {}).items() if status.startswith("random")]
+    if args.weights is not None and random_parts:
+        progress.message(f"note: {', '.join(random_parts)} ran randomly initialised (--allow-random)")
     timings = result.report["timings_s"]
     summary = f"wrote {image_path} and {report_path}: {timings['total']:.2f} s total"
     if "denoise_step" in timings:
@@ -238,14 +286,16 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
         from networks.registry import LazyModules
     except ImportError as e:
         raise AdgenError(f"export needs torch ({e.name} missing): pip install 'adgen[export]'") from e
+    from runtime.artifacts.architecture import resolve_preset
     from runtime.artifacts.graphs import GraphKey
-    from runtime.artifacts.weights import WeightsSource
+    from runtime.artifacts.weights import WeightsSource, parts_of
     from runtime.specs.core import AttentionKernel
 
-    preset = get_preset(args.preset)
     precision = Precision(args.precision)
-    weights = WeightsSource(seed=args.init_seed, path=args.weights)
+    weights = WeightsSource(seed=args.init_seed, path=args.weights, allow_random=frozenset(args.allow_random))
+    preset = resolve_preset(args.preset, weights)
     definition = get_pipeline(args.pipeline)
+    weights.check(args.pipeline, parts_of(definition.specs(preset)))
     specs = definition.fused_specs(preset, precision) if args.fused_step else definition.specs(preset, precision)
     key = GraphKey.of(
         args.pipeline, preset.name, precision, specs, weights.fingerprint(preset.name), AttentionKernel(args.attention)
@@ -255,6 +305,17 @@ def _export(args: argparse.Namespace, progress: TerminalProgress) -> int:
     modules = WithGuidedSteps(LazyModules(args.pipeline, preset, weights), specs)
     folder = export_pipeline(modules, specs, key, args.out, progress.message, cleanup=cleanup)
     progress.message(f"wrote {folder} (parity.json, manifest.json)")
+    return 0
+
+
+def _import(args: argparse.Namespace, progress: TerminalProgress) -> int:
+    try:
+        from export.importers import import_family
+    except ImportError as e:
+        raise AdgenError(f"import needs torch ({e.name} missing): pip install 'adgen[export]'") from e
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "family", "quiet")}
+    summary = import_family(args.family, progress=progress.message, **options)
+    print(summary.text(), flush=True)
     return 0
 
 
@@ -304,7 +365,8 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
     server = start_server(
-        pipelines, args.preset, weights=args.weights, init_seed=args.init_seed, cache_dir=args.cache_dir,
+        pipelines, args.preset, weights=args.weights, init_seed=args.init_seed, allow_random=args.allow_random,
+        cache_dir=args.cache_dir,
         graphs_dir=args.graphs, options=options, tritonserver=args.tritonserver, host=args.host, ports=ports,
         timeout_s=args.timeout, progress=progress.message, admin_key=admin_key,
     )
@@ -343,7 +405,9 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
 
 
 def _engines(args: argparse.Namespace, progress: TerminalProgress) -> int:
+    from runtime.artifacts.architecture import resolve_preset
     from runtime.artifacts.graphs import read_manifest
+    from runtime.artifacts.weights import WeightsSource
     from runtime.errors import BackendError
     from runtime.specs.shared import canvas_env
 
@@ -352,7 +416,8 @@ def _engines(args: argparse.Namespace, progress: TerminalProgress) -> int:
         manifest = read_manifest(args.onnx)
     except BackendError as e:
         raise InputError("onnx", "expected a folder made by `adgen export`", str(e)) from None
-    preset = get_preset(manifest.get("key", {}).get("preset", "?"))
+    weights = WeightsSource(path=args.weights)
+    preset = resolve_preset(manifest.get("key", {}).get("preset", "?"), weights)
     canvases = [canvas_env(preset, w, h) for w, h in sizes]
     try:
         from export.tensorrt_build import build_engines
@@ -364,7 +429,7 @@ def _engines(args: argparse.Namespace, progress: TerminalProgress) -> int:
 
     def specs_for(pipeline: str, preset_name: str, precision: Precision):
         definition = get_pipeline(pipeline)
-        size = get_preset(preset_name)
+        size = resolve_preset(preset_name, weights)
         return definition.fused_specs(size, precision) if fused else definition.specs(size, precision)
 
     folder = build_engines(args.onnx, args.out, specs_for, canvases, args.fp16_tactics, progress.message)
@@ -376,9 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = TerminalProgress(quiet=args.quiet)
     try:
-        return {"generate": _generate, "export": _export, "bench": _bench, "serve": _serve, "engines": _engines}[
-            args.command
-        ](args, progress)
+        commands = {"generate": _generate, "export": _export, "bench": _bench, "serve": _serve, "engines": _engines,
+                    "import": _import}
+        return commands[args.command](args, progress)
     except AdgenError as e:
         print(f"adgen: error: {e}", file=sys.stderr)
         return e.exit_code

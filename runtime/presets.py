@@ -1,9 +1,13 @@
 """Size presets: one frozen dataclass per preset (nanoGPT style).
 
 `tiny` is for tests (seconds on CPU), `small` for CPU benchmarks, `sd15` has Stable Diffusion
-1.5 dimensions. Tiny presets shrink widths, depths of the encoders and image sizes, never the
-structure: every preset has the SD 1.5 U-Net block layout (3 cross-attention down blocks + 1
-plain, 2 layers per block, 16 self-attention layers) so the RefAdGen contract is the same.
+1.5 dimensions. A preset sizes randomly initialised networks and bounds the canvas; with a
+weights folder the networks' sizes come from the folder's configs instead
+(runtime.artifacts.architecture), the canvas bounds still from the preset.
+
+Tiny presets shrink widths, depths of the encoders and image sizes, never the structure: every
+preset has the SD 1.5 U-Net block layout (3 cross-attention down blocks + 1 plain, 2 layers per
+block, 16 self-attention layers) so the RefAdGen contract is the same.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class TextEncoderSize:
     intermediate_size: int
     max_length: int = 77
     vocab_size: int = 49408
+    hidden_act: str = "quick_gelu"  # CLIP ViT-L (SD 1.5's text encoder)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class ImageEncoderSize:
     resampler_heads: int
     resampler_dim_head: int
     num_tokens: int = 16
+    hidden_act: str = "quick_gelu"  # OpenAI's CLIP towers; the ViT-H of IP-Adapter uses "gelu"
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,9 @@ class Preset:
     plan: PlanSize
     render: RenderSize
     max_batch: int = 16  # U-Net batch: 2 x requests under classifier-free guidance
+    # "" = the sizes above are this preset's own; else what defined them instead: the configs of a
+    # weights folder (runtime.artifacts.architecture.weights_preset), named by their hash.
+    architecture: str = ""
 
     @property
     def latent_channels(self) -> int:

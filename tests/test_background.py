@@ -360,20 +360,21 @@ def test_saved_weights_load_back_to_identical_outputs(tiny, bg_modules, bg_specs
     pytest.importorskip("torch")
     from safetensors.torch import load_file, save_file
 
-    from networks.background import BACKGROUND_FILE, build_background, save_background
     from networks.common.runner import run_module
+    from networks.registry import build_modules, save_random_weights
     from runtime.errors import WeightsError
 
-    save_background(bg_modules, tmp_path / "w")
-    loaded = build_background(tiny, WeightsSource(path=tmp_path / "w"))
+    save_random_weights("background", tiny, 0, tmp_path / "w")
+    loaded = build_modules("background", tiny, WeightsSource(path=tmp_path / "w"))
     for name in ("style_branch", "background_unet"):
         feed = bg_specs[name].sample_inputs(np.random.default_rng(5), bg_specs[name].env_at("min", B=1))
         a, b = run_module(bg_modules[name], bg_specs[name], feed), run_module(loaded[name], bg_specs[name], feed)
         for key in a:
             assert np.array_equal(a[key], b[key]), (name, key)
-    state = load_file(tmp_path / "w" / BACKGROUND_FILE)
-    del state["style_branch.output_convs.3.weight"]
-    save_file(state, tmp_path / "w" / BACKGROUND_FILE)
-    with pytest.raises(WeightsError, match="style_branch: keys do not match.*output_convs.3.weight"):
-        build_background(tiny, WeightsSource(path=tmp_path / "w"))
+    branch = tmp_path / "w" / "style_branch" / "model.safetensors"
+    state = load_file(branch)
+    del state["output_convs.3.weight"]
+    save_file(state, branch)
+    with pytest.raises(WeightsError, match="style_branch/model.safetensors: keys do not match.*output_convs.3.weight"):
+        build_modules("background", tiny, WeightsSource(path=tmp_path / "w"))
     shutil.rmtree(tmp_path / "w")

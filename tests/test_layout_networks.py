@@ -216,33 +216,32 @@ def test_sd15_backbone_is_resnet50_fpn(torch):
     with torch.device("meta"):
         backbone = LayoutBackbone(preset)
         head = LayoutHead(preset)
-    trunk = sum(p.numel() for p in backbone.bottom_up.parameters())
-    assert trunk == RESNET50_TRUNK_PARAMS
+
+    def learned(module):  # frozen BN keeps BatchNorm's weight and bias as buffers, beside its statistics
+        return sum(v.numel() for k, v in module.state_dict().items() if not k.endswith(("running_mean", "running_var")))
+
+    assert learned(backbone.bottom_up) == RESNET50_TRUNK_PARAMS
     f = preset.layout.fpn_channels
     fpn = sum(c * f + f for c in (256, 512, 1024, 2048)) + 4 * (9 * f * f + f)
-    assert sum(p.numel() for p in backbone.parameters()) == RESNET50_TRUNK_PARAMS + fpn
+    assert learned(backbone) == RESNET50_TRUNK_PARAMS + fpn
     assert len(head.head_series) == 6
 
 
 def test_layout_weights_folder_round_trip(tiny, modules, tmp_path, torch):
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
-    from networks.layout import LAYOUT_PARTS
-    from networks.registry import build_modules
-    from runtime.artifacts.weights import LAYOUT_FILE
+    from networks.registry import build_modules, save_random_weights
     from runtime.errors import WeightsError
 
-    text = modules["text_encoder"].model
-    (tmp_path / "text_encoder").mkdir()
-    text.config.to_json_file(tmp_path / "text_encoder" / "config.json")
-    save_file({k: v.contiguous() for k, v in text.state_dict().items()}, tmp_path / "text_encoder" / "model.safetensors")
-    state = {f"{name}.{k}": v.contiguous() for name in LAYOUT_PARTS for k, v in modules[name].state_dict().items()}
-    save_file(state, tmp_path / LAYOUT_FILE)
+    save_random_weights("layout", tiny, 0, tmp_path)
+    assert not any(tmp_path.rglob("*num_batches_tracked*"))
     loaded = build_modules("layout", tiny, WeightsSource(path=tmp_path))
-    for name in LAYOUT_PARTS:
+    for name in ("layout_backbone", "layout_head"):
         for k, v in modules[name].state_dict().items():
             assert torch.equal(loaded[name].state_dict()[k], v), k
-    del state[next(k for k in state if k.startswith("layout_head."))]
-    save_file(state, tmp_path / LAYOUT_FILE)
+    head = tmp_path / "layout_head" / "model.safetensors"
+    state = load_file(head)
+    del state[next(iter(state))]
+    save_file(state, head)
     with pytest.raises(WeightsError, match="missing"):
         build_modules("layout", tiny, WeightsSource(path=tmp_path))

@@ -145,7 +145,8 @@ def test_render_cond_follows_the_layout_mask_locally(specs, modules, torch):
 def test_sd15_parameter_counts_match_stable_diffusion_and_controlnet(torch):
     from diffusers import ControlNetModel
 
-    from networks.poster import PosterControlNet, PosterUNet
+    from networks.poster import PosterControlNet, PosterUNet, controlnet_config
+    from networks.sd import unet_config
 
     sd15 = get_preset("sd15")
 
@@ -153,7 +154,8 @@ def test_sd15_parameter_counts_match_stable_diffusion_and_controlnet(torch):
         return sum(p.numel() for p in module.parameters())
 
     with torch.device("meta"):
-        unet, controlnet = PosterUNet(sd15), PosterControlNet(sd15)
+        unet = PosterUNet(unet_config(sd15, sd15.latent_channels))
+        controlnet = PosterControlNet(controlnet_config(sd15))
         reference = ControlNetModel(cross_attention_dim=768)  # lllyasviel's SD 1.5 ControlNets
     assert count(unet) == 859_520_964
     assert count(controlnet) == count(reference) - count(reference.controlnet_cond_embedding) == 360_192_640
@@ -162,19 +164,20 @@ def test_sd15_parameter_counts_match_stable_diffusion_and_controlnet(torch):
 def test_weights_folder_round_trip_and_refusals(tiny, modules, tmp_path, torch):
     from safetensors.torch import load_file, save_file
 
-    from networks.poster import POSTER_FILE, build_poster, save_poster
+    from networks.registry import build_modules, save_random_weights
 
-    save_poster(modules, tmp_path / "w")
-    loaded = build_poster(tiny, WeightsSource(path=tmp_path / "w"))
+    save_random_weights("poster", tiny, 0, tmp_path / "w")
+    loaded = build_modules("poster", tiny, WeightsSource(path=tmp_path / "w"))
     assert set(loaded) == set(poster_specs(tiny))
     for name, module in modules.items():
         theirs = loaded[name].state_dict()
         assert all(torch.equal(v, theirs[k]) for k, v in module.state_dict().items()), name
-    state = load_file(tmp_path / "w" / POSTER_FILE)
-    state["plannet.extra"] = torch.zeros(1)
-    save_file(state, tmp_path / "w" / POSTER_FILE)
+    plannet = tmp_path / "w" / "plannet" / "model.safetensors"
+    state = load_file(plannet)
+    state["extra"] = torch.zeros(1)
+    save_file(state, plannet)
     with pytest.raises(WeightsError, match="unexpected"):
-        build_poster(tiny, WeightsSource(path=tmp_path / "w"))
+        build_modules("poster", tiny, WeightsSource(path=tmp_path / "w"))
     (tmp_path / "w" / "poster.ckpt").write_bytes(b"pickle")
     with pytest.raises(WeightsError, match="pickle"):
-        build_poster(tiny, WeightsSource(path=tmp_path / "w"))
+        build_modules("poster", tiny, WeightsSource(path=tmp_path / "w"))

@@ -17,14 +17,14 @@ def test_sd15_sizes_equal_stable_diffusion_15(torch):
     from transformers import CLIPTextModel
 
     from networks.refadgen import GenerationUNet, ReferenceUNet
-    from networks.sd import text_config, vae_from_preset
+    from networks.sd import text_config, unet_config, vae_config, vae_from_config
 
     preset = get_preset("sd15")
     with torch.device("meta"):  # shapes only: no 3.4 GB allocations
-        reference = ReferenceUNet(preset)
-        generation = GenerationUNet(preset)
+        reference = ReferenceUNet(unet_config(preset, 4))
+        generation = GenerationUNet(unet_config(preset, 5))
         text = CLIPTextModel(text_config(preset))
-        vae = vae_from_preset(preset)
+        vae = vae_from_config(vae_config(preset))
     assert _params(reference) == 859_520_964  # SD 1.5 U-Net
     assert _params(vae) == 83_653_863  # SD 1.5 VAE
     assert _params(text) == 123_060_480  # CLIP ViT-L/14 text encoder
@@ -36,10 +36,11 @@ def test_sd15_sizes_equal_stable_diffusion_15(torch):
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_has_sixteen_self_attention_layers_at_the_spec_widths(name, torch):
     from networks.refadgen import GenerationUNet
+    from networks.sd import unet_config
 
     preset = get_preset(name)
     with torch.device("meta"):
-        unet = GenerationUNet(preset)
+        unet = GenerationUNet(unet_config(preset, 5))
     modules = dict(unet.unet.named_modules())
     widths = tuple(modules[n].to_q.in_features for n in unet.layer_names)
     assert len(unet.layer_names) == 16

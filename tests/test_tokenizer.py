@@ -1,13 +1,23 @@
-"""Prompts -> token ids: HashTokenizer's CLIP-shaped output, prompt checks, tokenizer choice."""
+"""Prompts -> token ids: HashTokenizer's CLIP-shaped output, prompt checks, tokenizer choice, and
+the real CLIP BPE read from vocabulary files in the real format (benchmarks/synthetic_vocabulary.py)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
-from runtime.artifacts.weights import WeightsSource
-from runtime.errors import InputError
-from runtime.inputs.tokenizer import MAX_PROMPT_CHARS, HashTokenizer, check_prompt, load_tokenizer
+from benchmarks import synthetic_vocabulary as vocabulary
+from runtime.artifacts.weights import TOKENIZER_FILES, WeightsSource, write_weights_manifest
+from runtime.errors import InputError, WeightsError
+from runtime.inputs.tokenizer import (
+    MAX_PROMPT_CHARS,
+    CLIPTokenizerFiles,
+    HashTokenizer,
+    check_prompt,
+    load_tokenizer,
+)
 
 VOCAB = 49408
 LENGTH = 77
@@ -106,12 +116,64 @@ def test_load_tokenizer_gives_hash_tokenizer_for_random_init(tiny):
     assert (tokenizer.vocab_size, tokenizer.max_length) == (tiny.text.vocab_size, tiny.text.max_length)
 
 
+def weights_folder(root, text_encoder_trained: bool, tokenizer_files: tuple[str, ...] = ()):
+    """A weights folder whose manifest lists a text encoder or not (stub files: the tokenizer's
+    choice reads only the manifest and the tokenizer folder)."""
+    parts = {}
+    if text_encoder_trained:
+        (root / "text_encoder").mkdir(parents=True)
+        (root / "text_encoder" / "config.json").write_text("{}")
+        (root / "text_encoder" / "model.safetensors").write_bytes(b"stub")
+        parts["text_encoder"] = {"source": "test"}
+    write_weights_manifest(root, {"parts": parts})
+    if tokenizer_files:
+        vocabulary.write_vocabulary(root / "tokenizer")
+        for name in set(TOKENIZER_FILES) - set(tokenizer_files):
+            (root / "tokenizer" / name).unlink()
+    return WeightsSource(path=root)
+
+
 @pytest.mark.parametrize("files", [(), ("vocab.json",)], ids=["no tokenizer folder", "merges.txt missing"])
-def test_load_tokenizer_gives_hash_tokenizer_for_a_folder_without_tokenizer_files(tiny, tmp_path, files):
-    for name in files:
-        (tmp_path / "tokenizer").mkdir(exist_ok=True)
-        (tmp_path / "tokenizer" / name).write_text("{}")
-    tokenizer = load_tokenizer(tiny, WeightsSource(path=tmp_path))
-    assert isinstance(tokenizer, HashTokenizer)
-    prompts = ["a sneaker on a wooden table", ""]
-    np.testing.assert_array_equal(tokenizer(prompts), load_tokenizer(tiny, WeightsSource(seed=0))(prompts))
+def test_trained_text_encoder_without_its_tokenizer_is_refused(tiny, tmp_path, files):
+    weights = weights_folder(tmp_path, text_encoder_trained=True, tokenizer_files=files)
+    with pytest.raises(WeightsError, match="the text encoder is trained but tokenizer/ .* is missing"):
+        load_tokenizer(tiny, weights)
+    with pytest.raises(WeightsError, match="real weights need their tokenizer"):
+        weights.check("refadgen", ("text_encoder",))
+
+
+def test_folder_with_a_random_text_encoder_uses_the_hash_tokenizer(tiny, tmp_path):
+    weights = weights_folder(tmp_path, text_encoder_trained=False, tokenizer_files=TOKENIZER_FILES)
+    assert isinstance(load_tokenizer(tiny, weights), HashTokenizer)
+
+
+PROMPTS = ["a sneaker on a wooden table, soft light", "a red sneaker", "a blue sneaker", "studio photo of a sneaker", ""]
+
+
+@pytest.fixture
+def real_vocabulary(tiny, tmp_path):
+    pytest.importorskip("transformers")
+    weights = weights_folder(tmp_path, text_encoder_trained=True, tokenizer_files=TOKENIZER_FILES)
+    return load_tokenizer(tiny, weights), json.loads((tmp_path / "tokenizer" / "vocab.json").read_text())
+
+
+def test_real_vocabulary_files_give_the_library_tokenizers_ids(real_vocabulary, tmp_path):
+    from transformers import CLIPTokenizer
+
+    tokenizer, vocab = real_vocabulary
+    assert isinstance(tokenizer, CLIPTokenizerFiles)
+    library = CLIPTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    expected = library(PROMPTS, padding="max_length", max_length=LENGTH, truncation=True)["input_ids"]
+    np.testing.assert_array_equal(tokenizer(PROMPTS), np.array(expected, dtype=np.int64))
+    # and the ids are the vocabulary's own, whole words: BOS, the words, EOS, EOS padding
+    (row,) = tokenizer(["A red  Sneaker, soft light"])
+    words = [vocab[w + "</w>"] for w in ("a", "red", "sneaker", ",", "soft", "light")]
+    assert row.tolist() == [vocab[vocabulary.BOS], *words] + [vocab[vocabulary.EOS]] * (LENGTH - 1 - len(words))
+
+
+def test_real_vocabulary_gives_different_ids_to_different_prompts(real_vocabulary):
+    tokenizer, vocab = real_vocabulary
+    ids = tokenizer(PROMPTS)
+    assert ids.shape == (len(PROMPTS), LENGTH) and ids.dtype == np.int64
+    assert len({row.tobytes() for row in ids}) == len(PROMPTS)
+    assert len(tokenizer.tokenizer) == len(vocab)  # the files were read (the constructor path read 2 tokens)

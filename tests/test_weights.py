@@ -1,10 +1,11 @@
 """Weights: random init is deterministic, a saved folder loads back to the same networks, the
-fingerprint follows the bytes, and every bad folder (missing, pickled, corrupt, mismatched keys
-or shapes) is a WeightsError that says what is wrong. The fingerprint is torch-free and so are
-its tests on hand-made folders; building networks needs torch."""
+fingerprint follows the bytes, and every bad folder (missing, pickled, corrupt, not a weights
+folder, mismatched keys or shapes) is a WeightsError that says what is wrong. The fingerprint
+is torch-free and so are its tests on hand-made folders; building networks needs torch."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -13,20 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.artifacts.weights import REFADGEN_FILE, WeightsSource
+from runtime.artifacts.weights import WEIGHTS_MANIFEST, WeightsSource, write_weights_manifest
 from runtime.errors import WeightsError
 
-CONV_IN_KEY = "unet.unet.conv_in.weight"
+UNET_FILE = "unet/model.safetensors"
+CONV_IN_KEY = "unet.conv_in.weight"
 
 
 @pytest.fixture(scope="module")
-def saved_folder(tmp_path_factory, tiny_modules) -> Path:
-    """tiny_modules written once in the weights-folder layout; tests copy it before changing it."""
-    from networks.refadgen import save_refadgen
+def saved_folder(tmp_path_factory, torch) -> Path:
+    """tiny's random RefAdGen networks (seed 0) written once as a weights folder; tests copy it
+    before changing it."""
+    from networks.registry import save_random_weights
+    from runtime.presets import get_preset
 
-    root = tmp_path_factory.mktemp("tiny-weights")
-    save_refadgen(tiny_modules, root)
-    return root
+    return save_random_weights("refadgen", get_preset("tiny"), 0, tmp_path_factory.mktemp("tiny-weights"))
 
 
 @pytest.fixture
@@ -43,16 +45,25 @@ def edit_safetensors(path: Path, edit) -> None:
     safetensors_torch.save_file(state, path)
 
 
-def edit_refadgen_file(root: Path, edit) -> None:
-    edit_safetensors(root / REFADGEN_FILE, edit)
+def edit_unet_file(root: Path, edit) -> None:
+    edit_safetensors(root / UNET_FILE, edit)
 
 
 def build_refadgen(preset, weights: WeightsSource):
-    """networks.refadgen.build_refadgen, imported at the first call; skips without torch."""
+    """The RefAdGen modules (networks.registry.build_modules); skips without torch."""
     pytest.importorskip("torch")
-    from networks.refadgen import build_refadgen
+    from networks.registry import build_modules
 
-    return build_refadgen(preset, weights)
+    return build_modules("refadgen", preset, weights)
+
+
+def hand_made_folder(root: Path, files: dict[str, bytes]) -> Path:
+    """A folder with `files` and a manifest that lists no part (enough for the fingerprint)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    write_weights_manifest(root, {"parts": {}})
+    return root
 
 
 def load_error(tiny, root: Path) -> str:
@@ -103,7 +114,7 @@ def test_folder_fingerprint_is_stable_and_independent_of_location(saved_folder, 
 
 
 @pytest.mark.parametrize(
-    "relative", [REFADGEN_FILE, "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json"]
+    "relative", [UNET_FILE, "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json"]
 )
 def test_folder_fingerprint_changes_when_one_byte_changes(saved_folder, weights_copy, relative):
     path = weights_copy / relative
@@ -114,13 +125,17 @@ def test_folder_fingerprint_changes_when_one_byte_changes(saved_folder, weights_
 
 
 def test_folder_fingerprint_separates_file_boundaries(tmp_path):
-    two_files, one_file = tmp_path / "two", tmp_path / "one"
-    two_files.mkdir()
-    one_file.mkdir()
-    (two_files / "a.safetensors").write_bytes(b"P")
-    (two_files / "b.json").write_bytes(b"Q")
-    (one_file / "a.safetensors").write_bytes(b"Pb.jsonQ")
+    two_files = hand_made_folder(tmp_path / "two", {"a.safetensors": b"P", "b.json": b"Q"})
+    one_file = hand_made_folder(tmp_path / "one", {"a.safetensors": b"Pb.jsonQ"})
     assert WeightsSource(path=two_files).fingerprint("tiny") != WeightsSource(path=one_file).fingerprint("tiny")
+
+
+def test_folder_fingerprint_depends_on_the_parts_allowed_random_and_their_seed(saved_folder):
+    trained = WeightsSource(path=saved_folder).fingerprint("tiny")
+    random_unet = WeightsSource(path=saved_folder, allow_random=frozenset({"unet"})).fingerprint("tiny")
+    other_seed = WeightsSource(seed=1, path=saved_folder, allow_random=frozenset({"unet"})).fingerprint("tiny")
+    assert len({trained, random_unet, other_seed}) == 3
+    assert WeightsSource(seed=1, path=saved_folder).fingerprint("tiny") == trained  # no random part: no seed
 
 
 def test_folder_fingerprint_differs_from_random_init(saved_folder):
@@ -134,28 +149,22 @@ def test_random_init_fingerprint_depends_on_seed_and_preset():
 
 
 def test_missing_key_is_named(tiny, weights_copy):
-    edit_refadgen_file(weights_copy, lambda state: state.pop(CONV_IN_KEY))
+    edit_unet_file(weights_copy, lambda state: state.pop(CONV_IN_KEY))
     message = load_error(tiny, weights_copy)
-    assert f"{REFADGEN_FILE}:unet" in message
+    assert UNET_FILE in message
     assert "1 missing" in message
     assert "'unet.conv_in.weight'" in message
 
 
 def test_unexpected_key_in_a_part_is_named(tiny, weights_copy, torch):
-    edit_refadgen_file(weights_copy, lambda state: state.update({"unet.unet.extra.weight": torch.zeros(3)}))
+    edit_unet_file(weights_copy, lambda state: state.update({"unet.extra.weight": torch.zeros(3)}))
     message = load_error(tiny, weights_copy)
     assert "1 unexpected" in message
     assert "'unet.extra.weight'" in message
 
 
-def test_key_of_no_part_is_named(tiny, weights_copy, torch):
-    edit_refadgen_file(weights_copy, lambda state: state.update({"controlnet.weight": torch.zeros(3)}))
-    message = load_error(tiny, weights_copy)
-    assert "unexpected keys ['controlnet.weight']" in message
-
-
 def test_wrong_shape_is_named_with_both_shapes(tiny, weights_copy, torch):
-    edit_refadgen_file(weights_copy, lambda state: state.update({CONV_IN_KEY: torch.zeros(32, 4, 3, 3)}))
+    edit_unet_file(weights_copy, lambda state: state.update({CONV_IN_KEY: torch.zeros(32, 4, 3, 3)}))
     message = load_error(tiny, weights_copy)
     assert "1 with wrong shape" in message
     assert "unet.conv_in.weight expected (32, 5, 3, 3), got (32, 4, 3, 3)" in message
@@ -191,7 +200,7 @@ def test_pickled_file_of_garbage_is_refused_not_unpickled(tiny, weights_copy):
 
 
 def test_fingerprint_refuses_a_pickled_folder(tmp_path):
-    (tmp_path / REFADGEN_FILE).write_bytes(b"safetensors stand-in")
+    hand_made_folder(tmp_path, {"model.safetensors": b"safetensors stand-in"})
     WeightsSource(path=tmp_path).fingerprint("tiny")  # accepted until a pickle joins it
     (tmp_path / "pytorch_model.bin").write_bytes(b"garbage")
     with pytest.raises(WeightsError, match="refusing pickled weights .*pytorch_model.bin"):
@@ -200,17 +209,28 @@ def test_fingerprint_refuses_a_pickled_folder(tmp_path):
 
 @pytest.mark.parametrize("corrupt", ["garbage", "truncated"])
 def test_corrupt_safetensors_file_is_a_weights_error(tiny, weights_copy, corrupt):
-    path = weights_copy / REFADGEN_FILE
+    path = weights_copy / UNET_FILE
     data = path.read_bytes()
     path.write_bytes(b"\x00not safetensors" * 64 if corrupt == "garbage" else data[: len(data) // 2])
     message = load_error(tiny, weights_copy)
     assert f"cannot read {path} as safetensors" in message
 
 
-def test_missing_refadgen_file_is_a_weights_error(tiny, weights_copy):
-    (weights_copy / REFADGEN_FILE).unlink()
+def test_missing_part_file_is_a_weights_error(tiny, weights_copy):
+    (weights_copy / UNET_FILE).unlink()
     message = load_error(tiny, weights_copy)
-    assert f"missing weights file {weights_copy / REFADGEN_FILE}" in message
+    assert f"the manifest lists part unet but {weights_copy / UNET_FILE} is missing" in message
+
+
+def test_part_missing_from_the_folder_is_refused_unless_allowed_random(tiny, weights_copy, tiny_modules, torch):
+    manifest = json.loads((weights_copy / WEIGHTS_MANIFEST).read_text())
+    del manifest["parts"]["unet"]
+    (weights_copy / WEIGHTS_MANIFEST).write_text(json.dumps(manifest))
+    message = load_error(tiny, weights_copy)
+    assert "holds no trained unet" in message and "--allow-random unet" in message
+    built = build_refadgen(tiny, WeightsSource(path=weights_copy, allow_random=frozenset({"unet"})))
+    for key, tensor in tiny_modules["unet"].state_dict().items():  # random init, seed 0, as without a folder
+        assert torch.equal(built["unet"].state_dict()[key], tensor), key
 
 
 def test_missing_folder_is_a_weights_error(tiny, tmp_path):
@@ -225,15 +245,15 @@ def test_fingerprint_of_a_missing_folder_is_a_weights_error(tmp_path):
         WeightsSource(path=missing).fingerprint("tiny")
 
 
-def test_folder_without_safetensors_is_a_weights_error(tiny, tmp_path):
+def test_folder_without_manifest_is_a_weights_error(tiny, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     message = load_error(tiny, tmp_path)
-    assert "no .safetensors files" in message
+    assert f"{tmp_path} is not an adgen weights folder (no {WEIGHTS_MANIFEST}): make one with `adgen import`" in message
 
 
-def test_fingerprint_of_a_folder_without_safetensors_is_a_weights_error(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(WeightsError, match=f"no .safetensors files under {tmp_path}"):
+def test_fingerprint_of_a_folder_without_manifest_is_a_weights_error(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(WeightsError, match="is not an adgen weights folder"):
         WeightsSource(path=tmp_path).fingerprint("tiny")
 
 
@@ -274,3 +294,80 @@ def test_generation_unet_conv_in_takes_latent_plus_mask(tiny, tiny_modules):
     assert conv_in.in_channels == tiny.latent_channels + 1 == 5
     assert tuple(conv_in.weight.shape[:2]) == (tiny.unet.block_out_channels[0], 5)
     assert tiny_modules["reference_unet"].unet.conv_in.in_channels == tiny.latent_channels
+
+
+def configs_folder(root: Path, configs: dict[str, dict]) -> WeightsSource:
+    """A weights folder of part configs with stub weight files: what the torch-free checks read."""
+    from runtime.artifacts.weights import part_config_path, part_weights_path
+
+    for part, config in configs.items():
+        part_config_path(root, part).parent.mkdir(parents=True, exist_ok=True)
+        part_config_path(root, part).write_text(json.dumps(config))
+        part_weights_path(root, part).write_bytes(b"stub")
+    write_weights_manifest(root, {"parts": {p: {"source": "test"} for p in configs}, "processing": {"layout": "reference"}})
+    return WeightsSource(path=root)
+
+
+SD_UNET = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+           "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "block_out_channels": [32, 32, 64, 64],
+           "attention_head_dim": 2, "cross_attention_dim": 64, "norm_num_groups": 8, "layers_per_block": 2}
+CLIP_TEXT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+             "hidden_act": "gelu"}
+
+
+def test_manifest_reader_gives_the_processing_profiles_and_none_without_a_manifest(tmp_path):
+    from runtime.artifacts.weights import read_weights_manifest
+
+    configs_folder(tmp_path / "w", {"layout_head": {}})
+    assert read_weights_manifest(tmp_path / "w")["processing"] == {"layout": "reference"}
+    assert read_weights_manifest(tmp_path) is None
+
+
+def test_preset_follows_the_folders_configs_and_keeps_the_canvas(tiny, tmp_path):
+    from runtime.artifacts.architecture import resolve_preset
+
+    weights = configs_folder(tmp_path, {"poster_unet": SD_UNET, "text_encoder": CLIP_TEXT})
+    preset = resolve_preset("tiny", weights)
+    assert preset.unet.cross_attention_dim == 64 and preset.unet.norm_num_groups == 8
+    assert (preset.text.hidden_size, preset.text.hidden_act) == (64, "gelu")
+    assert (preset.min_side, preset.max_side, preset.default_width) == (tiny.min_side, tiny.max_side, tiny.default_width)
+    assert preset.name == "tiny" and preset.architecture.startswith("weights ")
+
+
+@pytest.mark.parametrize("configs,message", [
+    ({"poster_unet": SD_UNET, "text_encoder": CLIP_TEXT | {"hidden_size": 32}},
+     "the text encoder is 32 wide but the U-Net's cross-attention reads 64"),
+    ({"poster_unet": SD_UNET, "controlnet": SD_UNET | {"block_out_channels": [32, 64, 64, 64]}},
+     "parts poster_unet and controlnet disagree on the U-Net sizes"),
+    ({"poster_unet": SD_UNET | {"down_block_types": ["DownBlock2D"] * 4}}, "adgen's specs assume the SD 1.5 U-Net layout"),
+    ({"poster_unet": SD_UNET | {"attention_head_dim": [5, 10, 20, 20]}}, "expected one integer attention_head_dim"),
+], ids=["narrow text encoder", "two U-Net sizes", "not the SD layout", "per-block heads"])
+def test_configs_that_do_not_fit_together_are_refused(tmp_path, configs, message):
+    from runtime.artifacts.architecture import resolve_preset
+
+    with pytest.raises(WeightsError, match=message):
+        resolve_preset("tiny", configs_folder(tmp_path, configs))
+
+
+def test_random_text_encoder_is_sized_to_what_the_trained_parts_read(tmp_path):
+    from runtime.artifacts.architecture import resolve_preset
+
+    weights = configs_folder(tmp_path, {"poster_unet": SD_UNET})
+    assert resolve_preset("tiny", WeightsSource(path=tmp_path, allow_random=frozenset({"text_encoder"}))).text.hidden_size == 64
+    assert weights.status(["poster_unet", "text_encoder"]) == {"poster_unet": "trained (test)",
+                                                               "text_encoder": "random init (seed 0)"}
+
+
+@pytest.mark.parametrize("path,allowed,message", [
+    (True, {"vae", "nonsense"}, "expected parts of pipeline poster"),
+    (True, {"poster_unet"}, "poster_unet is trained in"),
+    (False, {"vae"}, "is for a weights folder with parts missing"),
+], ids=["unknown part", "trained part", "no folder"])
+def test_allow_random_that_means_nothing_is_refused(tmp_path, path, allowed, message):
+    from runtime.errors import InputError
+
+    configs_folder(tmp_path, {"poster_unet": SD_UNET})
+    weights = WeightsSource(path=tmp_path if path else None, allow_random=frozenset(allowed))
+    with pytest.raises(InputError, match=message) as excinfo:
+        weights.check("poster", ("text_encoder", "vae", "poster_unet"))
+    assert excinfo.value.field == "allow_random"

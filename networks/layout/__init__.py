@@ -6,10 +6,9 @@ detectron2); no code is copied. Two networks plus the shared CLIP text encoder:
 - `LayoutBackbone` (spec `layout_backbone`, once per request): detectron2's ResNet-50 (stride in
   the 3x3 convolution, as torchvision v1.5 and RADM's `STRIDE_IN_1X1: False`) + FPN (1x1 lateral,
   nearest top-down upsampling to the lateral's size, 3x3 output convolutions) -> p2..p5. Plain
-  `BatchNorm2d` in eval mode stands for detectron2's FrozenBN (same affine maths; the ONNX
-  exporter folds it into the convolutions). Parameter names follow detectron2 (`bottom_up.stem.
-  conv1.norm.weight`, `bottom_up.res2.0.shortcut`, `fpn_lateral2`), less the `backbone.` prefix;
-  a converted detectron2 checkpoint also needs BatchNorm's `num_batches_tracked` (any value).
+  `FrozenBatchNorm2d` is detectron2's (four buffers, no `num_batches_tracked`; the ONNX exporter
+  folds it into the convolutions). Parameter names follow detectron2 (`bottom_up.stem.conv1.norm.
+  weight`, `bottom_up.res2.0.shortcut`, `fpn_lateral2`), less the `backbone.` prefix.
 - `LayoutHead` (spec `layout_head`, every step): six cascaded DiffusionDet heads. Each pools 7x7
   RoI features (multi-level RoIAlign, `roi_align_levels`), then
   self-attention over the boxes -> dynamic convolution with the RoI features -> FFN, scaled and
@@ -61,35 +60,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from networks.layout.backbone import LayoutBackbone
-from networks.layout.head import LayoutHead
-from networks.sd import Part, TextEncoder, for_inference, pipeline_networks
-from runtime.artifacts.weights import LAYOUT_FILE, WeightsSource
-from runtime.presets import Preset
 from runtime.specs.layout import FPN_LEVELS
 
-LAYOUT_PARTS = ("layout_backbone", "layout_head")
 
-
-def build_layout(preset: Preset, weights: WeightsSource = WeightsSource()) -> dict[str, nn.Module]:
-    """The three layout components as eval-mode float32 modules, keyed by spec name.
-
-    Random init shares the other pipelines' seed for the text encoder (offset 0). A weights
-    folder holds `text_encoder/` and `layout.safetensors` (`layout_backbone.*`, `layout_head.*`),
-    loaded strictly.
-    """
-    text, _, parts = pipeline_networks(preset, weights, {
-        "layout_backbone": Part(lambda: LayoutBackbone(preset), seed=20),
-        "layout_head": Part(lambda: LayoutHead(preset), seed=21),
-    }, LAYOUT_FILE, vae=False)
-    modules = for_inference({"text_encoder": TextEncoder(text), **parts})
-    parts["layout_head"].parity_feed = _backbone_features(parts["layout_backbone"])
-    return modules
-
-
-def _backbone_features(backbone: "LayoutBackbone"):
+def backbone_parity_feed(backbone: LayoutBackbone):
     """Parity inputs for the head whose p2..p5 are the backbone's features of a random image.
 
     Six cascaded heads amplify differences in the boxes they pass on; on uniform noise in place

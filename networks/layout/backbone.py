@@ -13,12 +13,30 @@ PIXEL_MEAN = (123.675, 116.280, 103.530)  # ImageNet, RGB, 0..255 (RADM's detect
 PIXEL_STD = (58.395, 57.120, 57.375)
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """detectron2's FrozenBN: a fixed per-channel affine map from BatchNorm statistics, four
+    buffers (no `num_batches_tracked`), as RADM's checkpoints hold them."""
+
+    EPS = 1e-5
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x):
+        # eval-mode batch norm: exported as BatchNormalization, which the exporter folds into the conv
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.EPS)
+
+
 class ConvNorm(nn.Conv2d):
-    """Bias-free convolution followed by its BatchNorm (detectron2's `Conv2d(norm=...)`)."""
+    """Bias-free convolution followed by its frozen BatchNorm (detectron2's `Conv2d(norm=...)`)."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1):
         super().__init__(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
-        self.norm = nn.BatchNorm2d(cout)
+        self.norm = FrozenBatchNorm2d(cout)
 
     def forward(self, x):
         return self.norm(super().forward(x))

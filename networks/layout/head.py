@@ -346,9 +346,10 @@ class LayoutHead(nn.Module):
     head's class_logits (B, N, K) and pred_boxes (B, N, 4), x0, y0, x1, y1 / canvas size.
     """
 
-    def __init__(self, preset: Preset):
+    def __init__(self, preset: Preset, text_dim: int | None = None):
         super().__init__()
         lay = preset.layout
+        text_dim = preset.text.hidden_size if text_dim is None else text_dim  # width of the text features
         if lay.fpn_channels != lay.hidden:
             raise ValueError(
                 f"layout preset {preset.name}: RoI features feed the box features directly, so fpn_channels "
@@ -356,7 +357,7 @@ class LayoutHead(nn.Module):
             )
         d = lay.hidden
         self.time_mlp = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, 4 * d))
-        self.head_series = nn.ModuleList(CascadeStage(lay, preset.text.hidden_size) for _ in range(lay.cascade))
+        self.head_series = nn.ModuleList(CascadeStage(lay, text_dim) for _ in range(lay.cascade))
         self._reset_parameters(lay)
 
     def _reset_parameters(self, lay: LayoutSize) -> None:

@@ -1,10 +1,12 @@
 """Prompt -> CLIP token ids, (N, 77) int64, padded with the end-of-text id as SD 1.5 does.
 
-With real weights whose folder carries `tokenizer/vocab.json` and `tokenizer/merges.txt`, the
-real CLIP BPE tokenizer (transformers, loaded from those local files) is used. Random-init
-presets have no vocabulary to be faithful to: `HashTokenizer` maps each lower-cased word and
-punctuation mark to a stable id in the vocabulary, so different prompts give different ids and
-the same prompt always gives the same ids, with CLIP's special ids and padding.
+A trained text encoder reads the ids of its own vocabulary: the weights folder's `tokenizer/`
+(vocab.json, merges.txt and the tokenizer's configs), loaded by transformers' CLIPTokenizer.
+A folder whose text encoder is trained but has no tokenizer is refused
+(WeightsSource.check), never tokenized some other way. A randomly initialised text encoder has
+no vocabulary to be faithful to: `HashTokenizer` maps each lower-cased word and punctuation mark
+to a stable id in the vocabulary, so different prompts give different ids and the same prompt
+always gives the same ids, with CLIP's special ids and padding.
 """
 
 from __future__ import annotations
@@ -63,14 +65,20 @@ class HashTokenizer:
 
 
 class CLIPTokenizerFiles:
-    """The real CLIP BPE tokenizer from a local folder (needs transformers)."""
+    """The real CLIP BPE tokenizer from a local folder (needs transformers).
+
+    Loaded with `from_pretrained(folder)`: under transformers 5 the constructor's `vocab_file` /
+    `merges_file` keywords are ignored (a 2-token vocabulary: every prompt the same ids)."""
 
     def __init__(self, folder: Path, max_length: int):
         try:
             from transformers import CLIPTokenizer
         except ImportError as e:
             raise WeightsError(f"{folder}: reading a CLIP tokenizer needs transformers: pip install 'adgen[export]'") from e
-        self.tokenizer = CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        vocabulary = len(self.tokenizer)
+        if vocabulary <= len(self.tokenizer.all_special_tokens):
+            raise WeightsError(f"{folder}: the tokenizer loaded with {vocabulary} tokens: vocab.json and merges.txt unread")
         self.max_length = max_length
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
@@ -81,8 +89,15 @@ class CLIPTokenizerFiles:
 
 
 def load_tokenizer(preset: Preset, weights: WeightsSource) -> Tokenizer:
-    if weights.path is not None:
-        folder = Path(weights.path) / "tokenizer"
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            return CLIPTokenizerFiles(folder, preset.text.max_length)
-    return HashTokenizer(preset.text.vocab_size, preset.text.max_length)
+    """The weights folder's CLIP tokenizer when its text encoder is trained, else the hash tokenizer."""
+    folder = weights.tokenizer_folder()
+    if folder is None:
+        return HashTokenizer(preset.text.vocab_size, preset.text.max_length)
+    return CLIPTokenizerFiles(folder, preset.text.max_length)
+
+
+def describe_tokenizer(tokenizer: Tokenizer) -> str:
+    """For the report: which tokenizer turned the prompts into ids."""
+    if isinstance(tokenizer, CLIPTokenizerFiles):
+        return f"CLIP BPE ({len(tokenizer.tokenizer)} tokens)"
+    return "hash tokenizer (random-init text encoder: no vocabulary)"

@@ -58,7 +58,8 @@ from runtime.pipelines.base import (
 )
 from runtime.pipelines.checks import DEFAULT_GUIDANCE, Guided, check_range
 from runtime.presets import Preset
-from runtime.specs.background import BACKGROUND_COMPONENTS, style_residual_names
+from runtime.specs.background import style_residual_names
+from runtime.specs.pipelines import PIPELINE_SPECS
 from runtime.timing import StageTimer
 
 STYLE_SCALE_RANGE = (0.0, 4.0)
@@ -193,7 +194,7 @@ def load_reference(
 
 class BackgroundDefinition(PipelineDefinition):
     name = "background"
-    spec_builders = BACKGROUND_COMPONENTS
+    spec_builders = PIPELINE_SPECS["background"]
     options = ("product", "mask", "category", "categories", "reference", "reference_mask", "negative_prompt", "width",
                "height", "steps", "guidance", "style_scale", "seed", "scheduler", "latents")
     required = ("product", "category")

@@ -35,7 +35,8 @@ from runtime.pipelines.checks import check_batch, check_seed, require_components
 from runtime.pipelines.conditioning import selling_point_features
 from runtime.pipelines.processing import LAYOUT, LayoutProcessing, Profile
 from runtime.presets import Preset
-from runtime.specs.layout import FPN_LEVELS, LAYOUT_COMPONENTS, layout_image_size
+from runtime.specs.layout import FPN_LEVELS, layout_image_size
+from runtime.specs.pipelines import PIPELINE_SPECS
 from runtime.timing import StageTimer
 
 DEFAULT_LAYOUT_STEPS = 1  # RADM's reference sampling
@@ -121,7 +122,7 @@ class LayoutPipeline:
 
 class LayoutDefinition(PipelineDefinition):
     name = "layout"
-    spec_builders = LAYOUT_COMPONENTS
+    spec_builders = PIPELINE_SPECS["layout"]
     options = ("product", "mask", "text", "layout_fixed", "width", "height", "layout_steps", "seed", "processing")
     required = ("product", "text")
     default_layout_steps = DEFAULT_LAYOUT_STEPS

@@ -54,7 +54,7 @@ from runtime.pipelines.base import (
 from runtime.pipelines.checks import DEFAULT_GUIDANCE, Guided, check_range
 from runtime.pipelines.conditioning import image_tokens, prompt_embeddings, selling_point_features
 from runtime.presets import Preset
-from runtime.specs.poster import POSTER_COMPONENTS
+from runtime.specs.pipelines import PIPELINE_SPECS
 from runtime.timing import StageTimer
 
 DEFAULT_LAYOUT_STEPS = 20
@@ -176,7 +176,7 @@ class PosterPipeline(LatentPipeline):
 
 class PosterDefinition(PipelineDefinition):
     name = "poster"
-    spec_builders = POSTER_COMPONENTS
+    spec_builders = PIPELINE_SPECS["poster"]
     options = ("product", "mask", "prompt", "text", "layout_fixed", "negative_prompt", "width", "height", "steps",
                "layout_steps", "guidance", "control_scale", "seed", "scheduler", "latents")
     required = ("product", "prompt", "text")

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from runtime.artifacts.weights import WeightsSource
 from runtime.errors import InputError
 from runtime.inputs.images import GREY
 
@@ -53,6 +54,15 @@ class Profile(str, Enum):
             return cls(value)
         except ValueError:
             raise InputError("processing", f"expected one of {', '.join(p.value for p in cls)}", repr(value)) from None
+
+
+def with_weights_default(pipeline: str, accepted: tuple[str, ...], weights: WeightsSource, options: dict) -> dict:
+    """`options` with `processing` from the weights folder's manifest when the request names none
+    (a request's own `processing` wins). Pipelines without the option are left as they are."""
+    if "processing" not in accepted or options.get("processing") is not None:
+        return options
+    default = weights.processing(pipeline)
+    return options if default is None else {**options, "processing": default}
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from runtime.pipelines.conditioning import prompt_embeddings
 from runtime.pipelines.processing import REFADGEN, Profile, RefAdGenProcessing
 from runtime.presets import Preset
 from runtime.specs.guided import guided_name
-from runtime.specs.refadgen import REFADGEN_COMPONENTS
+from runtime.specs.pipelines import PIPELINE_SPECS
 from runtime.timing import StageTimer
 
 STEP = "unet"
@@ -161,7 +161,7 @@ class RefAdGenPipeline(LatentPipeline):
 
 class RefAdGenDefinition(PipelineDefinition):
     name = "refadgen"
-    spec_builders = REFADGEN_COMPONENTS
+    spec_builders = PIPELINE_SPECS["refadgen"]
     options = ("product", "mask", "prompt", "negative_prompt", "width", "height", "steps", "guidance",
                "afm_scale", "seed", "scheduler", "processing", "latents")
     required = ("product", "prompt")

@@ -10,7 +10,12 @@ tritonclient, so the command line can import it to build its parser.
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Any, Mapping
+
+from runtime.artifacts.architecture import resolve_preset
+from runtime.artifacts.weights import WeightsSource
+from runtime.presets import Preset
 
 PARAMETER_PREFIX = "adgen_"  # every ConfigKey starts with it; the config check refuses unknown ones
 
@@ -28,7 +33,7 @@ class ConfigKey(str, Enum):
     ROOT = "adgen_root"  # folder `runtime` is imported from ("" = the installed package)
     PROVIDER = "adgen_provider"  # ONNX Runtime execution provider of a component model
     THREADS = "adgen_threads"  # ONNX Runtime intra-op threads (0 = its default)
-    WEIGHTS = "adgen_weights"  # weights folder of a pipeline model ("" = random init)
+    WEIGHTS = "adgen_weights"  # weights folder ("" = random init): architecture, tokenizer
     INIT_SEED = "adgen_init_seed"  # seed of the random init when there are no weights
 
     def __str__(self) -> str:  # the key itself, in messages and f-strings on every Python
@@ -39,6 +44,17 @@ def read_parameters(config: Mapping[str, Any]) -> dict[str, str]:
     """The parameters of a model config in its JSON form (what the server's config endpoint and a
     Python model's `args["model_config"]` give): key -> string value."""
     return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+
+def config_weights(parameters: Mapping[str, str]) -> WeightsSource:
+    """The weights a model config names (read_parameters' output)."""
+    folder = parameters.get(ConfigKey.WEIGHTS)
+    return WeightsSource(seed=int(parameters.get(ConfigKey.INIT_SEED) or 0), path=Path(folder) if folder else None)
+
+
+def config_preset(parameters: Mapping[str, str]) -> Preset:
+    """The sizes a model config was generated at: its preset, with its weights folder's architecture."""
+    return resolve_preset(parameters[ConfigKey.PRESET], config_weights(parameters))
 
 
 # Endpoints that change or expose the server (load/unload models, register shared memory, set log

@@ -193,6 +193,7 @@ def component_config(
             ConfigKey.ROOT: options.runtime_root,
             ConfigKey.PROVIDER: "CUDAExecutionProvider" if gpu else "CPUExecutionProvider",
             ConfigKey.THREADS: options.threads,
+            ConfigKey.WEIGHTS: options.weights,  # its configs define the architecture the spec was built at
         })
     elif flavour == "onnxruntime":
         config.platform = "onnxruntime_onnx"

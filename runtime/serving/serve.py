@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from runtime.artifacts.architecture import resolve_preset
 from runtime.artifacts.graphs import GraphSource, ensure_graphs
-from runtime.artifacts.weights import WeightsSource
+from runtime.artifacts.weights import WeightsSource, parts_of
 from runtime.pipelines import get_pipeline
-from runtime.presets import get_preset
 from runtime.serving.repository import RepositoryOptions, write_repository
 from runtime.serving.server import (
     WORKDIR_PREFIX,
@@ -37,16 +37,18 @@ def write_runtime_repository(
     preset: str,
     weights: Path | None = None,
     init_seed: int = 0,
+    allow_random: Sequence[str] = (),
     cache_dir: Path | None = None,
     graphs_dir: Path | None = None,
     options: RepositoryOptions = RepositoryOptions(),
     progress: Callable[[str], None] | None = None,
 ) -> Path:
 
-    size = get_preset(preset)
-    source_weights = WeightsSource(seed=init_seed, path=weights)
+    source_weights = WeightsSource(seed=init_seed, path=weights, allow_random=frozenset(allow_random))
+    size = resolve_preset(preset, source_weights)
     for name in pipelines:
         definition = get_pipeline(name)
+        source_weights.check(name, parts_of(definition.specs(size)))
         source = GraphSource(
             pipeline=name, preset=size, weights=source_weights, precision=options.precision,
             cache_root=cache_dir, graphs_dir=graphs_dir,
@@ -75,7 +77,7 @@ def start_server(
     **repository: Any,
 ) -> TritonServer:
     """A started, ready server for `pipelines` at `preset`; stop it with `.stop()`. `repository`
-    takes what `write_runtime_repository` does (weights, init_seed, cache_dir, graphs_dir, options)."""
+    takes what `write_runtime_repository` does (weights, init_seed, allow_random, cache_dir, graphs_dir, options)."""
     installation: Installation = given_installation(tritonserver) if tritonserver else bundled_installation()
     workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
     try:

@@ -23,14 +23,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from runtime.api import LoadedPipeline, run
+from runtime.api import LoadedPipeline, prepare, run
 from runtime.artifacts.graphs import check_component_graph, read_manifest
-from runtime.artifacts.weights import WeightsSource
 from runtime.backends.base import Component, ModelSource
 from runtime.errors import AdgenError, BackendError, InputError, SpecError
 from runtime.pipelines import get_pipeline
-from runtime.presets import get_preset
-from runtime.serving.names import ConfigKey, read_parameters
+from runtime.serving.names import ConfigKey, config_preset, config_weights, read_parameters
 from runtime.serving.protocol import (
     batch_dim,
     decode_request,
@@ -65,7 +63,7 @@ class ComponentModel:
         self.pb = _pb_utils()
         self.name = args["model_name"]
         params = _parameters(args)
-        preset = get_preset(params[ConfigKey.PRESET])
+        preset = config_preset(params)
         specs = get_pipeline(params[ConfigKey.PIPELINE]).specs(preset, Precision(params[ConfigKey.PRECISION]))
         self.spec = specs[params[ConfigKey.COMPONENT]]
         if self.spec.spec_hash() != params[ConfigKey.SPEC_HASH]:
@@ -163,7 +161,8 @@ class PipelineModel:
         self.instance = args.get("model_instance_name", "")
         params = _parameters(args)
         self.definition = get_pipeline(params[ConfigKey.PIPELINE])
-        preset = get_preset(params[ConfigKey.PRESET])
+        weights = config_weights(params)
+        preset = config_preset(params)
         precision = Precision(params[ConfigKey.PRECISION])
         specs = self.definition.specs(preset, precision)
         if specs_hash(specs) != params[ConfigKey.SPECS_HASH]:
@@ -171,8 +170,6 @@ class PipelineModel:
                 f"{self.name}: config generated for specs hash {params[ConfigKey.SPECS_HASH]}, this runtime's is "
                 f"{specs_hash(specs)}; regenerate the repository (python -m runtime.serving.repository)"
             )
-        weights_dir = params.get(ConfigKey.WEIGHTS)
-        weights = WeightsSource(seed=int(params.get(ConfigKey.INIT_SEED) or 0), path=Path(weights_dir) if weights_dir else None)
         components = {
             name: BlsComponent(spec, model_name(self.definition.name, name), self.pb) for name, spec in specs.items()
         }
@@ -196,7 +193,7 @@ class PipelineModel:
         try:
             with tempfile.TemporaryDirectory(prefix="adgen-request-") as folder:
                 options = decode_request(self.definition, arrays, Path(folder))
-                prepared = self.definition.prepare(self.loaded.source.preset, **options)
+                prepared = prepare(self.loaded, **options)  # the weights folder's processing profile by default
                 request_files = {str(v): f"request:{k}" for k, v in options.items() if isinstance(v, Path)}
             result = run(self.loaded, prepared)
         except InputError as e:

@@ -30,8 +30,7 @@ import numpy as np
 
 from runtime.errors import BackendError
 from runtime.pipelines import get_pipeline
-from runtime.presets import get_preset
-from runtime.serving.names import ConfigKey, read_parameters
+from runtime.serving.names import ConfigKey, config_preset, read_parameters
 from runtime.serving.protocol import OptionKind, request_tensors, to_wire
 from runtime.specs.core import Precision
 
@@ -71,7 +70,7 @@ def canary_inputs(parameters: Mapping[str, str]) -> dict[str, np.ndarray]:
                 OptionKind.FLOAT: np.array([1.0], dtype=np.float64),
             }[t.kind]
         return feed
-    preset = get_preset(parameters[ConfigKey.PRESET])
+    preset = config_preset(parameters)
     spec = definition.specs(preset, Precision(parameters[ConfigKey.PRECISION]))[component]
     feed = spec.sample_inputs(np.random.default_rng(0), spec.env_at("min"))
     floating = [n for n, a in feed.items() if np.issubdtype(a.dtype, np.floating)]

@@ -9,7 +9,7 @@ U-Net carries explicit upsample sizes.
 from __future__ import annotations
 
 from runtime.errors import InputError
-from runtime.presets import Preset
+from runtime.presets import Preset, UNetSize
 from runtime.specs.core import ComponentSpec, DerivedDim, Dim, DType, Precision, TensorSpec
 
 LATENT_TRAIN_STEPS = 1000  # SD 1.5's training timesteps: a U-Net's timestep input lies in [0, 999]
@@ -42,10 +42,15 @@ def skip_residual_layout(preset: Preset) -> tuple[tuple[int, int], ...]:
     last block) its downsampler output, then the mid block output: 12 + 1 for SD 1.5. A branch
     that adds residuals to them (ControlNet, the background style branch) returns this layout.
     """
-    c = preset.unet.block_out_channels
+    return unet_skip_layout(preset.unet)
+
+
+def unet_skip_layout(unet: UNetSize) -> tuple[tuple[int, int], ...]:
+    """`skip_residual_layout` of a U-Net of sizes `unet`."""
+    c = unet.block_out_channels
     layout = [(0, c[0])]
     for level, channels in enumerate(c):
-        layout += [(level, channels)] * preset.unet.layers_per_block
+        layout += [(level, channels)] * unet.layers_per_block
         if level < len(c) - 1:
             layout.append((level + 1, channels))
     layout.append((len(c) - 1, c[-1]))
