@@ -24,8 +24,8 @@ from runtime.errors import InputError
 from runtime.inputs.images import save_png
 from runtime.inputs.tokenizer import describe_tokenizer
 from runtime.pipelines import get_pipeline
-from runtime.pipelines.processing import with_weights_default
 from runtime.pipelines.base import GenerateResult, PipelineDefinition, StepCallback
+from runtime.pipelines.processing import with_weights_default
 from runtime.specs.core import Precision, specs_hash
 from runtime.timing import Progress
 
