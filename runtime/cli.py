@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="convert trained checkpoints into an adgen weights folder (the only command that reads pickles)"
     ))
 
+    perf = sub.add_parser("perf-inputs", help="perf_analyzer --input-data JSON for a served model, from its spec")
+    perf.add_argument("model", help="a served model: a pipeline (refadgen) or a component (refadgen_unet)")
+    _source_arguments(perf)
+    perf.add_argument("--steps", type=int, default=None, help="pipeline models: denoising steps of the request")
+    perf.add_argument("--seed", type=int, default=0, help="component models: seed of the input values")
+    perf.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    perf.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
+
     srv = sub.add_parser("serve", help="serve pipelines with tritonserver until Ctrl-C")
     _serve_arguments(srv)
 
@@ -437,12 +445,25 @@ def _engines(args: argparse.Namespace, progress: TerminalProgress) -> int:
     return 0
 
 
+def _perf_inputs(args: argparse.Namespace, progress: TerminalProgress) -> int:
+    from runtime.artifacts.architecture import resolve_preset
+    from runtime.artifacts.weights import WeightsSource
+    from runtime.serving.perf_inputs import served_models, write_perf_input_data
+
+    weights = WeightsSource(path=args.weights) if args.weights else WeightsSource()
+    preset = resolve_preset(args.preset or DEFAULT_PRESET, weights)
+    out = write_perf_input_data(args.model, preset, args.out, steps=args.steps, seed=args.seed)
+    batch = " -b N" if served_models(preset)[args.model][1] is not None else ""  # components batch
+    progress.message(f"wrote {out}; perf_analyzer -m {args.model}{batch} --input-data {out} -u HOST:GRPC_PORT -i grpc")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = TerminalProgress(quiet=args.quiet)
     try:
         commands = {"generate": _generate, "export": _export, "bench": _bench, "serve": _serve, "engines": _engines,
-                    "import": _import}
+                    "import": _import, "perf-inputs": _perf_inputs}
         return commands[args.command](args, progress)
     except AdgenError as e:
         print(f"adgen: error: {e}", file=sys.stderr)
