@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -15,23 +14,12 @@ import pytest
 from runtime.cli import main
 from runtime.errors import InputError
 from runtime.presets import get_preset
-from runtime.serving.perf_inputs import perf_input_data, served_models
+from runtime.serving.perf_inputs import deserialize_bytes, perf_input_data, serialize_bytes, served_models
 from runtime.serving.protocol import batch_dim, decode_request, from_wire, request_tensors
 from runtime.specs.core import DType
 
 TINY = get_preset("tiny")
 NUMPY = {DType.FLOAT32: np.float32, DType.FLOAT16: np.float16, DType.INT64: np.int64, DType.INT32: np.int32}
-
-
-def deserialize_bytes(raw: bytes) -> list[bytes]:
-    """Triton's BYTES serialization read back: per element a uint32 LE length, then the bytes."""
-    out, at = [], 0
-    while at < len(raw):
-        (length,) = struct.unpack_from("<I", raw, at)
-        out.append(raw[at + 4:at + 4 + length])
-        at += 4 + length
-    assert at == len(raw)
-    return out
 
 
 @pytest.mark.parametrize("model", sorted(m for m, (_, spec) in served_models(TINY).items() if spec is not None))
@@ -78,3 +66,11 @@ def test_cli_writes_the_file_and_refuses_unknown_models(tmp_path, capsys):
     assert "expected a model served at preset" in capsys.readouterr().err
     with pytest.raises(InputError, match="applies to pipeline models only"):
         perf_input_data("refadgen_unet", TINY, steps=3)
+
+
+def test_bytes_serialization_round_trips_and_refuses_a_cut_tensor():
+    elements = np.array([b"", b"\x00\xffpng", "40% off".encode()], dtype=np.object_)
+    raw = serialize_bytes(elements)
+    assert raw[:4] == b"\x00\x00\x00\x00" and deserialize_bytes(raw) == list(elements)
+    with pytest.raises(ValueError, match="element at byte 13 claims 7 bytes, 6 left"):
+        deserialize_bytes(raw[:-1])

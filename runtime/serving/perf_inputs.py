@@ -68,6 +68,20 @@ def serialize_bytes(elements: np.ndarray) -> bytes:
     return bytes(out)
 
 
+def deserialize_bytes(raw: bytes) -> list[bytes]:
+    """serialize_bytes read back (what Triton does with a BYTES tensor's raw contents)."""
+    out, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise ValueError(f"BYTES tensor: a length prefix cut off at byte {at} of {len(raw)}")
+        (length,) = struct.unpack_from("<I", raw, at)
+        if at + 4 + length > len(raw):
+            raise ValueError(f"BYTES tensor: element at byte {at} claims {length} bytes, {len(raw) - at - 4} left")
+        out.append(raw[at + 4:at + 4 + length])
+        at += 4 + length
+    return out
+
+
 def pipeline_data(definition: PipelineDefinition, preset: Preset, steps: int | None) -> dict[str, Any]:
     """One perf_analyzer data entry for a pipeline model: the example request of `definition`."""
     with tempfile.TemporaryDirectory() as folder:
