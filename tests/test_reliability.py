@@ -235,6 +235,7 @@ def _component_cases(specs) -> dict[str, tuple[str, dict[str, np.ndarray], str, 
     rng = np.random.default_rng(0)
     good = unet.sample_inputs(rng, unet.env_at("min"))
     latent = decoder.sample_inputs(rng, decoder.env_at("min"))
+    ids = specs["text_encoder"].sample_inputs(rng, specs["text_encoder"].env_at("min"))
     return {
         "NaN": ("unet", dict(good, sample=np.full_like(good["sample"], np.nan)), "unet.sample", "expected finite values"),
         "Inf": ("vae_decoder", dict(latent, latent=np.full_like(latent["latent"], np.inf)), "vae_decoder.latent",
@@ -243,11 +244,20 @@ def _component_cases(specs) -> dict[str, tuple[str, dict[str, np.ndarray], str, 
         "shape out of bounds": ("unet", unet.sample_inputs(rng, unet.env_at("min", latent_h=4)), "unet.sample",
                                 "latent_h in [8, 64]"),
         "wrong rank": ("unet", dict(good, sample=good["sample"][:, :, 0]), "sample", "shape"),
+        "timestep past the schedule": ("unet", dict(good, timestep=np.full_like(good["timestep"], 1e9)), "unet.timestep",
+                                       "expected values in [0, 999]"),
+        "negative timestep": ("unet", dict(good, timestep=np.full_like(good["timestep"], -5.0)), "unet.timestep",
+                              "expected values in [0, 999]"),
+        "token id past the vocabulary": ("text_encoder", dict(ids, input_ids=np.full_like(ids["input_ids"], 10**9)),
+                                         "text_encoder.input_ids", "expected values in [0, "),
+        "negative token id": ("text_encoder", dict(ids, input_ids=np.full_like(ids["input_ids"], -1)),
+                              "text_encoder.input_ids", "expected values in [0, "),
     }
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("case", ["NaN", "Inf", "wrong dtype", "shape out of bounds", "wrong rank"])
+@pytest.mark.parametrize("case", ["NaN", "Inf", "wrong dtype", "shape out of bounds", "wrong rank", "timestep past the schedule",
+                                  "negative timestep", "token id past the vocabulary", "negative token id"])
 def test_component_model_tensors(case, server, tiny_specs, bad_input_tally):
     from runtime.serving.protocol import model_name, to_wire
 
