@@ -27,6 +27,9 @@ from runtime.serving.names import ADMIN_HEADER, GRPC_HEADER_PREFIX
 H, W = 160, 128
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0.5 setgray 0 0 16 16 rectfill showpage\n%%EOF\n"
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -42,7 +45,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (d / "empty.png").write_bytes(b"")
     (d / "truncated.png").write_bytes((d / "good.png").read_bytes()[:300])
     frames = [Image.new("RGB", (W, H), (255, 0, 0)), Image.new("RGB", (W, H), (0, 0, 255))]
-    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(d / "animated.png", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(d / "still.gif")
+    (d / "product.eps").write_bytes(EPS)
+    # 100-odd bytes whose header claims 6000 x 6000: refused unread (the data cannot hold that)
+    (d / "liar.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 6000, 6000, 8, 0, 0, 0, 0))
+                                 + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
     # ~100 KB whose header claims 60000 x 60000 pixels: refused from the header, never decoded
     ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0)
     (d / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
@@ -72,7 +80,10 @@ CASES: dict[str, tuple[Callable[[dict], dict], str | None, str | None]] = {
     "truncated": (lambda f: {"product": f["truncated"]}, "product", "truncated or corrupt"),
     "animated": (lambda f: {"product": f["animated"]}, "product", "expected a still image"),
     "decompression bomb": (lambda f: {"product": f["bomb"]}, "product", "too many pixels"),
-    "floating-point image": (lambda f: {"product": f["float"]}, "product", "not floating point"),
+    "header claims more pixels than its data": (lambda f: {"product": f["liar"]}, "product", "holds less data than"),
+    "TIFF (not decoded)": (lambda f: {"product": f["float"]}, "product", "expected PNG, JPEG or WebP"),
+    "GIF (not decoded)": (lambda f: {"product": f["still"]}, "product", "expected PNG, JPEG or WebP"),
+    "EPS (never reaches Ghostscript)": (lambda f: {"product": f["product"]}, "product", "expected PNG, JPEG or WebP"),
     "grayscale without mask": (lambda f: {"product": f["gray"]}, "product", "expected an RGBA image"),
     "CMYK without mask": (lambda f: {"product": f["cmyk"]}, "product", "expected an RGBA image"),
     "CMYK with mask": (lambda f: {"product": f["cmyk"], "mask": f["mask"]}, None, None),
@@ -190,6 +201,7 @@ def test_pipeline_model_over_http(case, files, server, bad_input_tally):
                image=outputs.get("image") if status == "200" else None)
     else:
         _judge(bad_input_tally, "triton-http", case, message, field, rule, typed=status == "400")
+        assert "adgen-request-" not in message and "/tmp" not in message, "a server path in the answer"
 
 
 @pytest.mark.triton

@@ -41,6 +41,7 @@ Choices, in one place:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ __all__ = [
     "mask_values",
     "place_on_canvas",
     "placed_product",
+    "png_bytes",
     "product_only",
     "resize_mask",
     "resize_mask_nearest",
@@ -277,8 +279,6 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
     icc = im.info.get("icc_profile")
     if icc:
         try:
-            import io
-
             from PIL import ImageCms
 
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
@@ -572,11 +572,18 @@ def clip_pixels(
 
 def save_png(path: str | os.PathLike[str], rgb: np.ndarray, field: str = "output") -> None:
     """Write an (H, W, 3) uint8 array as a PNG. An unwritable path raises InputError(field)."""
-    _check_rgb(rgb, "save_png: rgb")
     try:
-        Image.fromarray(np.ascontiguousarray(rgb)).save(Path(path), format="PNG")
+        Path(path).write_bytes(png_bytes(rgb))
     except OSError as e:
         raise InputError(field, "could not be written", f"{path}: {e.strerror or e}") from None
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 array as the bytes of a PNG file."""
+    _check_rgb(rgb, "png_bytes: rgb")
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def _check_rgb(rgb: object, name: str) -> None:
