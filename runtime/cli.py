@@ -150,6 +150,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a request may wait in the pipeline queue before a 503 (default 120)")
     parser.add_argument("--max-request-mib", type=float, default=64.0,
                         help="largest request body (HTTP) or message (gRPC) accepted, in MiB (default 64)")
+    parser.add_argument("--client-timeout", type=float, default=10.0,
+                        help="longest a client may pause while sending a request's headers or body, in seconds; "
+                             "past it the request is refused (default 10)")
     parser.add_argument("--watchdog-interval", type=float, default=5.0,
                         help="seconds between looks at the models' stub processes: a dead one, or one whose shared "
                              "memory grew past its bound, gets its model reloaded (0: off)")
@@ -297,6 +300,8 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
         raise InputError("queue_timeout", "expected a number of seconds > 0", args.queue_timeout)
     if not args.max_request_mib > 0:
         raise InputError("max_request_mib", "expected a number of MiB > 0", args.max_request_mib)
+    if not args.client_timeout > 0:
+        raise InputError("client_timeout", "expected a number of seconds > 0", args.client_timeout)
     if args.watchdog_interval < 0:
         raise InputError("watchdog_interval", "expected seconds >= 0 (0: off)", args.watchdog_interval)
     admin_key = os.environ.get(args.admin_key_env) or None  # never printed; None: a random one
@@ -314,7 +319,9 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
     service = Service(
-        pipelines, args.preset, host=args.host, ports=ports, limits=FrontLimits(max_body_bytes=int(args.max_request_mib * MIB)),
+        pipelines, args.preset, host=args.host, ports=ports, limits=FrontLimits(
+            max_body_bytes=int(args.max_request_mib * MIB), header_timeout_s=args.client_timeout, body_idle_s=args.client_timeout,
+        ),
         tritonserver=args.tritonserver, admin_key=admin_key, timeout_s=args.timeout,
         watchdog_interval_s=args.watchdog_interval, progress=progress.message,
         weights=args.weights, init_seed=args.init_seed, cache_dir=args.cache_dir, graphs_dir=args.graphs, options=options,

@@ -303,7 +303,8 @@ QUEUE_FULL = "[request id: <id_unknown>] Exceeds maximum queue size"
     (QUEUE_FULL, "503", "ServerBusyError", True),
     ("Request timeout expired", "503", "ServerBusyError", True),
     ("anything the server says", "503", "ServerBusyError", True),
-    ("Received message larger than max", "StatusCode.RESOURCE_EXHAUSTED", "ServerBusyError", True),
+    ("Received message larger than max (16777299 vs. 16777216)", "StatusCode.RESOURCE_EXHAUSTED", "ServerRequestError", False),
+    ("too many calls", "StatusCode.RESOURCE_EXHAUSTED", "ServerBusyError", True),
     ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", "ServerError", False),
     # the status is ambiguous: the message decides
     (UNLOADED, "404", "ServerUnavailableError", True),

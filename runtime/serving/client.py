@@ -130,7 +130,8 @@ STATUS_RULES: dict[str, StatusRule] = {
     "StatusCode.INTERNAL": StatusRule(ServerError, (STUB_DEAD, *NOT_READY)),
     # busy, a refused or reset connection (server restarting), and restricted endpoints all say UNAVAILABLE
     "StatusCode.UNAVAILABLE": StatusRule(ServerUnavailableError, (RESTRICTED, *QUEUE)),
-    "StatusCode.RESOURCE_EXHAUSTED": StatusRule(ServerBusyError),
+    # too many calls at once; a message over the server's cap is the request's fault
+    "StatusCode.RESOURCE_EXHAUSTED": StatusRule(ServerBusyError, (("larger than max", ServerRequestError),)),
     "StatusCode.DEADLINE_EXCEEDED": StatusRule(ServerError),  # the client timeout: the request may still run
 }
 # No status, or one not above: the message is all there is.

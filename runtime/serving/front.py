@@ -162,10 +162,10 @@ class HttpFront:
         try:
             if self.connections > self.limits.max_connections:
                 raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later")
-            first = True
+            first, carried = True, b""
             while True:
                 try:
-                    request = await self._read_request(reader, writer, first)
+                    request = await self._read_request(reader, writer, first, carried)
                 except Refused as e:
                     if e.close:
                         raise
@@ -175,7 +175,7 @@ class HttpFront:
                 if request is None:
                     return
                 first = False
-                upstream, keep = await self._forward(request, reader, writer, upstream)
+                upstream, keep, carried = await self._forward(request, reader, writer, upstream)
                 if not (keep and request.keep_alive):
                     return
         except Refused as e:
@@ -191,11 +191,12 @@ class HttpFront:
                     self._open.discard(w)
 
     async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            first: bool) -> Request | None:
+                            first: bool, carried: bytes = b"") -> Request | None:
+        """The next request; `carried`: its first byte, read while the previous answer was awaited."""
         limits = self.limits
         try:
             # waiting for the first byte of a next request is keep-alive; the rest must come promptly
-            start = await asyncio.wait_for(reader.read(1), limits.header_timeout_s if first else limits.keepalive_s)
+            start = carried or await asyncio.wait_for(reader.read(1), limits.header_timeout_s if first else limits.keepalive_s)
         except asyncio.TimeoutError:
             if first:
                 raise Refused(HTTPStatus.REQUEST_TIMEOUT, f"no request within {limits.header_timeout_s:.0f} s") from None
@@ -281,7 +282,8 @@ class HttpFront:
     async def _forward(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None):
         """Send `request` to Triton and its answer to the client. Returns the upstream connection
-        (None once closed) and whether the client connection can carry another request."""
+        (None once closed), whether the client connection can carry another request, and the first
+        byte of that request if the client sent it early."""
         token = secrets.token_hex(16) if self.cancel_dir is not None and INFER_PATH.fullmatch(request.target.split("?")[0]) else None
         try:
             if upstream is None:
@@ -291,17 +293,17 @@ class HttpFront:
             up_writer.write(_upstream_head(request, token) + request.body)
             await up_writer.drain()
             response = asyncio.ensure_future(_read_response_head(up_reader, self.limits.response_timeout_s))
-            gone = await _until_done_or_disconnected(response, reader)
+            gone, carried = await _until_answered_or_gone(response, reader)
         except (ConnectionError, OSError):
             if upstream is not None:
                 upstream[1].close()
             self.stats.refuse(503)
             await self._answer(writer, HTTPStatus.SERVICE_UNAVAILABLE,
                                f"{NOT_ANSWERING_MESSAGE} (restarting?); retry later", close=False)
-            return None, True
+            return None, True, b""
         if gone:
             self._cancelled(token, response, upstream[1])
-            return None, False
+            return None, False, b""
         try:
             status, headers = response.result()
         except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
@@ -309,10 +311,10 @@ class HttpFront:
             self.stats.refuse(503)
             await self._answer(writer, HTTPStatus.SERVICE_UNAVAILABLE, "the inference server dropped the request; retry later",
                                close=False)
-            return None, True
+            return None, True, carried
         self.stats.forwarded += 1
         keep_upstream = await self._relay(request, status, headers, up_reader, writer)
-        return (upstream if keep_upstream else _closed(upstream)), True
+        return (upstream if keep_upstream else _closed(upstream)), True, carried
 
     def _cancelled(self, token: str | None, response: asyncio.Future, up_writer: asyncio.StreamWriter) -> None:
         """The client left before its answer: mark the request cancelled; drop the answer when it comes."""
@@ -441,14 +443,21 @@ async def _read_response_head(reader: asyncio.StreamReader, timeout_s: float) ->
     return status, headers
 
 
-async def _until_done_or_disconnected(task: asyncio.Future, client: asyncio.StreamReader, poll_s: float = 0.05) -> bool:
-    """Wait for `task`; True if the client disconnected first (its reader at EOF or failed)."""
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=poll_s)
-        if done:
-            return False
-        if client.at_eof() or client.exception() is not None:
-            return True
+async def _until_answered_or_gone(answer: asyncio.Future, client: asyncio.StreamReader) -> tuple[bool, bytes]:
+    """Wait for `answer` while reading one byte from the client: EOF or an error there means the
+    client left (True). A byte that does arrive is the start of its next request (returned)."""
+    peek = asyncio.ensure_future(client.read(1))
+    try:
+        done, _ = await asyncio.wait({answer, peek}, return_when=asyncio.FIRST_COMPLETED)
+        if peek in done:
+            if peek.exception() is not None or not peek.result():
+                return True, b""
+            await asyncio.wait({answer})
+            return False, peek.result()
+        return False, b""
+    finally:
+        if not peek.done():
+            peek.cancel()
 
 
 def _retriable_status(status: int, body: bytes) -> tuple[int, bytes]:
