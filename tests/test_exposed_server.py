@@ -30,15 +30,18 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
-from served import serve  # noqa: E402
+import fixtures  # noqa: E402
 from triton_checks import model_stats, wait_until  # noqa: E402
 
+from benchmarks.served import serve  # noqa: E402
 from runtime.pipelines import get_pipeline  # noqa: E402
 from runtime.presets import get_preset  # noqa: E402
+from runtime.serving import names, protocol  # noqa: E402
 from runtime.serving.client import NO_RETRY, RetryPolicy, http_inputs  # noqa: E402
-from runtime.serving.names import ADMIN_HEADER, GRPC_HEADER_PREFIX  # noqa: E402
-from runtime.serving.protocol import encode_request, model_name, to_wire  # noqa: E402
 from runtime.serving.remote import PipelineClient  # noqa: E402
+
+ADMIN_HEADER = names.ADMIN_HEADER
+model_name = protocol.model_name
 
 pytestmark = pytest.mark.triton
 
@@ -62,16 +65,7 @@ def served(tiny_export, cache_root):
         started.stop()
 
 
-@pytest.fixture(scope="module")
-def product(tmp_path_factory) -> Path:
-    from PIL import Image
-
-    rgba = np.zeros((160, 128, 4), dtype=np.uint8)
-    rgba[..., :3] = np.random.default_rng(7).integers(0, 256, size=(160, 128, 3), dtype=np.uint8)
-    rgba[40:120, 30:100, 3] = 255
-    path = tmp_path_factory.mktemp("exposed-product") / "product.png"
-    Image.fromarray(rgba, "RGBA").save(path)
-    return path
+product = fixtures.served_product()
 
 
 def _request(url: str, path: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, str]:
@@ -120,7 +114,7 @@ def _infer_http(served, model, feed, client_timeout=60.0):
 def _pipeline_feed(product, pipeline="refadgen", **options):
     options = {"product": product, "prompt": "a sneaker", "steps": 2, **options} if pipeline == "refadgen" else \
         {"product": product, "text": ["40% off"], **options}
-    return encode_request(get_pipeline(pipeline), options)
+    return protocol.encode_request(get_pipeline(pipeline), options)
 
 
 def _family_rss_mib(pid: int) -> float:
@@ -227,7 +221,7 @@ def test_control_endpoints_never_open_without_the_key(served):
     assert code == 200
     client = grpcclient.InferenceServerClient(served.grpc_url)
     try:
-        assert client.get_model_repository_index(headers={GRPC_HEADER_PREFIX + ADMIN_HEADER: key})
+        assert client.get_model_repository_index(headers={names.GRPC_HEADER_PREFIX + ADMIN_HEADER: key})
     finally:
         client.close()
 
@@ -244,7 +238,7 @@ def test_status_codes_a_generic_client_can_act_on(served, product, tiny_specs):
     unet = tiny_specs["unet"]
     feed = unet.sample_inputs(np.random.default_rng(0), unet.env_at("min"))
     feed["timestep"][:] = -5
-    status, message = _infer_http(served, model_name("refadgen", "unet"), to_wire(unet, feed))
+    status, message = _infer_http(served, model_name("refadgen", "unet"), protocol.to_wire(unet, feed))
     assert status == "400" and message.startswith("unet.timestep: expected values in [0, 999]"), message
 
     key = {ADMIN_HEADER: _admin_key(served)}

@@ -25,6 +25,7 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
+import fixtures  # noqa: E402
 from triton_checks import delta, model_stats, wait_until  # noqa: E402
 
 from runtime.errors import (  # noqa: E402
@@ -74,16 +75,7 @@ def server(tiny_graphs, cache_root):
     assert not started.leftover_regions()
 
 
-@pytest.fixture(scope="module")
-def product(tmp_path_factory):
-    from PIL import Image
-
-    rgba = np.zeros((160, 128, 4), dtype=np.uint8)
-    rgba[..., :3] = np.random.default_rng(7).integers(0, 256, size=(160, 128, 3), dtype=np.uint8)
-    rgba[40:120, 30:100, 3] = 255
-    path = tmp_path_factory.mktemp("faults-product") / "product.png"
-    Image.fromarray(rgba, "RGBA").save(path)
-    return path
+product = fixtures.served_product()
 
 
 def _request(product, seed=0, steps=2):

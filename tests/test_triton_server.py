@@ -22,9 +22,10 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
-from served import serve  # noqa: E402
+import fixtures  # noqa: E402
 from triton_checks import delta, model_stats, wait_until  # noqa: E402
 
+from benchmarks.served import serve  # noqa: E402
 from runtime.api import load_pipeline  # noqa: E402
 from runtime.inputs.images import load_product  # noqa: E402
 from runtime.pipelines import get_pipeline  # noqa: E402
@@ -58,18 +59,7 @@ def server(tiny_graphs, cache_root):
     assert not started.leftover_regions()
 
 
-@pytest.fixture(scope="module")
-def product(tmp_path_factory):
-    from PIL import Image
-
-    h, w = 160, 128
-    rng = np.random.default_rng(7)
-    rgba = np.zeros((h, w, 4), dtype=np.uint8)
-    rgba[..., :3] = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    rgba[40:120, 30:100, 3] = 255
-    path = tmp_path_factory.mktemp("triton-product") / "product.png"
-    Image.fromarray(rgba, "RGBA").save(path)
-    return path
+product = fixtures.served_product()
 
 
 @pytest.fixture(scope="module")

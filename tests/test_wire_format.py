@@ -17,8 +17,7 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
-from served import REPO, serve  # noqa: E402
-
+from benchmarks.served import REPO, serve  # noqa: E402
 from runtime.pipelines import PIPELINES, get_pipeline  # noqa: E402
 from runtime.serving.protocol import request_tensors  # noqa: E402
 

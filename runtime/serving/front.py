@@ -41,7 +41,12 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.errors import BackendError
-from runtime.serving.names import CANCEL_HEADER, NOT_ANSWERING_MESSAGE, NOT_READY_MESSAGES, STUB_DEAD_MESSAGE
+from runtime.serving.names import (
+    CANCEL_HEADER,
+    NOT_ANSWERING_MESSAGE,
+    NOT_READY_MESSAGES,
+    STUB_DEAD_MESSAGE,
+)
 
 MIB = 1024 * 1024
 CHUNK = 256 * 1024

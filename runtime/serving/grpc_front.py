@@ -26,7 +26,12 @@ import grpc
 from grpc import aio
 
 from runtime.serving.front import FrontLimits
-from runtime.serving.names import NOT_ANSWERING_MESSAGE, NOT_READY_MESSAGES, RESTRICTED_MESSAGE, STUB_DEAD_MESSAGE
+from runtime.serving.names import (
+    NOT_ANSWERING_MESSAGE,
+    NOT_READY_MESSAGES,
+    RESTRICTED_MESSAGE,
+    STUB_DEAD_MESSAGE,
+)
 
 SERVICE = "/inference.GRPCInferenceService/"
 STREAMING = SERVICE + "ModelStreamInfer"

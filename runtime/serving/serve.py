@@ -35,6 +35,7 @@ from runtime.serving.repository import RepositoryOptions, write_repository
 from runtime.serving.server import (
     OWNER_FILE,
     WORKDIR_PREFIX,
+    Addressed,
     Installation,
     Ports,
     TritonServer,
@@ -117,7 +118,7 @@ def _exit_reason(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-class Service:
+class Service(Addressed):
     """tritonserver behind the fronts, restarted when it dies (module docstring).
 
         service = Service(["refadgen"], "tiny", progress=print).start()
@@ -160,26 +161,10 @@ class Service:
         self.fronts: FrontThread | None = None
         self.http_front: HttpFront | None = None
         self.grpc_front: GrpcFront | None = None
-        self.ports: Ports | None = None  # public, once started
+        self.ports: Ports = Ports(0, 0, 0)  # public, once started
         self.restarts: list[tuple[float, str, float]] = []  # (when, why, seconds until ready again)
         self._runs = 0
         self._next_probe = 0.0
-
-    @property
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-
-    @property
-    def http_url(self) -> str:
-        return f"{self._client_host}:{self.ports.http}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self._client_host}:{self.ports.grpc}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self._client_host}:{self.ports.metrics}/metrics"
 
     def start(self) -> "Service":
         try:

@@ -34,7 +34,12 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.errors import BackendError
-from runtime.serving.names import ADMIN_HEADER, ADMIN_KEY_ENV, CANCEL_HEADER, SERVER_REGION_PREFIX
+from runtime.serving.names import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    CANCEL_HEADER,
+    SERVER_REGION_PREFIX,
+)
 
 PR_SET_PDEATHSIG = 1
 SHM_DIR = Path("/dev/shm")
@@ -51,6 +56,30 @@ class Ports:
     http: int
     grpc: int
     metrics: int
+
+
+class Addressed:
+    """What a client connects to, for a service listening on `host` with `ports` (a wildcard
+    address is reached on loopback)."""
+
+    host: str
+    ports: Ports
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.ports.metrics}/metrics"
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
 
 
 @dataclass(frozen=True)
@@ -128,12 +157,24 @@ def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
     return removed
 
 
+def interrupt(process: subprocess.Popen, timeout_s: float) -> int:
+    """SIGINT, then SIGKILL if `process` has not exited `timeout_s` later; its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    return process.returncode
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class TritonServer:
+class TritonServer(Addressed):
     """One tritonserver process on `repository`, bound to `host` (loopback by default).
 
         with TritonServer(repo) as server:      # started and ready
@@ -176,22 +217,6 @@ class TritonServer:
     def admin_headers(self) -> dict[str, str]:
         """Headers the restricted endpoints need."""
         return {ADMIN_HEADER: self.admin_key}
-
-    @property
-    def http_url(self) -> str:
-        return f"{self._client_host}:{self.ports.http}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self._client_host}:{self.ports.grpc}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self._client_host}:{self.ports.metrics}/metrics"
-
-    @property
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
 
     def command(self) -> list[str]:
         inst = self.installation
@@ -305,14 +330,7 @@ class TritonServer:
         folder. Returns the exit code."""
         code = None
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGINT)
-                try:
-                    self.process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(10)
-            code = self.process.returncode
+            code = interrupt(self.process, timeout_s)
             self._wait_for_stubs(stubs_grace_s)
             for pid in self.stub_pids():  # a stub still alive after the wait (a loaded machine): end it
                 try:

@@ -1,17 +1,19 @@
 """`adgen serve` as an operator runs it: a child process on free loopback ports, the addresses it
-printed, its stderr collected (so it never blocks on a full pipe), stopped by the test."""
+printed, its stderr collected (so it never blocks on a full pipe), stopped by its caller (the
+load benchmark, the tests of the exposed server)."""
 
 from __future__ import annotations
 
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from runtime.serving.server import interrupt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,21 +63,31 @@ class Served:
         return "".join(self.lines) + "".join(self.errors)
 
     def stop(self, timeout_s: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return interrupt(self.proc, timeout_s)
+
+    def family(self) -> list[int]:
+        """`adgen serve`, its tritonserver and the stubs: every process of the service."""
+        server = self.server_pid()
+        pids = [self.proc.pid]
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid in (self.proc.pid, server):
+                    pids.append(int(proc.name))
+        return sorted(set(pids))
 
 
-def serve(cache_root: Path, pipelines=("refadgen",), extra=(), env=None, timeout_s: float = 300) -> Served:
-    """Start `adgen serve` (tiny, loopback, free ports) and wait until it printed "Ctrl-C ..." (or
-    exited, or `timeout_s` passed: then `ready` is False)."""
-    environment = {**os.environ, "ADGEN_CACHE": str(cache_root), "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
-    command = [sys.executable, "-m", "runtime.cli", "serve", "--preset", "tiny"]
+def serve(cache_root: Path | None, pipelines=("refadgen",), extra=(), env=None, timeout_s: float = 300,
+          preset: str = "tiny") -> Served:
+    """Start `adgen serve` (loopback, free ports; graphs from `cache_root`, else adgen's cache) and
+    wait until it printed "Ctrl-C ..." (or exited, or `timeout_s` passed: then `ready` is False)."""
+    environment = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
+    if cache_root is not None:
+        environment["ADGEN_CACHE"] = str(cache_root)
+    command = [sys.executable, "-m", "runtime.cli", "serve", "--preset", preset]
     for pipeline in pipelines:
         command += ["--pipeline", pipeline]
     proc = subprocess.Popen([*command, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
