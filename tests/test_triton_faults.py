@@ -191,6 +191,7 @@ def test_killed_stub_is_detected_and_reloaded_without_a_request(server, product)
     (pid,) = server.stub_pids("refadgen_unet")
     os.kill(pid, signal.SIGKILL)
     KILLED.append(pid)
+    wait_until(lambda: pid not in server.stub_pids(), 30, "the killed stub gone")
     with pytest.raises(ServerUnavailableError, match="not healthy"):
         _generate(server.grpc_url, product, seed=3)
     started = time.monotonic()
@@ -211,12 +212,35 @@ def test_old_stubs_of_a_reloaded_model_are_ended_once_idle(server, product):
     first, survivor = server.stub_pids("refadgen")
     os.kill(first, signal.SIGKILL)
     KILLED.append(first)
+    wait_until(lambda: first not in server.stub_pids(), 30, "the killed stub gone")
     recovered = watchdog.step()
     assert [r.model for r in recovered] == ["refadgen"] and recovered[0].ok, recovered
     assert watchdog.retiring == [survivor]
     wait_until(lambda: (watchdog.step(), survivor in watchdog.ended)[1], 60, "the old version's stub ended")
     assert survivor not in server.stub_pids() and len(server.stub_pids("refadgen")) == INSTANCES
     assert _generate(server.grpc_url, product, seed=4).image.shape == (160, 128, 3)
+
+
+def test_a_model_whose_shared_memory_grew_is_reloaded_and_shrinks(server, product, tmp_path):
+    """A stub's region grows to the largest tensor it carried and never shrinks: past the bound the
+    model is reloaded, its old stubs exit with their regions, and it serves on at the default size."""
+    from runtime.serving.server import SHM_DIR
+
+    def regions_mib(model):
+        stubs = [s for s in server.stubs() if s.model == model]
+        return sorted((SHM_DIR / s.region).stat().st_blocks * 512 / 2**20 for s in stubs)
+
+    watchdog = ModelWatchdog(server, shm_limit_bytes=16 << 20, idle_s=1.0)
+    assert watchdog.step() == []
+    big = tmp_path / "big.png"
+    big.write_bytes(product.read_bytes() + b"\0" * (24 << 20))  # PNG readers stop at IEND
+    assert _generate(server.grpc_url, big).image.shape == (160, 128, 3)
+    assert max(regions_mib("refadgen")) > 24
+    recovered = watchdog.step()
+    assert [r.model for r in recovered] == ["refadgen"] and "shared memory grew" in recovered[0].reason, recovered
+    wait_until(lambda: (watchdog.step(), max(regions_mib("refadgen")) <= 16)[1], 60, "the old stubs and regions gone")
+    assert len(regions_mib("refadgen")) == INSTANCES
+    assert _generate(server.grpc_url, product).image.shape == (160, 128, 3)
 
 
 def test_client_retries_through_a_stub_crash(server, product):
