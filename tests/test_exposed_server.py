@@ -168,6 +168,22 @@ def test_bodies_over_the_cap_are_refused_before_they_are_sent(served):
         assert _status(answer) == status, answer[:200]
 
 
+def test_a_body_within_the_cap_is_taken_after_100_continue(served, product):
+    """What curl does for bodies over 1 MB: headers first, the body once the front says so."""
+    import tritonclient.http as httpclient
+
+    feed = _pipeline_feed(product)
+    feed["product"] = np.array([product.read_bytes() + b"\0" * (2 << 20)], dtype=object)  # PNG readers stop at IEND
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(http_inputs(feed))
+    host, port = served.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(f"POST /v2/models/refadgen/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  f"Content-Length: {len(body)}\r\nInference-Header-Content-Length: {json_size}\r\n\r\n".encode())
+        assert s.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        assert s.recv(64).startswith(b"HTTP/1.1 200 ")
+
+
 def test_a_grpc_message_over_the_cap_is_refused(served, product):
     from runtime.errors import ServerError
 
@@ -352,6 +368,31 @@ def test_a_cancelled_layout_stops_its_box_loop(served, product):
     at_deadline = executions()
     ran = _settled(executions)
     assert ran - at_deadline <= 1 and ran - before < 100, (before, at_deadline, ran)
+
+
+@pytest.mark.parametrize("placement", [("--server", "grpc"), ("--backend", "triton", "--url", "grpc")])
+def test_ctrl_c_stops_the_request_it_sent(served, product, placement):
+    """`adgen generate` interrupted: its gRPC call is cancelled (--server) or its loop stops between
+    component calls (--backend triton); either way the U-Net stops within a step or two."""
+    import subprocess
+    import sys
+
+    arguments = [served.grpc_url if a == "grpc" else a for a in placement]
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "generate", "--pipeline", "refadgen", "--product",
+                             str(product), "--prompt", "x", "--steps", "500", "--quiet", "--out", str(product.parent / "x.png"),
+                             *arguments], cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    try:
+        start = _unet(served)
+        wait_until(lambda: _unet(served) > start + 5, 120, "the request running")
+        at_interrupt = _unet(served)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130 and "interrupted" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ran = _settled(lambda: _unet(served))
+    assert ran - at_interrupt <= 3, f"{ran - at_interrupt} U-Net executions after Ctrl-C"
 
 
 def _png(width: int, height: int, idat: bytes | None = None) -> bytes:
