@@ -290,36 +290,51 @@ class HttpFront:
         (None once closed), whether the client connection can carry another request, and the first
         byte of that request if the client sent it early."""
         token = secrets.token_hex(16) if self.cancel_dir is not None and INFER_PATH.fullmatch(request.target.split("?")[0]) else None
-        try:
-            if upstream is None:
-                upstream = await asyncio.open_connection(*self.upstream)
-                self._open.add(upstream[1])
-            up_reader, up_writer = upstream
-            up_writer.write(_upstream_head(request, token) + request.body)
-            await up_writer.drain()
-            response = asyncio.ensure_future(_read_response_head(up_reader, self.limits.response_timeout_s))
-            gone, carried = await _until_answered_or_gone(response, reader)
-        except (ConnectionError, OSError):
-            if upstream is not None:
-                upstream[1].close()
-            self.stats.refuse(503)
-            await self._answer(writer, HTTPStatus.SERVICE_UNAVAILABLE,
-                               f"{NOT_ANSWERING_MESSAGE} (restarting?); retry later", close=False)
-            return None, True, b""
-        if gone:
-            self._cancelled(token, response, upstream[1])
-            return None, False, b""
-        try:
-            status, headers = response.result()
-        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-            upstream[1].close()
-            self.stats.refuse(503)
-            await self._answer(writer, HTTPStatus.SERVICE_UNAVAILABLE, "the inference server dropped the request; retry later",
-                               close=False)
-            return None, True, carried
+        for attempt in (1, 2):
+            # a kept connection may be one Triton has closed (it restarted): the request is sent
+            # again, once, on a new one; it had not been answered (adgen's requests are seeded)
+            reused = upstream is not None
+            try:
+                if upstream is None:
+                    upstream = await asyncio.open_connection(*self.upstream)
+                    self._open.add(upstream[1])
+                up_reader, up_writer = upstream
+                up_writer.write(_upstream_head(request, token) + request.body)
+                await up_writer.drain()
+                response = asyncio.ensure_future(_read_response_head(up_reader, self.limits.response_timeout_s))
+                gone, carried = await _until_answered_or_gone(response, reader)
+            except (ConnectionError, OSError):
+                upstream = self._close(upstream)
+                if reused and attempt == 1:
+                    continue
+                self.stats.refuse(503)
+                await self._answer(writer, HTTPStatus.SERVICE_UNAVAILABLE,
+                                   f"{NOT_ANSWERING_MESSAGE} (restarting?); retry later", close=False)
+                return None, True, b""
+            if gone:
+                self._cancelled(token, response, up_writer)
+                return None, False, b""
+            try:
+                status, headers = response.result()
+                break
+            except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+                upstream = self._close(upstream)
+                unanswered = isinstance(e, (ConnectionError, asyncio.IncompleteReadError)) and not getattr(e, "partial", b"")
+                if reused and attempt == 1 and unanswered:
+                    continue
+                self.stats.refuse(503)
+                await self._answer(writer, HTTPStatus.SERVICE_UNAVAILABLE,
+                                   "the inference server dropped the request; retry later", close=False)
+                return None, True, carried
         self.stats.forwarded += 1
         keep_upstream = await self._relay(request, status, headers, up_reader, writer)
-        return (upstream if keep_upstream else _closed(upstream)), True, carried
+        return (upstream if keep_upstream else self._close(upstream)), True, carried
+
+    def _close(self, upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None) -> None:
+        """Close an upstream connection (Triton ended it, or its answer ran to EOF): no reuse."""
+        if upstream is not None:
+            upstream[1].close()
+            self._open.discard(upstream[1])
 
     def _cancelled(self, token: str | None, response: asyncio.Future, up_writer: asyncio.StreamWriter) -> None:
         """The client left before its answer: mark the request cancelled; drop the answer when it comes."""
@@ -327,6 +342,7 @@ class HttpFront:
         if token is None:
             response.cancel()
             up_writer.close()
+            self._open.discard(up_writer)
             return
         marker = self.cancel_dir / token
         marker.touch()
@@ -486,12 +502,6 @@ def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
     reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
     lines = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def _closed(upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
-    """Close the upstream connection (Triton ended it, or its answer ran to EOF): no reuse."""
-    upstream[1].close()
-    return None
 
 
 class FrontThread:
