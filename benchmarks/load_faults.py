@@ -19,8 +19,8 @@ Prints one table and writes one JSON line: sent, images (good requests that got 
 clear errors (bad requests refused with 400 naming the field; requests answered 503 / unavailable
 after their retries), unexpected (any other outcome: a good request refused, a bad one accepted, a
 500), hangs (no answer within `--hang-s`), retries (by error class), p50/p99 latency, RSS of
-tritonserver + stubs and of the `adgen serve` process (start, peak, end), restarts, watchdog
-reloads, and each fault with its recovery time.
+tritonserver + stubs and of the `adgen serve` process (start, peak, end), how long each restart
+and each watchdog reload took (from `adgen serve`'s log), and each fault with its recovery time.
 """
 
 from __future__ import annotations
@@ -359,12 +359,17 @@ def run(args: argparse.Namespace) -> dict:
         "latency_p50_s": round(float(np.percentile(latencies, 50)), 3),
         "latency_p99_s": round(float(np.percentile(latencies, 99)), 3),
         **memory.figures(),
-        "restarts": log_text.count("tritonserver ready again after"),
-        "watchdog_reloads": log_text.count(": reloaded in "),
+        "restarts_ready_after_s": _seconds_after(log_text, "tritonserver ready again after "),
+        "watchdog_reloads_s": _seconds_after(log_text, ": reloaded in "),
         "old_stubs_ended": log_text.count("ended stub"),
         "faults": tally.faults,
         "adgen_serve_exit_code": code, "unexpected_samples": tally.unexpected_samples,
     }
+
+
+def _seconds_after(log: str, marker: str) -> list[float]:
+    """The durations `adgen serve` logged after `marker` ("... ready again after 5.6 s")."""
+    return [float(part.split(" s", 1)[0]) for part in log.split(marker)[1:]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--minutes: expected a number in (0, 60]")
     result = run(args)
     for key in ("sent", "images", "clear_errors", "of_which_busy_or_unavailable", "unexpected", "hangs",
-                "latency_p50_s", "latency_p99_s", "server_and_stubs_rss_mib", "adgen_serve_rss_mib", "restarts",
-                "watchdog_reloads", "old_stubs_ended", "adgen_serve_exit_code"):
+                "latency_p50_s", "latency_p99_s", "server_and_stubs_rss_mib", "adgen_serve_rss_mib",
+                "restarts_ready_after_s", "watchdog_reloads_s", "old_stubs_ended", "adgen_serve_exit_code"):
         print(f"{key:>30}  {result.get(key)}")
     for fault in result["faults"]:
         print(f"{fault['fault']:>30}  recovered in {fault['recovery_s']} s")

@@ -221,6 +221,9 @@ def test_control_endpoints_never_open_without_the_key(served):
         assert code == 403
     for path in ("/v2/models/refadgen/stats", "/v2/models/refadgen/config", "/v2/health/ready"):
         assert _request(served.http_url, path)[0] == 200, path  # statistics and config stay readable
+    for model in ("refadgen", model_name("refadgen", "unet")):
+        config = _request(served.http_url, f"/v2/models/{model}/config")[1]
+        assert str(Path(__file__).resolve().parents[1]) not in config and "/tmp" not in config and "/.cache" not in config
     client = grpcclient.InferenceServerClient(served.grpc_url)
     try:
         for call in (lambda: client.unload_model("refadgen_unet"), lambda: client.get_model_repository_index(),

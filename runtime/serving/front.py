@@ -38,7 +38,6 @@ import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Callable
 
 from runtime.errors import BackendError
 from runtime.serving.names import (
@@ -143,12 +142,11 @@ class HttpFront:
     `FrontThread`."""
 
     def __init__(self, upstream: tuple[str, int], limits: FrontLimits = FrontLimits(), cancel_dir: Path | None = None,
-                 read_only: bool = False, log: Callable[[str], None] | None = None):
+                 read_only: bool = False):
         self.upstream = upstream
         self.limits = limits
         self.cancel_dir = cancel_dir
         self.read_only = read_only
-        self.log = log or (lambda message: None)
         self.stats = FrontStats()
         self.connections = 0
         self.buffered = 0

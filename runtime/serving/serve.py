@@ -196,8 +196,14 @@ class Service(Addressed):
             self._next_probe = time.monotonic()
 
     def _start_fronts(self) -> None:
+        try:
+            self._listen()
+        except OSError as e:  # a port taken, an address not ours
+            raise BackendError(f"cannot listen on {self.host} ports {self.requested_ports}: {e}") from e
+
+    def _listen(self) -> None:
         self.fronts = FrontThread()
-        self.http_front = HttpFront(("127.0.0.1", self.private.http), self.limits, self.cancel_dir, log=self.progress)
+        self.http_front = HttpFront(("127.0.0.1", self.private.http), self.limits, self.cancel_dir)
         http = self.fronts.serve_http(self.http_front, self.host, self.requested_ports.http)
         metrics = self.fronts.serve_http(HttpFront(("127.0.0.1", self.private.metrics), self.limits, read_only=True),
                                          self.host, self.requested_ports.metrics)
