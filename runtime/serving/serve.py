@@ -227,7 +227,7 @@ class Service(Addressed):
 
     def _restart(self) -> None:
         died = time.monotonic()
-        code = self.server.process.returncode
+        code = self.server.process.returncode if self.server.process is not None else None
         why = _exit_reason(code)
         recent = [r for r in self.restarts if died - r[0] < self.restart_window_s]
         if len(recent) >= self.max_restarts:
@@ -235,7 +235,12 @@ class Service(Addressed):
                                f"not restarting. Last log lines:\n{self.server.log_tail(LOG_LINES)}")
         self.progress(f"tritonserver {why}; restarting on the same ports. Last log lines:\n{self.server.log_tail(LOG_LINES)}")
         self.server.stop(stubs_grace_s=0.0)  # its stubs are of no use: end them and their regions now
-        self._start_server()
+        try:
+            self._start_server()
+        except BackendError as e:  # counted; the next check tries again, up to max_restarts
+            self.restarts.append((died, why, float("nan")))
+            self.progress(f"tritonserver did not come back: {e}")
+            return
         seconds = time.monotonic() - died
         self.restarts.append((died, why, seconds))
         self.progress(f"tritonserver ready again after {seconds:.1f} s (restart {len(self.restarts)})")
