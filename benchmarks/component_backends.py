@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="append JSON lines here")
     args = parser.parse_args(argv)
     preset = get_preset(args.preset)
-    print(f"| pipeline | component | batch | onnxruntime p50 ms | torch p50 ms | ORT / torch |")
+    print("| pipeline | component | batch | onnxruntime p50 ms | torch p50 ms | ORT / torch |")
     print("|---|---|---:|---:|---:|---:|")
     records = []
     for pipeline in args.pipeline or list(PIPELINES):

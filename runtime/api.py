@@ -108,8 +108,9 @@ def prepare(loaded: LoadedPipeline, **options: Any) -> Any:
     return definition.prepare(loaded.source.preset, **options)
 
 
-def run(loaded: LoadedPipeline, prepared: Any, on_step: StepCallback | None = None) -> GenerateResult:
-    """One prepared request; the report gains the fields common to every pipeline."""
+def run(loaded: LoadedPipeline, prepared: Any, on_step: StepCallback | None = None, debug: bool = False) -> GenerateResult:
+    """One prepared request; the report gains the fields common to every pipeline (with `debug`,
+    also this machine's Python, processor and library versions)."""
     result = loaded.definition.run(loaded.runner, prepared, on_step)
     source = loaded.source
     result.report = {
@@ -125,9 +126,15 @@ def run(loaded: LoadedPipeline, prepared: Any, on_step: StepCallback | None = No
         **result.report,
         "pipeline_load_s": round(loaded.load_seconds, 6),
         "specs_hash": loaded.specs_hash,
-        "machine": {"python": platform.python_version(), "processor": platform.machine(), "versions": _versions()},
     }
+    if debug:
+        result.report["machine"] = machine_report()
     return result
+
+
+def machine_report() -> dict:
+    """This machine's Python, processor and library versions: for a `--debug` report only."""
+    return {"python": platform.python_version(), "processor": platform.machine(), "versions": _versions()}
 
 
 def generate(loaded: LoadedPipeline, on_step: StepCallback | None = None, **options: Any) -> GenerateResult:

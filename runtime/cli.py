@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", choices=("cpu", "cuda", "tensorrt"),
                      help="cpu (default); cuda: ONNX Runtime's CUDA provider with IO binding, or torch on cuda; "
                           "tensorrt: ONNX Runtime's TensorRT provider")
+    gen.add_argument("--debug", action="store_true", default=False,
+                     help="add this machine's Python, processor and library versions to the report")
     options = set().union(*(get_pipeline(name).options for name in PIPELINES))
     add_option_arguments(gen.add_argument_group("request (each pipeline reads some of these)"), options)
 
@@ -189,13 +191,22 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-size", type=int, default=8,
                         help="whole requests that may wait for a pipeline instance; past it: 503 at once (default 8)")
     parser.add_argument("--step-queue-size", type=int, default=64, help="step calls that may wait for the U-Net (default 64)")
+    parser.add_argument("--component-queue-size", type=int, default=16,
+                        help="calls that may wait for any other component model (default 16)")
     parser.add_argument("--queue-timeout", type=float, default=120.0,
                         help="seconds a request may wait in the pipeline queue before a 503 (default 120)")
+    parser.add_argument("--max-request-mib", type=float, default=64.0,
+                        help="largest request body (HTTP) or message (gRPC) accepted, in MiB (default 64)")
+    parser.add_argument("--client-timeout", type=float, default=10.0,
+                        help="longest a client may pause while sending a request's headers or body, in seconds; "
+                             "past it the request is refused (default 10)")
     parser.add_argument("--watchdog-interval", type=float, default=5.0,
-                        help="seconds between canary probes that reload models whose Python stub died (0: off)")
+                        help="seconds between looks at the models' stub processes: a dead one, or one whose shared "
+                             "memory grew past its bound, gets its model reloaded (0: off)")
     parser.add_argument("--admin-key-env", default=ADMIN_KEY_ENV,
                         help="environment variable holding the key that model-control, shared-memory, logging and "
-                             f"trace endpoints require (header {ADMIN_HEADER}); unset or empty: not restricted")
+                             f"trace endpoints require (header {ADMIN_HEADER}); unset or empty: a random key per start, "
+                             "known only to this process")
     parser.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
 
 
@@ -253,6 +264,10 @@ def _generate(args: argparse.Namespace, progress: TerminalProgress) -> int:
             result = run(loaded, prepared, on_step=progress.step)
         finally:
             loaded.close()
+    if args.debug:
+        from runtime.api import machine_report
+
+        result.report["machine"] = machine_report()
     image_path, report_path = save_result(result, args.out)
     random_parts = [p for p, status in result.report.get("weights_parts", {}).items() if status.startswith("random")]
     if args.weights is not None and random_parts:
@@ -337,8 +352,9 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
     import signal
     import time
 
+    from runtime.serving.front import MIB, FrontLimits
     from runtime.serving.repository import RepositoryOptions
-    from runtime.serving.serve import start_server
+    from runtime.serving.serve import Service
     from runtime.serving.server import Ports
 
     pipelines = args.pipeline or list(PIPELINES)
@@ -346,68 +362,62 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
         raise InputError("graphs", "--graphs holds one pipeline's graphs: name it with --pipeline")
     if args.instances < 1:
         raise InputError("instances", "expected at least 1", args.instances)
-    for name in ("queue_size", "step_queue_size"):
+    for name in ("queue_size", "step_queue_size", "component_queue_size"):
         if getattr(args, name) < 1:
             raise InputError(name, "expected at least 1", getattr(args, name))
     if not args.queue_timeout > 0:
         raise InputError("queue_timeout", "expected a number of seconds > 0", args.queue_timeout)
+    if not args.max_request_mib > 0:
+        raise InputError("max_request_mib", "expected a number of MiB > 0", args.max_request_mib)
+    if not args.client_timeout > 0:
+        raise InputError("client_timeout", "expected a number of seconds > 0", args.client_timeout)
     if args.watchdog_interval < 0:
         raise InputError("watchdog_interval", "expected seconds >= 0 (0: off)", args.watchdog_interval)
-    admin_key = os.environ.get(args.admin_key_env) or None  # never printed
+    admin_key = os.environ.get(args.admin_key_env) or None  # never printed; None: a random one
     options = RepositoryOptions(
         pipeline_instances=args.instances, step_batching=args.step_batching,
         step_queue_delay_us=args.step_queue_delay_us, threads=args.threads,
         pipeline_queue_size=args.queue_size, step_queue_size=args.step_queue_size,
-        pipeline_queue_timeout_s=args.queue_timeout,
+        component_queue_size=args.component_queue_size, pipeline_queue_timeout_s=args.queue_timeout,
     )
-    ports = None
-    if args.http_port or args.grpc_port or args.metrics_port:
-        from runtime.serving.server import free_ports
-
-        free = iter(free_ports("127.0.0.1"))
-        ports = Ports(*(getattr(args, f"{k}_port") or next(free) for k in ("http", "grpc", "metrics")))
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
 
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
-    server = start_server(
-        pipelines, args.preset, weights=args.weights, init_seed=args.init_seed, allow_random=args.allow_random,
-        cache_dir=args.cache_dir,
-        graphs_dir=args.graphs, options=options, tritonserver=args.tritonserver, host=args.host, ports=ports,
-        timeout_s=args.timeout, progress=progress.message, admin_key=admin_key,
+    service = Service(
+        pipelines, args.preset, host=args.host, ports=ports, limits=FrontLimits(
+            max_body_bytes=int(args.max_request_mib * MIB), header_timeout_s=args.client_timeout, body_idle_s=args.client_timeout,
+        ),
+        tritonserver=args.tritonserver, admin_key=admin_key, timeout_s=args.timeout,
+        watchdog_interval_s=args.watchdog_interval, progress=progress.message,
+        weights=args.weights, init_seed=args.init_seed, allow_random=args.allow_random, cache_dir=args.cache_dir, graphs_dir=args.graphs, options=options,
     )
-    watchdog = None
-    if args.watchdog_interval > 0:
-        from runtime.serving.watchdog import ModelWatchdog
-
-        watchdog = ModelWatchdog(server.http_url, server.admin_headers, progress=progress.message)
+    code = None
     try:
-        print(f"serving {', '.join(pipelines)} ({args.preset}) with tritonserver pid {server.process.pid}", flush=True)
-        print(f"  gRPC     {server.grpc_url}", flush=True)
-        print(f"  HTTP     http://{server.http_url}", flush=True)
-        print(f"  metrics  {server.metrics_url}", flush=True)
+        service.start()
+        print(f"serving {', '.join(pipelines)} ({args.preset}) with tritonserver pid {service.server.process.pid}", flush=True)
+        print(f"  gRPC     {service.grpc_url}", flush=True)
+        print(f"  HTTP     http://{service.http_url}", flush=True)
+        print(f"  metrics  {service.metrics_url}", flush=True)
         print(f"  adgen generate --pipeline {pipelines[0]} --preset {args.preset} --product P --prompt T --out ad.png "
-              f"--server {server.grpc_url}", flush=True)
+              f"--server {service.grpc_url}", flush=True)
+        locked = "model-control, shared-memory, logging, trace: need header"
         if admin_key:
-            print(f"  model-control, shared-memory, logging, trace: need header {ADMIN_HEADER} (${args.admin_key_env})",
+            print(f"  {locked} {ADMIN_HEADER} (${args.admin_key_env})", flush=True)
+        else:
+            print(f"  {locked} {ADMIN_HEADER} with a random key of this run (set ${args.admin_key_env} to choose it)",
                   flush=True)
         print("Ctrl-C stops it.", flush=True)
-        next_probe = time.monotonic() + (args.watchdog_interval if watchdog else float("inf"))
-        while server.alive():
-            if time.monotonic() >= next_probe:
-                try:
-                    watchdog.step()
-                except AdgenError as e:  # the server may be going down; the loop's check decides
-                    progress.message(f"watchdog: {e}")
-                next_probe = time.monotonic() + args.watchdog_interval
+        while True:
+            service.check()
             time.sleep(0.5)
-        raise AdgenError(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
     except KeyboardInterrupt:
         progress.message("stopping tritonserver")
     finally:
-        code = server.stop()
+        code = service.stop()
         progress.message(f"tritonserver stopped (exit code {code})")
     return 0
 

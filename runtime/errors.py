@@ -49,6 +49,11 @@ class ConfigError(RuleError):
         super().__init__(field, rule, got, where=f"{model or '(unnamed model)'}.{field}")
 
 
+class RequestCancelled(AdgenError):
+    """The client of a request in the server went away or its deadline passed: the request stops at
+    its next component call (within one step of any loop)."""
+
+
 class WeightsError(AdgenError):
     """Weights missing, unreadable, unsafe, or whose keys/shapes do not match the network."""
 

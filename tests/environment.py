@@ -7,6 +7,9 @@ any test module is collected, so a test that needs torch skips through its own
 
 ADGEN_REQUIRE_CJK_FONT=1: a CJK font must be installed (CI installs one); the CJK typesetting
 test fails instead of skipping when none is found.
+
+ADGEN_REQUIRE_GHOSTSCRIPT=1: Ghostscript must be installed (CI installs it); the test that an
+EPS product never reaches it fails instead of skipping when `gs` is missing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 
 WITHOUT_TORCH = "ADGEN_TESTS_WITHOUT_TORCH"
 REQUIRE_CJK_FONT = "ADGEN_REQUIRE_CJK_FONT"
+REQUIRE_GHOSTSCRIPT = "ADGEN_REQUIRE_GHOSTSCRIPT"
 
 # The `export` extra of pyproject.toml: what a runtime-only install lacks.
 EXPORT_EXTRA = ("torch", "diffusers", "transformers", "safetensors", "onnx", "onnxscript", "onnxslim")

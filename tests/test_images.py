@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from environment import REQUIRE_GHOSTSCRIPT, env_flag
+from PIL import EpsImagePlugin, Image, ImageFile
 
 from runtime.errors import InputError
 from runtime.finishing.compose import compose
@@ -18,10 +21,12 @@ from runtime.inputs.images import (
     Product,
     check_canvas_size,
     clip_pixels,
+    decode_budget,
     from_model_image,
     load_image,
     load_product,
     place_on_canvas,
+    placed_product,
     resize_mask_nearest,
     save_png,
     to_model_image,
@@ -125,12 +130,120 @@ def test_header_only_huge_png_is_rejected(tmp_path):
     assert "too many pixels" in msg
 
 
-def test_animated_gif_is_rejected(tmp_path):
-    frames = [Image.new("RGB", (16, 16), RED), Image.new("RGB", (16, 16), BLUE)]
-    p = tmp_path / "anim.gif"
-    frames[0].save(p, save_all=True, append_images=frames[1:], duration=100, loop=0)
+@pytest.mark.parametrize("name, image", [
+    ("still.gif", Image.new("RGB", (16, 16), RED)),
+    ("photo.tiff", Image.new("RGB", (16, 16), RED)),
+    ("photo.bmp", Image.new("RGB", (16, 16), RED)),
+    ("float.tiff", Image.fromarray(np.ones((8, 8), dtype=np.float32))),
+])
+def test_formats_other_than_png_jpeg_webp_are_not_decoded(tmp_path, name, image):
+    p = _save(tmp_path, name, image)
+    with Image.open(p) as plain:
+        plain.load()  # Pillow alone would decode it
     msg = _raises("product", load_image, p, "product")
-    assert "expected a still image" in msg
+    assert "is not a recognized image file: expected PNG, JPEG or WebP" in msg
+
+
+def test_webp_is_decoded(tmp_path):
+    p = _save(tmp_path, "p.webp", _rgba_product(), lossless=True)
+    assert np.array_equal(np.asarray(load_image(p, "product")), _rgba_product())
+
+
+EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 16 16
+newpath 0 0 moveto 16 0 lineto 16 16 lineto 0 16 lineto closepath 0.5 setgray fill
+showpage
+%%EOF
+"""
+
+
+def test_eps_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """Pillow hands an EPS file to Ghostscript, an external program running its PostScript. A
+    recording stand-in for `gs` (which runs the real one) shows plain Pillow calls it for this
+    file, and `load_image` does not, even under a .png name."""
+    real = shutil.which("gs")
+    if real is None:
+        if env_flag(REQUIRE_GHOSTSCRIPT):
+            pytest.fail(f"{REQUIRE_GHOSTSCRIPT}=1 but Ghostscript (gs) is not installed")
+        pytest.skip("Ghostscript (gs) is not installed")
+    calls = tmp_path / "gs-calls"
+    shim = tmp_path / "gs"
+    shim.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {real} "$@"\n')
+    shim.chmod(0o755)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", str(shim))
+    eps = tmp_path / "product.eps"
+    eps.write_bytes(EPS)
+    with Image.open(eps) as plain:
+        plain.load()
+        assert plain.size == (16, 16)
+    assert calls.read_text(), "plain Pillow did not run Ghostscript: the test file proves nothing"
+    calls.unlink()
+    for name in ("product.eps", "product.png"):
+        disguised = tmp_path / name
+        disguised.write_bytes(EPS)
+        msg = _raises("product", load_image, disguised, "product")
+        assert "is not a recognized image file" in msg
+        with pytest.raises(InputError, match="not a recognized image file"):
+            load_product(disguised)
+    assert not calls.exists(), "load_image ran Ghostscript"
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A tiny valid-looking PNG whose header claims width x height greyscale pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+    return path
+
+
+def _no_decode(monkeypatch):
+    def no_decode(self):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+
+
+def test_header_promising_more_pixels_than_the_data_holds_is_refused_unread(tmp_path, monkeypatch):
+    png = _png_claiming(tmp_path / "bomb.png", 6000, 6000)
+    assert png.stat().st_size < 120
+    jpeg = tmp_path / "bomb.jpg"
+    Image.new("L", (16, 16)).save(jpeg, quality=50)
+    data = bytearray(jpeg.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 6000, 6000)  # SOF0 height, width
+    jpeg.write_bytes(bytes(data))
+    _no_decode(monkeypatch)
+    for path, fmt in ((png, "PNG"), (jpeg, "JPEG")):
+        msg = _raises("product", load_image, path, "product")
+        assert "holds less data than its header's size needs" in msg and f"6000x6000 {fmt}" in msg, msg
+
+
+def test_a_real_png_passes_the_data_check(tmp_path):
+    """Flat images compress best: a flat 2000 x 2000 PNG is far above the deflate bound."""
+    p = _save(tmp_path, "flat.png", np.zeros((2000, 2000), dtype=np.uint8))
+    assert load_image(p, "mask").size == (2000, 2000)
+
+
+def test_png_past_what_the_canvas_can_use_is_refused_unread(tmp_path, monkeypatch, tiny):
+    budget = decode_budget(tiny.max_side)
+    width = budget // 8 + 64
+    p = _save(tmp_path, "big.png", np.random.default_rng(0).integers(0, 256, (8, width), dtype=np.uint8))
+    _no_decode(monkeypatch)
+    msg = _raises("product", placed_product, tiny, p, None, None, None)
+    assert f"at most {budget}" in msg and f"{width}x8 PNG" in msg
+
+
+def test_jpeg_past_what_the_canvas_can_use_is_decoded_reduced(tmp_path, tiny):
+    budget = decode_budget(tiny.max_side)
+    rgba = np.zeros((4400, 2200, 3), dtype=np.uint8)
+    rgba[1000:3400, 500:1700] = RED
+    product = _save(tmp_path, "big.jpg", rgba, quality=90)
+    mask = np.zeros((4400, 2200), dtype=np.uint8)
+    mask[1000:3400, 500:1700] = 255
+    mask_path = _save(tmp_path, "mask.jpg", mask, quality=95)
+    placed = placed_product(tiny, product, mask_path, 256, 512)
+    assert placed.size == (1100, 2200) and 1100 * 2200 <= budget  # decoded at 1/2
+    assert placed.product.rgb.shape == (512, 256, 3)
 
 
 def test_mask_of_another_size_names_both_sizes(tmp_path):
@@ -179,12 +292,6 @@ def test_bad_canvas_sizes(width, height, field):
 def test_good_canvas_sizes_pass():
     check_canvas_size(256, 1024, 256, 1024)
     check_canvas_size(np.int64(512), 768, 256, 1024, multiple=64)
-
-
-def test_float_image_is_rejected(tmp_path):
-    p = _save(tmp_path, "f.tiff", Image.fromarray(np.ones((8, 8), dtype=np.float32)))
-    msg = _raises("product", load_image, p, "product")
-    assert "floating point" in msg
 
 
 # --------------------------------------------------------------------------- conversions
@@ -456,3 +563,12 @@ def test_compose_at_image_border_and_many_shapes():
                 for dx in range(3):
                     near |= p[dy : dy + h, dx : dx + w]
         assert np.array_equal(out[~near], gen[~near])
+
+
+def test_ci_installs_ghostscript_and_requires_it_before_the_readme_test_command():
+    """So CI runs the EPS test against the real program instead of skipping it."""
+    lines = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().splitlines()
+    install = next(i for i, line in enumerate(lines) if "apt-get install" in line and "ghostscript" in line.split())
+    require = lines.index(f"export {REQUIRE_GHOSTSCRIPT}=1")
+    command = next(i for i, line in enumerate(lines) if line.endswith("-m pytest -q"))
+    assert install < require < command == len(lines) - 1

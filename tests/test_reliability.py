@@ -27,6 +27,9 @@ from runtime.serving.names import ADMIN_HEADER, GRPC_HEADER_PREFIX
 H, W = 160, 128
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0.5 setgray 0 0 16 16 rectfill showpage\n%%EOF\n"
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -42,7 +45,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (d / "empty.png").write_bytes(b"")
     (d / "truncated.png").write_bytes((d / "good.png").read_bytes()[:300])
     frames = [Image.new("RGB", (W, H), (255, 0, 0)), Image.new("RGB", (W, H), (0, 0, 255))]
-    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(d / "animated.png", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(d / "still.gif")
+    (d / "product.eps").write_bytes(EPS)
+    # 100-odd bytes whose header claims 6000 x 6000: refused unread (the data cannot hold that)
+    (d / "liar.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 6000, 6000, 8, 0, 0, 0, 0))
+                                 + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
     # ~100 KB whose header claims 60000 x 60000 pixels: refused from the header, never decoded
     ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0)
     (d / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
@@ -72,7 +80,10 @@ CASES: dict[str, tuple[Callable[[dict], dict], str | None, str | None]] = {
     "truncated": (lambda f: {"product": f["truncated"]}, "product", "truncated or corrupt"),
     "animated": (lambda f: {"product": f["animated"]}, "product", "expected a still image"),
     "decompression bomb": (lambda f: {"product": f["bomb"]}, "product", "too many pixels"),
-    "floating-point image": (lambda f: {"product": f["float"]}, "product", "not floating point"),
+    "header claims more pixels than its data": (lambda f: {"product": f["liar"]}, "product", "holds less data than"),
+    "TIFF (not decoded)": (lambda f: {"product": f["float"]}, "product", "expected PNG, JPEG or WebP"),
+    "GIF (not decoded)": (lambda f: {"product": f["still"]}, "product", "expected PNG, JPEG or WebP"),
+    "EPS (never reaches Ghostscript)": (lambda f: {"product": f["product"]}, "product", "expected PNG, JPEG or WebP"),
     "grayscale without mask": (lambda f: {"product": f["gray"]}, "product", "expected an RGBA image"),
     "CMYK without mask": (lambda f: {"product": f["cmyk"]}, "product", "expected an RGBA image"),
     "CMYK with mask": (lambda f: {"product": f["cmyk"], "mask": f["mask"]}, None, None),
@@ -190,6 +201,7 @@ def test_pipeline_model_over_http(case, files, server, bad_input_tally):
                image=outputs.get("image") if status == "200" else None)
     else:
         _judge(bad_input_tally, "triton-http", case, message, field, rule, typed=status == "400")
+        assert "adgen-request-" not in message and "/tmp" not in message, "a server path in the answer"
 
 
 @pytest.mark.triton
@@ -235,6 +247,7 @@ def _component_cases(specs) -> dict[str, tuple[str, dict[str, np.ndarray], str, 
     rng = np.random.default_rng(0)
     good = unet.sample_inputs(rng, unet.env_at("min"))
     latent = decoder.sample_inputs(rng, decoder.env_at("min"))
+    ids = specs["text_encoder"].sample_inputs(rng, specs["text_encoder"].env_at("min"))
     return {
         "NaN": ("unet", dict(good, sample=np.full_like(good["sample"], np.nan)), "unet.sample", "expected finite values"),
         "Inf": ("vae_decoder", dict(latent, latent=np.full_like(latent["latent"], np.inf)), "vae_decoder.latent",
@@ -243,11 +256,20 @@ def _component_cases(specs) -> dict[str, tuple[str, dict[str, np.ndarray], str, 
         "shape out of bounds": ("unet", unet.sample_inputs(rng, unet.env_at("min", latent_h=4)), "unet.sample",
                                 "latent_h in [8, 64]"),
         "wrong rank": ("unet", dict(good, sample=good["sample"][:, :, 0]), "sample", "shape"),
+        "timestep past the schedule": ("unet", dict(good, timestep=np.full_like(good["timestep"], 1e9)), "unet.timestep",
+                                       "expected values in [0, 999]"),
+        "negative timestep": ("unet", dict(good, timestep=np.full_like(good["timestep"], -5.0)), "unet.timestep",
+                              "expected values in [0, 999]"),
+        "token id past the vocabulary": ("text_encoder", dict(ids, input_ids=np.full_like(ids["input_ids"], 10**9)),
+                                         "text_encoder.input_ids", "expected values in [0, "),
+        "negative token id": ("text_encoder", dict(ids, input_ids=np.full_like(ids["input_ids"], -1)),
+                              "text_encoder.input_ids", "expected values in [0, "),
     }
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("case", ["NaN", "Inf", "wrong dtype", "shape out of bounds", "wrong rank"])
+@pytest.mark.parametrize("case", ["NaN", "Inf", "wrong dtype", "shape out of bounds", "wrong rank", "timestep past the schedule",
+                                  "negative timestep", "token id past the vocabulary", "negative token id"])
 def test_component_model_tensors(case, server, tiny_specs, bad_input_tally):
     from runtime.serving.protocol import model_name, to_wire
 
@@ -281,7 +303,8 @@ QUEUE_FULL = "[request id: <id_unknown>] Exceeds maximum queue size"
     (QUEUE_FULL, "503", "ServerBusyError", True),
     ("Request timeout expired", "503", "ServerBusyError", True),
     ("anything the server says", "503", "ServerBusyError", True),
-    ("Received message larger than max", "StatusCode.RESOURCE_EXHAUSTED", "ServerBusyError", True),
+    ("Received message larger than max (16777299 vs. 16777216)", "StatusCode.RESOURCE_EXHAUSTED", "ServerRequestError", False),
+    ("too many calls", "StatusCode.RESOURCE_EXHAUSTED", "ServerBusyError", True),
     ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", "ServerError", False),
     # the status is ambiguous: the message decides
     (UNLOADED, "404", "ServerUnavailableError", True),

@@ -146,6 +146,32 @@ def test_non_finite_values_are_accepted_when_not_checked(unet_spec, unet_feed):
     assert unet_spec.validate_inputs(unet_feed, check_values=False) == unet_spec.env_at("opt")
 
 
+@pytest.mark.parametrize("component, tensor, bad, rule", [
+    ("text_encoder", "input_ids", 10**9, "expected values in [0, 49407]"),
+    ("text_encoder", "input_ids", -1, "expected values in [0, 49407]"),
+    ("unet", "timestep", 1e9, "expected values in [0, 999]"),
+    ("unet", "timestep", -5.0, "expected values in [0, 999]"),
+])
+def test_values_outside_the_spec_limits_are_refused_naming_the_tensor(tiny_specs, component, tensor, bad, rule):
+    spec = tiny_specs[component]
+    feed = spec.sample_inputs(np.random.default_rng(0))
+    feed[tensor].flat[-1] = bad
+    message = raises_spec_error(spec, feed, tensor)
+    assert message.startswith(f"{component}.{tensor}: {rule}, got values in ["), message
+    assert spec.validate_inputs(feed, check_values=False)  # a rule on values: only where values are checked
+
+
+def test_limits_hold_what_the_runtime_feeds(tiny_specs, tiny):
+    """Sample inputs, the vocabulary's last id and the schedule's first and last timesteps pass."""
+    encoder, unet = tiny_specs["text_encoder"], tiny_specs["unet"]
+    ids = encoder.sample_inputs(np.random.default_rng(0))
+    ids["input_ids"][0, :2] = (0, tiny.text.vocab_size - 1)
+    encoder.validate_inputs(ids)
+    feed = unet.sample_inputs(np.random.default_rng(0))
+    feed["timestep"][:] = (0, 999)
+    unet.validate_inputs(feed)
+
+
 def test_nan_in_float16_input_is_rejected(tiny):
     spec = refadgen_specs(tiny, Precision.FP16)["vae_decoder"]
     feed = spec.sample_inputs(np.random.default_rng(0))

@@ -25,17 +25,19 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
+import fixtures  # noqa: E402
 from triton_checks import delta, model_stats, wait_until  # noqa: E402
 
 from runtime.errors import (  # noqa: E402
-    ServerAccessError,
     ServerBusyError,
     ServerError,
     ServerUnavailableError,
 )
 from runtime.pipelines import get_pipeline  # noqa: E402
+from runtime.presets import get_preset  # noqa: E402
 from runtime.serving.client import NO_RETRY, RetryPolicy  # noqa: E402
 from runtime.serving.names import ADMIN_HEADER, ADMIN_KEY_ENV  # noqa: E402
+from runtime.serving.protocol import model_name  # noqa: E402
 from runtime.serving.remote import PipelineClient  # noqa: E402
 from runtime.serving.repository import RepositoryOptions  # noqa: E402
 from runtime.serving.serve import start_server, write_runtime_repository  # noqa: E402
@@ -73,16 +75,7 @@ def server(tiny_graphs, cache_root):
     assert not started.leftover_regions()
 
 
-@pytest.fixture(scope="module")
-def product(tmp_path_factory):
-    from PIL import Image
-
-    rgba = np.zeros((160, 128, 4), dtype=np.uint8)
-    rgba[..., :3] = np.random.default_rng(7).integers(0, 256, size=(160, 128, 3), dtype=np.uint8)
-    rgba[40:120, 30:100, 3] = 255
-    path = tmp_path_factory.mktemp("faults-product") / "product.png"
-    Image.fromarray(rgba, "RGBA").save(path)
-    return path
+product = fixtures.served_product()
 
 
 def _request(product, seed=0, steps=2):
@@ -129,12 +122,14 @@ def test_restricted_endpoints_refuse_without_the_key(server, product, monkeypatc
 
     from runtime.api import generate, load_pipeline
 
-    # the client-side loop registers shared memory: refused without the key, works with it
+    # the client-side loop registers shared memory: refused without the key (the tensors then go in
+    # the requests), used with it
     monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
     loaded = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=server.grpc_url)
     try:
-        with pytest.raises(ServerAccessError, match="restricted"):
-            generate(loaded, **_request(product))
+        inline = generate(loaded, **_request(product)).image
+        connection = loaded.components["unet"].connection
+        assert connection.shm_refused and not connection.region_names()
     finally:
         loaded.close()
     monkeypatch.setenv(ADMIN_KEY_ENV, KEY)
@@ -144,8 +139,16 @@ def test_restricted_endpoints_refuse_without_the_key(server, product, monkeypatc
         assert loaded.components["unet"].connection.region_names(), "large tensors went through shared memory"
     finally:
         loaded.close()
-    assert image.shape == (160, 128, 3)
+    assert image.shape == (160, 128, 3) and np.array_equal(image, inline)
     assert KEY not in server.log_path.read_text(), "the key must not appear in the server log"
+
+
+def test_a_server_started_without_a_key_is_locked_with_a_random_one(tmp_path):
+    """No key given: the restricted endpoints still refuse (a random key, known to its owner)."""
+    first, second = TritonServer(tmp_path, workdir=tmp_path / "a"), TritonServer(tmp_path, workdir=tmp_path / "b")
+    assert first.admin_key and second.admin_key and first.admin_key != second.admin_key
+    assert len(first.admin_key) >= 32
+    assert any(a.startswith("--http-restricted-api=model-repository,shared-memory,logging,trace:") for a in first.command())
 
 
 def test_full_queue_answers_503_at_once(server, product):
@@ -174,33 +177,81 @@ def test_full_queue_answers_503_at_once(server, product):
     assert max(busy) < min(images), "refusals came before the accepted requests finished"
 
 
-def test_killed_stub_is_detected_and_reloaded(server, product):
-    watchdog = ModelWatchdog(server.http_url, server.admin_headers)
-    assert watchdog.step() == [], "a healthy server needs no recovery"
+def _all_stats(server):
+    components = get_pipeline("refadgen").specs(get_preset("tiny"))
+    return {m: model_stats(server.http_url, m) for m in ("refadgen", *(model_name("refadgen", c) for c in components))}
+
+
+def test_killed_stub_is_detected_and_reloaded_without_a_request(server, product):
+    watchdog = ModelWatchdog(server)
+    before_stats = _all_stats(server)
+    assert watchdog.step() == [] and watchdog.step() == [], "a healthy server needs no recovery"
+    assert _all_stats(server) == before_stats, "the watchdog sent requests: statistics must count user traffic only"
     before = _generate(server.grpc_url, product, seed=3).image
     (pid,) = server.stub_pids("refadgen_unet")
     os.kill(pid, signal.SIGKILL)
     KILLED.append(pid)
+    wait_until(lambda: pid not in server.stub_pids(), 30, "the killed stub gone")
     with pytest.raises(ServerUnavailableError, match="not healthy"):
         _generate(server.grpc_url, product, seed=3)
     started = time.monotonic()
     recovered = watchdog.step()
     assert [r.model for r in recovered] == ["refadgen_unet"] and recovered[0].ok, recovered
-    assert "stuck UNLOADING" in recovered[0].detail  # the canary reached the dead stub: 2.51 keeps it
+    assert f"stub process {pid} exited" in recovered[0].reason
     assert time.monotonic() - started < 120
     assert server.stub_pids("refadgen_unet") and pid not in server.stub_pids("refadgen_unet")
     assert np.array_equal(_generate(server.grpc_url, product, seed=3).image, before)
     assert watchdog.step() == []
 
 
+def test_old_stubs_of_a_reloaded_model_are_ended_once_idle(server, product):
+    """A pipeline instance's stub dies: the model is reloaded beside the old version (which 2.51
+    never unloads), and the old version's surviving stub is ended once idle, not kept until exit."""
+    watchdog = ModelWatchdog(server, idle_s=1.0)
+    assert watchdog.step() == []
+    first, survivor = server.stub_pids("refadgen")
+    os.kill(first, signal.SIGKILL)
+    KILLED.append(first)
+    wait_until(lambda: first not in server.stub_pids(), 30, "the killed stub gone")
+    recovered = watchdog.step()
+    assert [r.model for r in recovered] == ["refadgen"] and recovered[0].ok, recovered
+    assert watchdog.retiring == [survivor]
+    wait_until(lambda: (watchdog.step(), survivor in watchdog.ended)[1], 60, "the old version's stub ended")
+    assert survivor not in server.stub_pids() and len(server.stub_pids("refadgen")) == INSTANCES
+    assert _generate(server.grpc_url, product, seed=4).image.shape == (160, 128, 3)
+
+
+def test_a_model_whose_shared_memory_grew_is_reloaded_and_shrinks(server, product, tmp_path):
+    """A stub's region grows to the largest tensor it carried and never shrinks: past the bound the
+    model is reloaded, its old stubs exit with their regions, and it serves on at the default size."""
+    from runtime.serving.server import SHM_DIR
+
+    def regions_mib(model):
+        stubs = [s for s in server.stubs() if s.model == model]
+        return sorted((SHM_DIR / s.region).stat().st_blocks * 512 / 2**20 for s in stubs)
+
+    watchdog = ModelWatchdog(server, shm_limit_bytes=16 << 20, idle_s=1.0)
+    assert watchdog.step() == []
+    big = tmp_path / "big.png"
+    big.write_bytes(product.read_bytes() + b"\0" * (24 << 20))  # PNG readers stop at IEND
+    assert _generate(server.grpc_url, big).image.shape == (160, 128, 3)
+    assert max(regions_mib("refadgen")) > 24
+    recovered = watchdog.step()
+    assert [r.model for r in recovered] == ["refadgen"] and "shared memory grew" in recovered[0].reason, recovered
+    wait_until(lambda: (watchdog.step(), max(regions_mib("refadgen")) <= 16)[1], 60, "the old stubs and regions gone")
+    assert len(regions_mib("refadgen")) == INSTANCES
+    assert _generate(server.grpc_url, product).image.shape == (160, 128, 3)
+
+
 def test_client_retries_through_a_stub_crash(server, product):
     """A retrying client sees no error when the watchdog repairs the model between its attempts:
     the watchdog starts only once the client's first attempt has failed, so a retry must happen."""
     expected = _generate(server.grpc_url, product, seed=9).image
+    watchdog = ModelWatchdog(server)
+    watchdog.step()
     (pid,) = server.stub_pids("refadgen_vae_decoder")
     os.kill(pid, signal.SIGKILL)
     KILLED.append(pid)
-    watchdog = ModelWatchdog(server.http_url, server.admin_headers)
     failed = threading.Event()
     stop = threading.Event()
 
@@ -249,7 +300,7 @@ def test_unload_during_traffic_finishes_in_flight_and_refuses_new(server, produc
             images = [f.result(timeout=300).image for f in in_flight]
             with pytest.raises(ServerUnavailableError, match="'refadgen' has no available versions") as refused:
                 _generate(server.grpc_url, product, seed=1)
-            assert ModelWatchdog(server.http_url, server.admin_headers).step() == [], "an operator's unload stays"
+            assert ModelWatchdog(server).step() == [], "an operator's unload stays"
             admin.load_model("refadgen", headers=server.admin_headers)
         finally:
             admin.close()

@@ -84,6 +84,9 @@ def test_every_config_carries_the_specs_tensors(pipeline, tiny):
         assert python.HasField("dynamic_batching")
         expected_delay = 1000 if name in definition.step_components else 0
         assert python.dynamic_batching.max_queue_delay_microseconds == expected_delay
+        policy = python.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == (64 if name in definition.step_components else 16), model
+        assert policy.default_timeout_microseconds == 60_000_000 and policy.timeout_action == mc.ModelQueuePolicy.REJECT
         assert _parse(files[f"{model}/configs/onnxruntime.pbtxt"]).platform == "onnxruntime_onnx"
         assert _parse(files[f"{model}/configs/tensorrt.pbtxt"]).platform == "tensorrt_plan"
         for flavour in NATIVE_FLAVOURS:
@@ -91,15 +94,37 @@ def test_every_config_carries_the_specs_tensors(pipeline, tiny):
     bls = _parse(files[f"{pipeline}/{CONFIG}"])
     assert {i.name for i in bls.input} == set(definition.options)
     assert {i.name for i in bls.input if not i.optional} == set(definition.required)
-    assert [o.name for o in bls.output] == ["image", "report"]
+    assert [o.name for o in bls.output] == ["image", "report", "png"]
+    assert bls.dynamic_batching.default_queue_policy.max_queue_size == 8
 
 
-def test_step_batching_can_be_switched_off(tiny):
+def test_step_batching_can_be_switched_off_and_the_queue_stays_bounded(tiny):
     definition = get_pipeline("refadgen")
     files = repository_files(tiny, ["refadgen"], RepositoryOptions(step_batching=False))
     for name in definition.specs(tiny):
-        batched = _parse(files[f"{model_name('refadgen', name)}/{CONFIG}"]).HasField("dynamic_batching")
-        assert batched == (name not in definition.step_components), name
+        config = _parse(files[f"{model_name('refadgen', name)}/{CONFIG}"])
+        merged = config.parameters[ConfigKey.BATCH_CALLS.value].string_value == "1"
+        assert merged == (name not in definition.step_components), name
+        assert config.dynamic_batching.default_queue_policy.max_queue_size >= 1, name
+
+
+def test_no_config_names_a_folder_of_this_host(tiny, tmp_path):
+    """What Triton serves to anyone (configs) holds no path: the run-time folders go to host.json,
+    which only the models read."""
+    import json
+
+    from runtime.serving.names import HOST_FILE, HostKey
+
+    options = RepositoryOptions(graphs_dir="/opt/graphs", runtime_root="/srv/adgen", weights="/srv/weights",
+                                cancel_dir="/tmp/cancel")
+    files = repository_files(tiny, ["refadgen"], options)
+    configs = [text for path, text in files.items() if path.endswith(".pbtxt")]
+    assert configs and not any(folder in text for text in configs for folder in ("/opt/", "/srv/", "/tmp/"))
+    assert json.loads(files[f"refadgen_unet/{HOST_FILE}"]) == {  # components: the weights' architecture too
+        HostKey.ROOT.value: "/srv/adgen", HostKey.GRAPHS_DIR.value: "/opt/graphs", HostKey.WEIGHTS.value: "/srv/weights"}
+    assert json.loads(files[f"refadgen/{HOST_FILE}"]) == {
+        HostKey.ROOT.value: "/srv/adgen", HostKey.WEIGHTS.value: "/srv/weights", HostKey.CANCEL_DIR.value: "/tmp/cancel"}
+    assert not any(path.endswith(HOST_FILE) for path in repository_files(tiny, ["refadgen"]))  # the committed one
 
 
 def _probe_spec(inputs=(("x", DType.FLOAT32, ("B", 4)),), outputs=(("y", DType.FLOAT32, ("B", 4)),), batch_max=4):
@@ -171,6 +196,10 @@ INVALID_CONFIGS: dict[str, tuple[Callable[[], object], str, str]] = {
                                    f"{QUEUE}.default_timeout_microseconds"),
     "pipeline instances 0": (_from_options(None, pipeline_instances=0), "refadgen", "instance_group[0].count"),
     "unknown config flavour": (_from_options("unet", flavour="tflite"), "refadgen_unet", "flavour"),
+    "component queue size 0": (_from_options("vae_decoder", component_queue_size=0), "refadgen_vae_decoder",
+                               f"{QUEUE}.max_queue_size"),
+    "component queue timeout 0": (_from_options("text_encoder", component_queue_timeout_s=0.0), "refadgen_text_encoder",
+                                  f"{QUEUE}.default_timeout_microseconds"),
     # rules over the built message, whichever field carries the value
     "reshape with another element count": (_mutated(lambda c: _set_reshape(c, [3])), "refadgen_unet",
                                            "input[sample].reshape.shape"),
@@ -189,6 +218,10 @@ INVALID_CONFIGS: dict[str, tuple[Callable[[], object], str, str]] = {
     "CPU instances naming GPUs": (_mutated(lambda c: c.instance_group[0].gpus.append(0)), "refadgen_unet", "instance_group[0].gpus"),
     "priority queue policy unbounded": (_mutated(lambda c: c.dynamic_batching.priority_queue_policy[1].SetInParent()),
                                         "refadgen_unet", "dynamic_batching.priority_queue_policy[1].max_queue_size"),
+    "Python model without a bounded queue": (_mutated(lambda c: c.ClearField("dynamic_batching"), "vae_decoder"),
+                                             "refadgen_vae_decoder", QUEUE),
+    "batch calls neither 0 nor 1": (_mutated(lambda c: _set_parameter(c, ConfigKey.BATCH_CALLS.value, "yes")), "refadgen_unet",
+                                    f"parameters[{ConfigKey.BATCH_CALLS.value}]"),
     "unknown adgen parameter": (_mutated(lambda c: _set_parameter(c, f"{PARAMETER_PREFIX}treads", "2")), "refadgen_unet",
                                 f"parameters[{PARAMETER_PREFIX}treads]"),
     "preset parameter unknown": (_mutated(lambda c: _set_parameter(c, ConfigKey.PRESET.value, "huge"), None), "refadgen",

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +22,15 @@ import pytest
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 
+import fixtures  # noqa: E402
 from triton_checks import delta, model_stats, wait_until  # noqa: E402
 
+from benchmarks.served import serve  # noqa: E402
 from runtime.api import load_pipeline  # noqa: E402
 from runtime.inputs.images import load_product  # noqa: E402
 from runtime.pipelines import get_pipeline  # noqa: E402
 from runtime.pipelines.refadgen import RefAdGenRequest  # noqa: E402
+from runtime.serving.names import ADMIN_KEY_ENV, HOST_FILE, HostKey  # noqa: E402
 from runtime.serving.remote import PipelineClient  # noqa: E402
 from runtime.serving.repository import RepositoryOptions  # noqa: E402
 from runtime.serving.serve import start_server  # noqa: E402
@@ -61,23 +59,15 @@ def server(tiny_graphs, cache_root):
     assert not started.leftover_regions()
 
 
-@pytest.fixture(scope="module")
-def product(tmp_path_factory):
-    from PIL import Image
-
-    h, w = 160, 128
-    rng = np.random.default_rng(7)
-    rgba = np.zeros((h, w, 4), dtype=np.uint8)
-    rgba[..., :3] = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    rgba[40:120, 30:100, 3] = 255
-    path = tmp_path_factory.mktemp("triton-product") / "product.png"
-    Image.fromarray(rgba, "RGBA").save(path)
-    return path
+product = fixtures.served_product()
 
 
 @pytest.fixture(scope="module")
 def client_side(server):
-    loaded = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=server.grpc_url)
+    # the server's random admin key lets the client-side loop register its shared memory
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ADMIN_KEY_ENV, server.admin_key)
+        loaded = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=server.grpc_url)
     try:
         yield loaded
     finally:
@@ -107,8 +97,12 @@ def test_three_loop_placements_give_the_same_image(server, client_side, ort_pipe
         assert np.array_equal(image, in_process), name
     report = in_server.report
     assert report["backend"] == "triton-bls" and len(report["timings_s"]["denoise_step"]["samples"]) == STEPS
-    # the server's Python models import the runtime this test imports, not another checkout
-    assert report["server"]["runtime_root"] == str(Path(__file__).resolve().parents[1])
+    # the server's Python models import the runtime this test imports, not another checkout; the
+    # folder is in the models' host.json, never in what the server answers
+    root = str(Path(__file__).resolve().parents[1])
+    assert json.loads((server.repository / "refadgen" / HOST_FILE).read_text())[HostKey.ROOT.value] == root
+    assert report["server"] == {"model": "refadgen", "instance": report["server"]["instance"]}
+    assert root not in json.dumps(report) and "machine" not in report
     assert report["product"]["path"] == "request:product"
 
 
@@ -263,35 +257,14 @@ def _wait_gone(pids, timeout_s=30):
     return [p for p in pids if _alive(p)]
 
 
-def _serve(cache_root, extra=(), timeout_s=300):
-    """`adgen serve` in a child process and the lines it printed up to "Ctrl-C ..." (fewer if it
-    exited or did not get there within `timeout_s`; at most 100)."""
-    env = {**os.environ, "ADGEN_CACHE": str(cache_root), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "serve", "--pipeline", "refadgen", "--preset", "tiny", "--instances", "1", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
-    )
-    printed: queue.Queue[str] = queue.Queue()
+KEY = "test-key-of-the-operator"
 
-    def read():  # ends when the child's stdout closes
-        for line in proc.stdout:
-            printed.put(line)
-        printed.put("")
 
-    threading.Thread(target=read, daemon=True).start()
-    lines = []
-    deadline = time.monotonic() + timeout_s
-    for _ in range(100):
-        try:
-            line = printed.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            break  # nothing printed in time
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("Ctrl-C"):
-            break
-    return proc, lines
+def _serve(cache_root):
+    """`adgen serve` with the operator's admin key (the client-side loop sends it to register its
+    shared memory); (process, printed lines)."""
+    served = serve(cache_root, extra=("--instances", "1"), env={ADMIN_KEY_ENV: KEY})
+    return served.proc, served.lines
 
 
 def _stubs_of(server_pid):
@@ -317,7 +290,9 @@ def test_serve_stops_cleanly_and_dies_with_its_parent(tiny_graphs, cache_root, p
         assert stubs, "no Python backend stubs under the server"
         arguments = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode().split("\0")
         prefix = next(a.split("shm-region-prefix-name=")[1] for a in arguments if "shm-region-prefix-name=" in a)
-        client = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=grpc_url)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(ADMIN_KEY_ENV, KEY)
+            client = load_pipeline("refadgen", preset="tiny", backend="triton", server_url=grpc_url)
         from runtime.api import generate
 
         generate(client, product=product, prompt="studio", steps=1)

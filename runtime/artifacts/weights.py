@@ -108,8 +108,11 @@ class WeightsSource:
     path: Path | None = None
     allow_random: frozenset[str] = field(default_factory=frozenset)
 
-    def describe(self) -> str:
-        return str(self.path) if self.path else f"random init (seed {self.seed})"
+    def describe(self, with_path: bool = True) -> str:
+        """The folder (only its name without `with_path`: what a server may tell a client), or the seed."""
+        if self.path is None:
+            return f"random init (seed {self.seed})"
+        return str(self.path) if with_path else f"weights folder {self.path.name}"
 
     def fingerprint(self, preset: str) -> str:
         """Hash of the file contents (real weights; plus the seed and the random parts, if any)

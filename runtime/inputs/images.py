@@ -6,10 +6,22 @@ field ("product", "mask", "width", ...) and the rule it broke.
 
 Choices, in one place:
 
-* Loading is lazy-first: `Image.open` only parses the header, so the pixel count is checked
-  against `max_pixels` before anything is decoded (decompression bombs). Pillow's own bomb
-  guard (`Image.MAX_IMAGE_PIXELS`, a global we do not change) is turned into an error and
-  reported as `InputError` too, so the effective cap is the smaller of the two.
+* Only PNG, JPEG (with MPO, the JPEG variant phones write) and WebP are opened, by Pillow's own
+  decoders: the formats product photos come in. Nothing else is even parsed: EPS, for one, is
+  rendered by an external program (Ghostscript), and every extra format is a decoder an attacker
+  can reach.
+* Loading is lazy-first: `Image.open` only parses the header, so everything about size is
+  checked before anything is decoded:
+  - the pixel count against `max_pixels` (decompression bombs). Pillow's own bomb guard
+    (`Image.MAX_IMAGE_PIXELS`, a global we do not change) is turned into an error and reported
+    as `InputError` too, so the effective cap is the smaller of the two;
+  - that the file holds enough data for the size its header claims: a PNG's deflate stream
+    cannot compress more than 1032:1, and a Huffman-coded JPEG spends at least one bit per 8x8
+    block, so a 100-byte file claiming 6000x6000 is refused unread (WebP lossless can code a
+    flat image in almost nothing: for it the next rule is the bound);
+  - with `decode_pixels` (what the canvas can use: `decode_budget`), a JPEG larger than that is
+    decoded reduced (libjpeg's 1/2, 1/4, 1/8 DCT scaling) and a PNG or WebP larger than that is
+    refused, so the decoded size is bounded by the canvas, not by the file.
 * Truncated files are rejected: this module never sets `ImageFile.LOAD_TRUNCATED_IMAGES`.
 * Only still images: animated GIF/PNG/WebP and multi-page TIFF are rejected. MPO (the JPEG
   variant many phones write, with a preview or depth image after the main picture) is not
@@ -29,6 +41,7 @@ Choices, in one place:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -43,6 +56,7 @@ from runtime.presets import Preset
 from runtime.specs.core import describe_array
 
 __all__ = [
+    "DECODED_FORMATS",
     "CLIP_MEAN",
     "CLIP_STD",
     "GREY",
@@ -54,6 +68,7 @@ __all__ = [
     "canvas_size",
     "check_canvas_size",
     "clip_pixels",
+    "decode_budget",
     "decode_mask",
     "from_model_image",
     "load_image",
@@ -61,6 +76,7 @@ __all__ = [
     "mask_values",
     "place_on_canvas",
     "placed_product",
+    "png_bytes",
     "product_only",
     "resize_mask",
     "resize_mask_nearest",
@@ -70,6 +86,17 @@ __all__ = [
 
 MAX_IMAGE_PIXELS = 40_000_000
 """Default cap on width * height of an input image, checked from the header before decoding."""
+
+DECODED_FORMATS = ("PNG", "JPEG", "WEBP")
+"""The Pillow formats `load_image` opens (a JPEG may open as MPO: more pictures after the primary one)."""
+FORMAT_NAMES = "PNG, JPEG or WebP"
+
+DECODE_SIDE_FACTOR = 4
+"""An image is decoded at most this many times the largest canvas side each way: past that the
+downscale to the canvas gains nothing from more pixels."""
+
+PNG_MAX_DEFLATE_RATIO = 1032  # deflate's best case: a 258-byte match in 2 bits
+JPEG_MIN_BITS_PER_BLOCK = 1  # Huffman codes are at least one bit: each 8x8 block's DC costs one
 
 GREY = 127
 """Neutral grey used to fill canvas area outside the placed product and to pad squares."""
@@ -84,15 +111,22 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 
-def load_image(
-    path: str | os.PathLike[str], field: str, max_pixels: int = MAX_IMAGE_PIXELS
-) -> Image.Image:
-    """Open a still image from a local path, safely, and return it decoded in mode RGB, RGBA,
-    L or LA (see the module docstring for how other modes are converted).
+def decode_budget(max_side: int) -> int:
+    """The most pixels `load_image` decodes for a canvas whose sides are at most `max_side`."""
+    return (DECODE_SIDE_FACTOR * max_side) ** 2
 
-    The pixel count from the header is checked against `max_pixels` before decoding. Raises
-    `InputError(field, ...)` when the file is missing, not a file, not an image, too large,
-    animated, truncated or corrupt, or in a mode that cannot be converted faithfully.
+
+def load_image(
+    path: str | os.PathLike[str], field: str, max_pixels: int = MAX_IMAGE_PIXELS, decode_pixels: int | None = None
+) -> Image.Image:
+    """Open a still PNG, JPEG or WebP image from a local path, safely, and return it decoded in
+    mode RGB, RGBA, L or LA (see the module docstring for how other modes are converted).
+
+    From the header, before decoding: the pixel count against `max_pixels`, the file's size
+    against the data that many pixels need, and, with `decode_pixels`, the decoded size (a JPEG
+    past it is decoded reduced, others are refused). Raises `InputError(field, ...)` when the
+    file is missing, not a file, not one of those formats, too large, animated, truncated or
+    corrupt, or in a mode that cannot be converted faithfully.
     """
     p = Path(path)
     if not p.exists():
@@ -104,9 +138,9 @@ def load_image(
         # Pillow's own bomb guard warns above Image.MAX_IMAGE_PIXELS: make that an error.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            im = Image.open(p)
+            im = Image.open(p, formats=DECODED_FORMATS)
         except UnidentifiedImageError:
-            raise InputError(field, "is not a recognized image file", str(p)) from None
+            raise InputError(field, f"is not a recognized image file: expected {FORMAT_NAMES}", str(p)) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise InputError(
                 field, f"has too many pixels: at most {max_pixels} allowed", str(e)
@@ -124,12 +158,15 @@ def load_image(
                     f"has too many pixels: at most {max_pixels} allowed",
                     f"{w}x{h} = {w * h}",
                 )
+            _check_data_holds_pixels(p, im, field)
             try:
                 frames = int(getattr(im, "n_frames", 1))
             except Exception as e:
                 raise InputError(field, "could not be read as an image", f"{type(e).__name__}: {e}") from None
             if frames > 1 and im.format != "MPO":
                 raise InputError(field, "expected a still image", f"{im.format} with {frames} frames")
+            if decode_pixels is not None and w * h > decode_pixels:
+                _decode_reduced(im, field, decode_pixels)
 
             if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone else flipped the global: do not accept
                 raise InputError(
@@ -151,6 +188,50 @@ def load_image(
             except Exception:
                 pass  # a broken EXIF block is not worth rejecting the picture for
             return _normalize_mode(im, field)
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+
+
+def _minimum_bytes(path: Path, im: Image.Image) -> int:
+    """The fewest bytes a file of `im`'s format can hold its header's size in (0: no bound)."""
+    w, h = im.size
+    if im.format == "PNG":
+        with open(path, "rb") as f:
+            ihdr = f.read(26)  # signature (8), chunk length and type (8), width, height, depth, colour type
+        depth, colour = ihdr[24], ihdr[25]
+        row = 1 + -(-w * _PNG_CHANNELS.get(colour, 1) * depth // 8)  # filter byte + samples
+        return h * row // PNG_MAX_DEFLATE_RATIO
+    if im.format in ("JPEG", "MPO"):
+        return -(-w // 8) * -(-h // 8) * JPEG_MIN_BITS_PER_BLOCK // 8
+    return 0
+
+
+def _check_data_holds_pixels(path: Path, im: Image.Image, field: str) -> None:
+    size, needed = path.stat().st_size, _minimum_bytes(path, im)
+    if size < needed:
+        w, h = im.size
+        raise InputError(
+            field, "holds less data than its header's size needs (truncated, or a decompression bomb)",
+            f"{w}x{h} {im.format} in {size} bytes, at least {needed} needed",
+        )
+
+
+def _decode_reduced(im: Image.Image, field: str, decode_pixels: int) -> None:
+    """Make a JPEG decode at the first DCT scale (1/2, 1/4, 1/8) within `decode_pixels`; refuse
+    other formats, which have no reduced decoding."""
+    w, h = im.size
+    if im.format in ("JPEG", "MPO"):
+        for k in (2, 4, 8):
+            if -(-w // k) * -(-h // k) <= decode_pixels:
+                im.draft(im.mode, (w // k, h // k))  # libjpeg decodes ceil(w / k) x ceil(h / k)
+                if im.size[0] * im.size[1] <= decode_pixels:
+                    return
+                break
+    raise InputError(
+        field, f"has more pixels than this preset's canvas can use: at most {decode_pixels} "
+        f"(a JPEG up to 64 times that is decoded reduced); scale it down first", f"{w}x{h} {im.format}",
+    )
 
 
 def _normalize_mode(im: Image.Image, field: str) -> Image.Image:
@@ -198,8 +279,6 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
     icc = im.info.get("icc_profile")
     if icc:
         try:
-            import io
-
             from PIL import ImageCms
 
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
@@ -244,6 +323,7 @@ def load_product(
     product_path: str | os.PathLike[str],
     mask_path: str | os.PathLike[str] | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    decode_pixels: int | None = None,
 ) -> Product:
     """Load the product photo and its mask.
 
@@ -259,14 +339,14 @@ def load_product(
     Raises InputError when the mask is missing, of another size, empty, or covers the whole
     image (then there is nothing left to generate).
     """
-    im = load_image(product_path, "product", max_pixels)
+    im = load_image(product_path, "product", max_pixels, decode_pixels)
     alpha = None
     if im.mode in ("RGBA", "LA"):
         alpha = np.asarray(im.getchannel("A"))
     rgb = np.array(im.convert("RGB"), dtype=np.uint8)
 
     if mask_path is not None:
-        m = load_image(mask_path, "mask", max_pixels)
+        m = load_image(mask_path, "mask", max_pixels, decode_pixels)
         if m.size != im.size:
             raise InputError(
                 "mask",
@@ -427,8 +507,9 @@ def placed_product(
 ) -> PlacedProduct:
     """Load the product (and its mask) and place it on its canvas: the size asked for, else its
     own when the preset allows it, else the preset's default. With `stretch` the canvas is the
-    size asked for or the preset's default, and the photo is stretched onto it."""
-    item = load_product(product, mask, max_pixels=max_pixels)
+    size asked for or the preset's default, and the photo is stretched onto it. At most
+    `decode_budget` of the preset's largest side is decoded."""
+    item = load_product(product, mask, max_pixels=max_pixels, decode_pixels=decode_budget(preset.max_side))
     if stretch:
         width, height = canvas_size(0, 0, width, height, preset)  # no own size to keep: asked for, else the default
         placed, placement = stretch_on_canvas(item, width, height)
@@ -552,11 +633,18 @@ def clip_pixels(
 
 def save_png(path: str | os.PathLike[str], rgb: np.ndarray, field: str = "output") -> None:
     """Write an (H, W, 3) uint8 array as a PNG. An unwritable path raises InputError(field)."""
-    _check_rgb(rgb, "save_png: rgb")
     try:
-        Image.fromarray(np.ascontiguousarray(rgb)).save(Path(path), format="PNG")
+        Path(path).write_bytes(png_bytes(rgb))
     except OSError as e:
         raise InputError(field, "could not be written", f"{path}: {e.strerror or e}") from None
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 array as the bytes of a PNG file."""
+    _check_rgb(rgb, "png_bytes: rgb")
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def _check_rgb(rgb: object, name: str) -> None:

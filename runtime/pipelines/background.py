@@ -39,6 +39,7 @@ from runtime.inputs.images import (
     MAX_IMAGE_PIXELS,
     PlacedProduct,
     Product,
+    decode_budget,
     decode_mask,
     load_image,
     product_only,
@@ -162,9 +163,10 @@ def load_reference(
     height: int,
     mask_path: str | Path | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    decode_pixels: int | None = None,
 ) -> Reference:
     """Load a reference ad for a width x height canvas (rules in the module docstring)."""
-    im = load_image(path, "reference", max_pixels)
+    im = load_image(path, "reference", max_pixels, decode_pixels)
     rw, rh = im.size
     if abs(rw * height - rh * width) > ASPECT_TOLERANCE * rh * width:
         raise InputError(
@@ -178,7 +180,7 @@ def load_reference(
         rgb[np.asarray(im.getchannel("A")) < MASK_THRESHOLD] = GREY
     mask = np.zeros((rh, rw), dtype=bool)
     if mask_path is not None:
-        m = load_image(mask_path, "reference_mask", max_pixels)
+        m = load_image(mask_path, "reference_mask", max_pixels, decode_pixels)
         if m.size != im.size:
             raise InputError("reference_mask", f"expected the reference's size {rw}x{rh}", f"{m.size[0]}x{m.size[1]}")
         mask = decode_mask(m)
@@ -223,7 +225,8 @@ class BackgroundDefinition(PipelineDefinition):
         def build(placed: PlacedProduct, schedule: Schedule) -> BackgroundRequest:
             canvas = placed.product
             ref = None if reference is None else load_reference(
-                reference, canvas.width, canvas.height, reference_mask, common.get("max_pixels", MAX_IMAGE_PIXELS)
+                reference, canvas.width, canvas.height, reference_mask, common.get("max_pixels", MAX_IMAGE_PIXELS),
+                decode_budget(preset.max_side),
             )
             return BackgroundRequest(
                 canvas, resolved, ref, 1.0 if style_scale is None else style_scale,

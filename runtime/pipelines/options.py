@@ -1,6 +1,6 @@
 """Every request option of `adgen generate`, defined once: its flags and argparse keywords. A
-pipeline names the ones it reads in `PipelineDefinition.options`; the CLI, the server's request
-tensors (runtime.serving.protocol) and the watchdog's canaries derive from this table."""
+pipeline names the ones it reads in `PipelineDefinition.options`; the CLI and the server's request
+tensors (runtime.serving.protocol) derive from this table."""
 
 from __future__ import annotations
 

@@ -19,9 +19,10 @@ so running it twice gives the same answer: an inference that failed with a retri
 full or timed out in the queue: 503 / UNAVAILABLE; connection refused or reset while the server
 restarts; a crashed stub the watchdog is replacing) is retried with capped exponential backoff
 (`RetryPolicy`); a refused request (400) or a client timeout never is. `retries` counts the
-retries made, by error class, and `on_retry` is called before each. When the server restricts
-its shared-memory and model-control endpoints (`adgen serve` with ADGEN_ADMIN_KEY set), the
-connection sends the key from `admin_key` or the ADGEN_ADMIN_KEY variable with those calls.
+retries made, by error class, and `on_retry` is called before each. The server restricts its
+shared-memory and model-control endpoints (`adgen serve` always does): the connection sends the
+key from `admin_key` or the ADGEN_ADMIN_KEY variable with those calls, and without the right key
+sends its tensors in the request instead of shared memory (`shm_refused`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ from runtime.serving.names import (
     ADMIN_KEY_ENV,
     CLIENT_REGION_PREFIX,
     GRPC_HEADER_PREFIX,
+    NOT_ANSWERING_MESSAGE,
+    NOT_READY_MESSAGES,
+    QUEUE_MESSAGES,
+    RESTRICTED_MESSAGE,
+    STUB_DEAD_MESSAGE,
     ConfigKey,
     read_parameters,
 )
@@ -101,14 +107,12 @@ class StatusRule:
     by_message: tuple[tuple[str, type[ServerError]], ...] = ()
 
 
-# Message fragments, consulted only where the status leaves the meaning open (observed on 2.51).
-NOT_READY = (  # a known model unloading or loading (restart, reload, an operator's unload): it passes
-    ("has no available versions", ServerUnavailableError),
-    ("is not ready", ServerUnavailableError),
-)
-RESTRICTED = ("is restricted, expecting header", ServerAccessError)
-STUB_DEAD = ("is not healthy", ServerUnavailableError)  # until the watchdog reloads the model
-QUEUE = (("exceeds maximum queue size", ServerBusyError), ("request timeout expired", ServerBusyError))
+# Where the status leaves the meaning open, the message decides (fragments in names.py).
+NOT_READY = tuple((fragment, ServerUnavailableError) for fragment in NOT_READY_MESSAGES)
+RESTRICTED = (RESTRICTED_MESSAGE, ServerAccessError)
+STUB_DEAD = (STUB_DEAD_MESSAGE, ServerUnavailableError)  # until the watchdog reloads the model
+RESTARTING = (NOT_ANSWERING_MESSAGE, ServerUnavailableError)  # adgen's front while tritonserver restarts
+QUEUE = tuple((fragment, ServerBusyError) for fragment in QUEUE_MESSAGES)
 
 STATUS_RULES: dict[str, StatusRule] = {
     # HTTP
@@ -116,7 +120,8 @@ STATUS_RULES: dict[str, StatusRule] = {
     "403": StatusRule(ServerAccessError),  # a restricted endpoint without the key
     "404": StatusRule(ServerRequestError, NOT_READY),  # an unknown model, or one with no version loaded now
     "500": StatusRule(ServerError, (STUB_DEAD, *NOT_READY)),  # the model failed; via BLS also a component's state
-    "503": StatusRule(ServerBusyError),  # queue full, or waited past the queue timeout
+    # queue full or waited past the queue timeout; behind adgen's front also a model not ready or a crashed stub
+    "503": StatusRule(ServerBusyError, (STUB_DEAD, RESTARTING, *NOT_READY)),
     # gRPC
     "StatusCode.INVALID_ARGUMENT": StatusRule(ServerRequestError, NOT_READY),
     "StatusCode.NOT_FOUND": StatusRule(ServerRequestError, NOT_READY),
@@ -125,7 +130,8 @@ STATUS_RULES: dict[str, StatusRule] = {
     "StatusCode.INTERNAL": StatusRule(ServerError, (STUB_DEAD, *NOT_READY)),
     # busy, a refused or reset connection (server restarting), and restricted endpoints all say UNAVAILABLE
     "StatusCode.UNAVAILABLE": StatusRule(ServerUnavailableError, (RESTRICTED, *QUEUE)),
-    "StatusCode.RESOURCE_EXHAUSTED": StatusRule(ServerBusyError),
+    # too many calls at once; a message over the server's cap is the request's fault
+    "StatusCode.RESOURCE_EXHAUSTED": StatusRule(ServerBusyError, (("larger than max", ServerRequestError),)),
     "StatusCode.DEADLINE_EXCEEDED": StatusRule(ServerError),  # the client timeout: the request may still run
 }
 # No status, or one not above: the message is all there is.
@@ -236,6 +242,7 @@ class TritonConnection:
         header = (GRPC_HEADER_PREFIX + ADMIN_HEADER) if self.endpoint.protocol == "grpc" else ADMIN_HEADER
         self.admin_headers = {header: key} if key else None
         self.use_shm = self.endpoint.local if use_shm is None else use_shm
+        self.shm_refused = False  # the server refused to register our regions (no key): tensors go inline
         self._local = threading.local()
         self._lock = threading.Lock()
         self._regions: list[_Region] = []
@@ -343,6 +350,20 @@ class TritonConnection:
     def _infer_once(
         self, model: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, tuple[tuple[int, ...], np.dtype]]
     ) -> dict[str, np.ndarray]:
+        try:
+            return self._infer_with(model, feed, outputs)
+        except ServerAccessError:
+            if not self.use_shm:
+                raise
+            # The server restricts shared memory and this client has not its key (`adgen serve`
+            # makes a random one by default): tensors go in the request instead.
+            self.use_shm = False
+            self.shm_refused = True
+            return self._infer_with(model, feed, outputs)
+
+    def _infer_with(
+        self, model: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+    ) -> dict[str, np.ndarray]:
         m = self._module
         arrays = {n: np.ascontiguousarray(a) for n, a in feed.items()}
         big = {n for n, a in arrays.items() if self.use_shm and a.nbytes >= SHM_MIN_BYTES}
@@ -373,10 +394,29 @@ class TritonConnection:
                 offset += _aligned(out_bytes[name])
             requested.append(requested_output)
         if self._grpc_client is not None:
-            result = self._call(model, self._grpc_client.infer, model, inputs, outputs=requested, client_timeout=self.timeout_s)
+            result = self._call(model, self._grpc_infer, model, inputs, requested)
         else:
             result = self._call(model, self.client().infer, model, inputs, outputs=requested)
         return {name: self._output(result, name, out_region, out_offsets.get(name)) for name in outputs}
+
+    def _grpc_infer(self, model: str, inputs: list, outputs: list) -> Any:
+        """One gRPC inference that a Ctrl-C (any exception while waiting) cancels on the server too."""
+        done = threading.Event()
+        answer: dict[str, Any] = {}
+
+        def callback(result: Any, error: Any) -> None:
+            answer["result"], answer["error"] = result, error
+            done.set()
+
+        call = self._grpc_client.async_infer(model, inputs, callback, outputs=outputs, client_timeout=self.timeout_s)
+        try:
+            done.wait()
+        except BaseException:
+            call.cancel()
+            raise
+        if answer["error"] is not None:
+            raise answer["error"]
+        return answer["result"]
 
     def _output(self, result: Any, name: str, region: _Region | None, offset: int | None) -> np.ndarray | None:
         if offset is None:

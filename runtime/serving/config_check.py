@@ -91,6 +91,10 @@ def _model(config: mc.ModelConfig, path: str, message: mc.ModelConfig) -> None:
             seen[tensor.name] = kind
     for key, value in config.parameters.items():
         _parameter(config, path, key, value.string_value)
+    if config.backend == "python" and not config.dynamic_batching.HasField("default_queue_policy"):
+        # adgen's: an unbounded queue takes every request a client sends (300 accepted, 183 pending)
+        _fail(config, path, "dynamic_batching.default_queue_policy",
+              "every Python-backend model of ours needs a bounded queue (max_queue_size, timeout, REJECT)", "none")
 
 
 def _parameter(config: mc.ModelConfig, path: str, key: str, value: str) -> None:
@@ -125,6 +129,7 @@ PARAMETER_VALUES: dict[ConfigKey, tuple[Callable[[str], bool], str]] = {
     ConfigKey.SPEC_HASH: (bool, "expected the spec's hash"),
     ConfigKey.SPECS_HASH: (bool, "expected the specs' hash"),
     ConfigKey.THREADS: (lambda v: _is_int(v, 0), "expected an integer >= 0 (0: ONNX Runtime's default)"),
+    ConfigKey.BATCH_CALLS: (lambda v: v in ("0", "1"), "expected 0 or 1"),
     ConfigKey.INIT_SEED: (lambda v: _is_int(v, 0), "expected an integer >= 0"),
 }
 

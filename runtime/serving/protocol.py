@@ -8,8 +8,10 @@ A file option (the product photo, its mask) travels as the file's bytes, never a
 server writes the bytes to a private temporary file and runs the pipeline's own `prepare` on it,
 so every image check of the command line applies in the server too.
 
-The response is the same for every pipeline: `image` (H, W, 3) uint8 and `report` (1,) BYTES
-holding the JSON report.
+The response is the same for every pipeline: `image` (H, W, 3) uint8, `report` (1,) BYTES
+holding the JSON report and `png` (1,) BYTES, the image as a PNG file; the model computes only
+the outputs a request asks for (all three when it names none). The wire format, with curl and
+tritonclient examples, is docs/wire-format.md.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from runtime.errors import BackendError, InputError
+from runtime.inputs.images import png_bytes
 from runtime.pipelines.base import PipelineDefinition
 from runtime.pipelines.options import OPTIONS
 from runtime.specs.core import ComponentSpec, Dim
 
 IMAGE_OUTPUT = "image"
 REPORT_OUTPUT = "report"
+PNG_OUTPUT = "png"
 # A request tensor carrying a file is refused above this size (Triton 2.51 has no input cap).
 MAX_FILE_BYTES = 32 * 1024 * 1024
 MAX_TEXTS = 64  # a repeatable text tensor's longest accepted shape; the pipeline sets its own lower limit
@@ -198,8 +202,19 @@ def _texts(name: str, array: np.ndarray) -> list[str]:
     return texts
 
 
-def encode_response(image: np.ndarray, report: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {IMAGE_OUTPUT: image, REPORT_OUTPUT: np.array([json.dumps(report).encode()], dtype=np.object_)}
+RESPONSE_OUTPUTS = (IMAGE_OUTPUT, REPORT_OUTPUT, PNG_OUTPUT)
+
+
+def encode_response(
+    image: np.ndarray, report: Mapping[str, Any], outputs: Sequence[str] = RESPONSE_OUTPUTS
+) -> dict[str, np.ndarray]:
+    """The response tensors named in `outputs` (a PNG is encoded only when asked for)."""
+    encoders = {
+        IMAGE_OUTPUT: lambda: image,
+        REPORT_OUTPUT: lambda: np.array([json.dumps(report).encode()], dtype=np.object_),
+        PNG_OUTPUT: lambda: np.array([png_bytes(image)], dtype=np.object_),
+    }
+    return {name: encoders[name]() for name in outputs if name in encoders}
 
 
 def decode_response(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict]:

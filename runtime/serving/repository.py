@@ -13,18 +13,23 @@ pipeline and `<preset>/<pipeline>/` for the pipeline itself.
   read `1/model.onnx` / `1/model.plan`.
 * The pipeline model is a Python-backend (BLS) model running the pipeline's own orchestrator,
   whose components are calls to the component models.
+* Every Python-backend model has a bounded queue with a timeout (REJECT: 503 past either), the
+  dynamic batcher carrying it; a component whose calls must not be merged (the per-step model
+  with step batching off) runs the requests of one execution one by one (`adgen_batch_calls`).
 
 Tensor names, dtypes and dims come from the component specs; the pipeline model's request from
 `runtime.serving.protocol`. Every config is built as a `ModelConfig` message and checked whole
 (`config_check`), so a field the schema does not have, a value it cannot hold, or a config
 tritonserver would refuse fails here as a `ConfigError` naming model and field, not at server
-start. Run-time parameters (the graph folder, the folder `runtime` is imported from, weights)
-are empty in the committed repository and filled by `adgen serve`.
+start. This host's folders (the graphs, the folder `runtime` is imported from, the weights) are
+never in a config, which Triton serves to anyone: `adgen serve` writes them into `host.json`
+beside each config of its run-time copy; the committed repository has none.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -41,8 +46,16 @@ from runtime.pipelines import PIPELINES, get_pipeline
 from runtime.pipelines.base import PipelineDefinition
 from runtime.presets import PRESETS, Preset, get_preset
 from runtime.serving.config_check import check_config
-from runtime.serving.names import ConfigKey
-from runtime.serving.protocol import IMAGE_OUTPUT, REPORT_OUTPUT, OptionKind, batch_dim, model_name, request_tensors
+from runtime.serving.names import HOST_FILE, ConfigKey, HostKey
+from runtime.serving.protocol import (
+    IMAGE_OUTPUT,
+    PNG_OUTPUT,
+    REPORT_OUTPUT,
+    OptionKind,
+    batch_dim,
+    model_name,
+    request_tensors,
+)
 from runtime.specs.core import ComponentSpec, DType, Precision, TensorSpec, specs_hash
 
 CONFIG = "config.pbtxt"
@@ -69,11 +82,13 @@ NATIVE_FLAVOURS = ("python_cuda", "onnxruntime", "tensorrt")
 
 @dataclass(frozen=True)
 class RepositoryOptions:
-    """What `adgen serve` fills in; the defaults are what is committed."""
+    """What `adgen serve` fills in; the defaults are what is committed. The first four are this
+    host's folders: they go to each model's host.json, never into a config."""
 
     graphs_dir: str = ""  # folder from `adgen export` (or the cache) holding <component>.onnx
     runtime_root: str = ""  # folder the Python models import `runtime` from ("" = installed package)
     weights: str = ""  # weights folder ("" = random init from init_seed): the tokenizer depends on it
+    cancel_dir: str = ""  # where the HTTP front marks requests whose client left ("" = none)
     init_seed: int = 0
     precision: Precision = Precision.FP32
     pipeline_instances: int = 4  # requests one pipeline model runs at once (one stub process each)
@@ -84,8 +99,19 @@ class RepositoryOptions:
     # pile up; a request still queued after the timeout is answered 503 too (REJECT).
     pipeline_queue_size: int = 8  # whole requests waiting for a pipeline instance
     step_queue_size: int = 64  # step calls waiting for the per-step model
+    component_queue_size: int = 16  # calls waiting for any other component model
     pipeline_queue_timeout_s: float = 120.0
     step_queue_timeout_s: float = 60.0
+    component_queue_timeout_s: float = 60.0
+
+    def host(self, *keys: HostKey) -> dict[str, str]:
+        """The host.json entries of a model that reads `keys` (empty when none is set)."""
+        values = {
+            HostKey.ROOT: self.runtime_root, HostKey.GRAPHS_DIR: self.graphs_dir,
+            HostKey.WEIGHTS: self.weights, HostKey.CANCEL_DIR: self.cancel_dir,
+        }
+        entries = {key.value: values[key] for key in keys}
+        return entries if any(entries.values()) else {}
 
 
 def _shape(shape: tuple[int | str, ...]) -> dict:
@@ -170,18 +196,22 @@ def component_config(
     config.input.extend(_tensor(mc.ModelInput, model, t, skip) for t in spec.inputs)
     config.output.extend(_tensor(mc.ModelOutput, model, t, skip) for t in spec.outputs)
     is_step = spec.name in definition.step_components
-    if batch and (options.step_batching or not is_step):
+    merged = options.step_batching or not is_step  # may one execution's requests run as one call?
+    python = flavour in ("python", "python_cuda")
+    if batch and merged:
         # Steps of concurrent requests wait briefly for each other; once-per-request work never waits.
         delay = options.step_queue_delay_us if is_step else 0
         _put(model, config.dynamic_batching, "dynamic_batching.max_queue_delay_microseconds", delay)
-    if is_step and flavour in ("python", "python_cuda") and config.HasField("dynamic_batching"):
-        # Bounded queue on the per-step model (the one every request calls `steps` times). Only on
-        # our Python-backend configs: the native ones are for the NGC image, tuned there. Without
-        # step batching there is no dynamic batcher to carry it (and adding one would batch).
-        _queue_policy(model, config.dynamic_batching, "dynamic_batching", options.step_queue_size, options.step_queue_timeout_s)
+    if python:
+        # Every model of ours has a bounded queue; the dynamic batcher carries it (native configs are
+        # for the NGC image, tuned there). Without batching it waits for nothing and, with
+        # adgen_batch_calls 0, the model runs what one execution brings one request at a time.
+        size, timeout = ((options.step_queue_size, options.step_queue_timeout_s) if is_step
+                         else (options.component_queue_size, options.component_queue_timeout_s))
+        _queue_policy(model, config.dynamic_batching, "dynamic_batching", size, timeout)
     gpu = flavour != "python"
     _instances(model, config, mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU, 1)
-    if flavour in ("python", "python_cuda"):
+    if python:
         config.backend = "python"
         _set_parameters(config, {
             ConfigKey.PIPELINE: definition.name,
@@ -189,11 +219,9 @@ def component_config(
             ConfigKey.PRECISION: options.precision.value,
             ConfigKey.COMPONENT: spec.name,
             ConfigKey.SPEC_HASH: spec.spec_hash(),
-            ConfigKey.GRAPHS_DIR: options.graphs_dir,
-            ConfigKey.ROOT: options.runtime_root,
             ConfigKey.PROVIDER: "CUDAExecutionProvider" if gpu else "CPUExecutionProvider",
             ConfigKey.THREADS: options.threads,
-            ConfigKey.WEIGHTS: options.weights,  # its configs define the architecture the spec was built at
+            ConfigKey.BATCH_CALLS: int(merged),
         })
     elif flavour == "onnxruntime":
         config.platform = "onnxruntime_onnx"
@@ -214,6 +242,7 @@ def pipeline_config(definition: PipelineDefinition, preset: Preset, options: Rep
         config.input.append(mc.ModelInput(name=t.name, data_type=OPTION_DTYPES[t.kind], dims=dims, optional=not t.required))
     config.output.append(mc.ModelOutput(name=IMAGE_OUTPUT, data_type=mc.TYPE_UINT8, dims=[-1, -1, 3]))
     config.output.append(mc.ModelOutput(name=REPORT_OUTPUT, data_type=mc.TYPE_STRING, dims=[1]))
+    config.output.append(mc.ModelOutput(name=PNG_OUTPUT, data_type=mc.TYPE_STRING, dims=[1]))
     _instances(model, config, mc.ModelInstanceGroup.KIND_CPU, options.pipeline_instances)
     # The scheduler that carries the queue policy; with max_batch_size 0 it never batches.
     _queue_policy(model, config.dynamic_batching, "dynamic_batching", options.pipeline_queue_size, options.pipeline_queue_timeout_s)
@@ -222,8 +251,6 @@ def pipeline_config(definition: PipelineDefinition, preset: Preset, options: Rep
         ConfigKey.PRESET: preset.name,
         ConfigKey.PRECISION: options.precision.value,
         ConfigKey.SPECS_HASH: specs_hash(definition.specs(preset, options.precision)),
-        ConfigKey.ROOT: options.runtime_root,
-        ConfigKey.WEIGHTS: options.weights,
         ConfigKey.INIT_SEED: options.init_seed,
     })
     return check_config(config)
@@ -232,18 +259,22 @@ def pipeline_config(definition: PipelineDefinition, preset: Preset, options: Rep
 MODEL_PY = '''"""Triton Python-backend model: {what}.
 
 Generated by `python -m runtime.serving.repository`; do not edit. The code is
-runtime.serving.triton_models.{cls}; the config parameter {root_key} (filled by `adgen serve`)
-names the folder `runtime` is imported from (the stub ignores PYTHONPATH).
+runtime.serving.triton_models.{cls}; "{root_key}" in the model's {host_file} (written by
+`adgen serve`) names the folder `runtime` is imported from (the stub ignores PYTHONPATH).
 """
 
 import json
+import os
 import sys
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        parameters = json.loads(args["model_config"]).get("parameters", {{}})
-        root = parameters.get("{root_key}", {{}}).get("string_value", "")
+        host = os.path.join(args["model_repository"], "{host_file}")
+        root = ""
+        if os.path.isfile(host):
+            with open(host) as f:
+                root = json.load(f).get("{root_key}", "")
         if root and root not in sys.path:
             sys.path.insert(0, root)
         from runtime.serving.triton_models import {cls}
@@ -275,11 +306,22 @@ def repository_files(
             for flavour in NATIVE_FLAVOURS:
                 files[f"{folder}/configs/{flavour}.pbtxt"] = render(component_config(definition, spec, preset, options, flavour))
             what = f"{name} component {spec.name} on ONNX Runtime"
-            files[f"{folder}/{VERSION}/model.py"] = MODEL_PY.format(what=what, cls="ComponentModel", root_key=ConfigKey.ROOT.value)
+            files[f"{folder}/{VERSION}/model.py"] = _model_py(what, "ComponentModel")
+            _host_file(files, folder, options.host(HostKey.ROOT, HostKey.GRAPHS_DIR, HostKey.WEIGHTS))
         what = f"the {name} pipeline (BLS: its orchestrator calling the component models)"
         files[f"{name}/{CONFIG}"] = render(pipeline_config(definition, preset, options))
-        files[f"{name}/{VERSION}/model.py"] = MODEL_PY.format(what=what, cls="PipelineModel", root_key=ConfigKey.ROOT.value)
+        files[f"{name}/{VERSION}/model.py"] = _model_py(what, "PipelineModel")
+        _host_file(files, name, options.host(HostKey.ROOT, HostKey.WEIGHTS, HostKey.CANCEL_DIR))
     return files
+
+
+def _model_py(what: str, cls: str) -> str:
+    return MODEL_PY.format(what=what, cls=cls, root_key=HostKey.ROOT.value, host_file=HOST_FILE)
+
+
+def _host_file(files: dict[str, str], folder: str, entries: Mapping[str, str]) -> None:
+    if entries:
+        files[f"{folder}/{HOST_FILE}"] = json.dumps(entries, indent=2) + "\n"
 
 
 def write_repository(

@@ -7,6 +7,9 @@ numpy and our packages through the virtual environment's `bin` first on PATH and
 PYTHONPATH; the server must die with its parent; a clean stop leaves no
 `/dev/shm/<prefix>*` region behind, so every server gets its own prefix and `stop` removes what
 a killed server left.
+
+Model control, shared memory, logging and trace are never open without a key: with none given, a
+random one is made for this server (`admin_key`, for its owner's own calls; never printed).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import ctypes
 import ctypes.util
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,7 +34,12 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.errors import BackendError
-from runtime.serving.names import ADMIN_HEADER, ADMIN_KEY_ENV, SERVER_REGION_PREFIX
+from runtime.serving.names import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    CANCEL_HEADER,
+    SERVER_REGION_PREFIX,
+)
 
 PR_SET_PDEATHSIG = 1
 SHM_DIR = Path("/dev/shm")
@@ -47,6 +56,39 @@ class Ports:
     http: int
     grpc: int
     metrics: int
+
+
+class Addressed:
+    """What a client connects to, for a service listening on `host` with `ports` (a wildcard
+    address is reached on loopback)."""
+
+    host: str
+    ports: Ports
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.ports.metrics}/metrics"
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One Python-backend stub process: the model it serves and its shared-memory region."""
+
+    pid: int
+    model: str
+    region: str
 
 
 def free_ports(host: str = "127.0.0.1", count: int = 3) -> list[int]:
@@ -115,12 +157,24 @@ def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
     return removed
 
 
+def interrupt(process: subprocess.Popen, timeout_s: float) -> int:
+    """SIGINT, then SIGKILL if `process` has not exited `timeout_s` later; its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    return process.returncode
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class TritonServer:
+class TritonServer(Addressed):
     """One tritonserver process on `repository`, bound to `host` (loopback by default).
 
         with TritonServer(repo) as server:      # started and ready
@@ -129,7 +183,7 @@ class TritonServer:
     Models are loaded at start (`--model-control-mode explicit --load-model=*`), so they can
     be unloaded and loaded again through the repository API later. The server gets SIGTERM when
     the thread that started it ends (PR_SET_PDEATHSIG follows the thread): start it from one that
-    lives as long as the server.
+    lives as long as the server. Its restricted endpoints take `admin_key` (random if not given).
     """
 
     def __init__(
@@ -157,28 +211,12 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         if admin_key is not None and (not admin_key or any(c in admin_key for c in ",:= \t\n")):
             raise BackendError(f"{ADMIN_KEY_ENV}: expected a non-empty key without ',', ':', '=' or whitespace")
-        self.admin_key = admin_key
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
 
     @property
     def admin_headers(self) -> dict[str, str]:
-        """Headers the restricted endpoints need ({} when they are not restricted)."""
-        return {ADMIN_HEADER: self.admin_key} if self.admin_key else {}
-
-    @property
-    def http_url(self) -> str:
-        return f"{self._client_host}:{self.ports.http}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self._client_host}:{self.ports.grpc}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self._client_host}:{self.ports.metrics}/metrics"
-
-    @property
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        """Headers the restricted endpoints need."""
+        return {ADMIN_HEADER: self.admin_key}
 
     def command(self) -> list[str]:
         inst = self.installation
@@ -197,12 +235,13 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--backend-config=python,shm-default-byte-size={self.shm_default_bytes}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            # the front's cancellation token reaches the model as a request parameter
+            f"--http-header-forward-pattern={CANCEL_HEADER}",
         ]
-        if self.admin_key:
-            # The key is on the server's command line (readable in /proc by this user and root):
-            # it guards the endpoints against other clients, not against local root.
-            restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
-            args += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+        # The key is on the server's command line (readable in /proc by this user and root): it
+        # guards the endpoints against other clients, not against local root.
+        restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
+        args += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         if inst.backends is not None:
             args.append(f"--backend-directory={self.workdir / 'backends'}")
         if inst.caches is not None:
@@ -285,20 +324,14 @@ class TritonServer:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 20) -> int | None:
-        """SIGINT (Triton unloads models and exits), SIGKILL after `timeout_s`; then remove this
-        server's shared-memory regions and work folder. Returns the exit code."""
+    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 20, stubs_grace_s: float = 10.0) -> int | None:
+        """SIGINT (Triton unloads models and exits), SIGKILL after `timeout_s`; stubs still alive
+        `stubs_grace_s` later are killed; then remove this server's shared-memory regions and work
+        folder. Returns the exit code."""
         code = None
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGINT)
-                try:
-                    self.process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(10)
-            code = self.process.returncode
-            self._wait_for_stubs()
+            code = interrupt(self.process, timeout_s)
+            self._wait_for_stubs(stubs_grace_s)
             for pid in self.stub_pids():  # a stub still alive after the wait (a loaded machine): end it
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -318,19 +351,23 @@ class TritonServer:
             time.sleep(0.1)
 
     def stub_pids(self, model: str | None = None) -> list[int]:
-        """Python backend stubs of this server (they carry its shm prefix on their command line),
-        or only those serving `model` (its model.py path is on the command line too)."""
-        needle = f"/{model}/1/model.py".encode() if model else b""
+        """Python backend stubs of this server, or only those serving `model`."""
+        return [stub.pid for stub in self.stubs() if model is None or stub.model == model]
+
+    def stubs(self) -> list[Stub]:
+        """The live Python backend stubs of this server: they carry its shm prefix on their command
+        line, after their model.py path (`<repository>/<model>/<version>/model.py`)."""
         found = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
-                cmdline = (proc / "cmdline").read_bytes()
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if self.shm_prefix.encode() in cmdline and b"triton_python_backend_stub" in cmdline and needle in cmdline:
-                found.append(int(proc.name))
+            if len(argv) > 2 and argv[0].endswith(b"triton_python_backend_stub") and argv[2].startswith(self.shm_prefix.encode()):
+                model = Path(argv[1].decode(errors="replace")).parent.parent.name
+                found.append(Stub(int(proc.name), model, argv[2].decode(errors="replace")))
         return found
 
     def leftover_regions(self) -> list[Path]:

@@ -42,7 +42,7 @@ def style_residual_names(preset: Preset) -> tuple[str, ...]:
 
 
 def _mask(name: str, doc: str) -> TensorSpec:
-    return TensorSpec(name, DType.FLOAT32, ("B", 1, "latent_h", "latent_w"), invariant=True, value_range=(0.0, 1.0), doc=doc)
+    return TensorSpec(name, DType.FLOAT32, ("B", 1, "latent_h", "latent_w"), invariant=True, limits=(0.0, 1.0), doc=doc)
 
 
 def style_branch_spec(preset: Preset, precision: Precision = Precision.FP32) -> ComponentSpec:
@@ -76,9 +76,9 @@ def background_unet_spec(preset: Preset, precision: Precision = Precision.FP32) 
                        doc="VAE latent of the product on grey (inpainting's masked-image latent)"),
             _mask("product_mask", "1 on the product, at latent size (nearest)"),
             text_embeds_input(preset, f, doc='"a photo of C in the background of D"'),
-            TensorSpec("class_tokens", DType.FLOAT32, ("B", t.max_length), invariant=True, value_range=(0.0, 1.0),
+            TensorSpec("class_tokens", DType.FLOAT32, ("B", t.max_length), invariant=True, limits=(0.0, 1.0),
                        doc="1 at the token positions of C; only product positions attend to them"),
-            TensorSpec("identifier_tokens", DType.FLOAT32, ("B", t.max_length), invariant=True, value_range=(0.0, 1.0),
+            TensorSpec("identifier_tokens", DType.FLOAT32, ("B", t.max_length), invariant=True, limits=(0.0, 1.0),
                        doc="1 at the token positions of D; only background positions attend to them"),
             *skip_residuals("style", preset, f, invariant=True, doc=STYLE_DOC),
             scale_input("style_scale", "weight of the style residuals (0: category-common branch alone)"),

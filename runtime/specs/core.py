@@ -126,7 +126,11 @@ class TensorSpec:
     dtype: DType
     shape: tuple[int | str, ...]
     invariant: bool = False  # constant for every step of one request: compute once, reuse
-    value_range: tuple[float, float] | None = None  # for sample inputs of index tensors
+    value_range: tuple[float, float] | None = None  # where sample inputs are drawn (default: `limits`, else [-1, 1])
+    # Values outside [lo, hi] are refused at a server's boundary (`validate_inputs(check_values=True)`):
+    # token ids within the vocabulary, timesteps within the schedule, masks within [0, 1]. A rule on
+    # values, not on the graph's I/O, so it is not part of the spec hash (graphs stay cached).
+    limits: tuple[float, float] | None = None
     doc: str = ""
 
     def describe(self) -> str:
@@ -211,16 +215,16 @@ class ComponentSpec:
         for t in self.inputs:
             shape = self.shape(t, env)
             if t.dtype in (DType.INT64, DType.INT32):
-                lo, hi = t.value_range or (0, 2)
+                lo, hi = t.value_range or ((t.limits[0], t.limits[1] + 1) if t.limits else (0, 2))  # [lo, hi)
                 feed[t.name] = rng.integers(int(lo), int(hi), size=shape).astype(t.dtype.numpy)
             else:
-                lo, hi = t.value_range or (-1.0, 1.0)
+                lo, hi = t.value_range or t.limits or (-1.0, 1.0)
                 feed[t.name] = rng.uniform(lo, hi, size=shape).astype(t.dtype.numpy)
         return feed
 
     def validate_inputs(self, feed: Mapping[str, np.ndarray], check_values: bool = True) -> dict[str, int]:
         """Check names, dtypes, shapes and bounds of a feed (and, with `check_values`, that floats
-        are finite); return the bound dim values."""
+        are finite and every tensor with `limits` lies within them); return the bound dim values."""
         missing = [n for n in self.input_names if n not in feed]
         extra = [n for n in feed if n not in self.input_names]
         if missing or extra:
@@ -233,9 +237,18 @@ class ComponentSpec:
                 env[d.name] = d.value(env)
         for t in self.inputs:
             self._check(t, feed[t.name], env)
-            if check_values and t.dtype in (DType.FLOAT32, DType.FLOAT16) and not np.isfinite(feed[t.name]).all():
-                raise SpecError(self.name, t.name, "finite values", "NaN or Inf")
+            if check_values:
+                self._check_values(t, feed[t.name])
         return env
+
+    def _check_values(self, t: TensorSpec, array: np.ndarray) -> None:
+        if t.dtype.is_float and not np.isfinite(array).all():
+            raise SpecError(self.name, t.name, "finite values", "NaN or Inf")
+        if t.limits is not None and array.size:
+            lo, hi = array.min(), array.max()
+            if lo < t.limits[0] or hi > t.limits[1]:
+                expected = f"values in [{_number(t.limits[0])}, {_number(t.limits[1])}]"
+                raise SpecError(self.name, t.name, expected, f"values in [{_number(lo)}, {_number(hi)}]")
 
     def validate_outputs(self, outputs: Mapping[str, np.ndarray], env: Mapping[str, int]) -> None:
         """Check that a backend returned every output with the spec's name, dtype and shape."""
@@ -298,6 +311,12 @@ class ComponentSpec:
 
 def _tensor_dict(t: TensorSpec) -> dict:
     return {"name": t.name, "dtype": t.dtype.value, "shape": list(t.shape), "invariant": t.invariant}
+
+
+def _number(value: object) -> str:
+    """An integral value without a fraction (`999`, not `999.0`); others as Python writes them."""
+    number = float(value)  # type: ignore[arg-type]
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def describe_array(array: object) -> str:

@@ -120,7 +120,7 @@ def layout_head_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
             *_features(preset, f),
             TensorSpec("text_features", f, ("B", "texts", preset.text.hidden_size), invariant=True,
                        doc="one feature per selling point; padded slots are ignored"),
-            TensorSpec("text_mask", DType.FLOAT32, ("B", "texts"), invariant=True, value_range=(0.0, 1.0),
+            TensorSpec("text_mask", DType.FLOAT32, ("B", "texts"), invariant=True, limits=(0.0, 1.0),
                        doc="1 for a real selling point, 0 for padding"),
         ),
         outputs=(

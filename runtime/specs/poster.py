@@ -54,7 +54,7 @@ def plannet_spec(preset: Preset, precision: Precision = Precision.FP32) -> Compo
                        doc="image_encoder output on the product canvas"),
             TensorSpec("text_features", f, ("B", "texts", preset.text.hidden_size), invariant=True,
                        doc="one pooled text_encoder vector per selling point"),
-            TensorSpec("text_mask", DType.FLOAT32, ("B", "texts"), invariant=True, value_range=(0.0, 1.0),
+            TensorSpec("text_mask", DType.FLOAT32, ("B", "texts"), invariant=True, limits=(0.0, 1.0),
                        doc="1 for a real selling point, 0 for padding"),
         ),
         outputs=(TensorSpec("layout_pred", f, ("B", "texts", 4),
@@ -73,7 +73,7 @@ def render_cond_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
     return ComponentSpec(
         name="render_cond",
         inputs=(
-            TensorSpec("layout_mask", DType.FLOAT32, ("B", 1, "height", "width"), invariant=True, value_range=(0.0, 1.0),
+            TensorSpec("layout_mask", DType.FLOAT32, ("B", 1, "height", "width"), invariant=True, limits=(0.0, 1.0),
                        doc="1 inside the planned text boxes, at canvas size"),
             TensorSpec("product_image", f, ("B", 3, "height", "width"), invariant=True,
                        doc="RGB in [-1, 1]: the product on grey at canvas size"),

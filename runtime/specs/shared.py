@@ -17,7 +17,7 @@ LATENT_TRAIN_STEPS = 1000  # SD 1.5's training timesteps: a U-Net's timestep inp
 
 def timestep_input(train_steps: int = LATENT_TRAIN_STEPS) -> TensorSpec:
     """The per-sample timestep every denoiser takes, (B,) float32 in [0, train_steps - 1]."""
-    return TensorSpec("timestep", DType.FLOAT32, ("B",), value_range=(0, train_steps - 1), doc="per sample")
+    return TensorSpec("timestep", DType.FLOAT32, ("B",), limits=(0, train_steps - 1), doc="per sample")
 
 
 def network_batch(preset: Preset) -> Dim:
@@ -134,7 +134,7 @@ def text_encoder_spec(preset: Preset, precision: Precision = Precision.FP32) -> 
     t = preset.text
     return ComponentSpec(
         name="text_encoder",
-        inputs=(TensorSpec("input_ids", DType.INT64, ("B", t.max_length), value_range=(0, t.vocab_size)),),
+        inputs=(TensorSpec("input_ids", DType.INT64, ("B", t.max_length), limits=(0, t.vocab_size - 1)),),
         outputs=(TensorSpec("text_embeds", precision.float_dtype, ("B", t.max_length, t.hidden_size)),),
         dims=(network_batch(preset),),
         doc="CLIP text encoder: token ids -> last hidden state (the U-Net's cross-attention context).",
