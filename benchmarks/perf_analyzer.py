@@ -9,10 +9,15 @@ from PyPI (nothing else of it is installed), extracts the binary, links the two 
 (libb64, libcudart) from the nvidia-pytriton wheel's bundled libraries, and writes DIR/perf_analyzer,
 a wrapper that finds them. `.ci/run` does this, so the tests can run it.
 
-`compare`: starts `adgen serve` for the model's pipeline (or uses --url), writes the model's input
-data with `adgen perf-inputs`, and for each concurrency measures, in alternating rounds, perf_analyzer
-(count windows) and adgen's client (the same tensors, gRPC, N threads each sending one call at a time)
-for the same model. Prints p50/p99 and throughput of each and appends JSON lines to --out.
+`compare`: for each `--setup` (a server configuration, started per round: `adgen serve` with its
+fronts, or tritonserver alone with or without Triton's queue policy on the model), writes the model's
+input data with `adgen perf-inputs` and measures, per concurrency, perf_analyzer (count windows) and
+adgen's client (the same tensors over gRPC, N threads each sending one call at a time) on the same
+model. Rounds alternate the order of setups and tools. Prints medians of p50/p90/p99 and throughput
+and appends JSON lines to --out:
+
+    python -m benchmarks.perf_analyzer compare --preset tiny --model refadgen_unet --batch 2 \
+        --setup triton-policy --setup triton --setup front --concurrency 1 2 4 --rounds 2 --out results.jsonl
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ def run_perf_analyzer(binary: Path, model: str, url: str, data: Path, concurrenc
         report = Path(tmp) / "report.csv"
         command = [str(binary), "-m", model, "-u", url, "-i", "grpc", "--input-data", str(data),
                    "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-mode", "count_windows",
-                   "--measurement-request-count", str(requests), "--stability-percentage", "100",
+                   "--measurement-request-count", str(requests), "--stability-percentage", "999",
                    "--max-trials", "3", "--percentile", "99", "-f", str(report)]
         if batch:
             command += ["-b", str(batch)]
@@ -183,10 +188,59 @@ def feed_from_data(entry: dict, model: str, preset, batch: int | None) -> dict[s
     return feed
 
 
+# Triton's own bounded queue as the repository carried it before the fronts kept the bounds
+# (runtime/serving/admission.py): what "triton-policy" puts back on the measured model.
+OLD_POLICY = ("dynamic_batching {\n  default_queue_policy {\n    timeout_action: REJECT\n"
+              "    default_timeout_microseconds: 60000000\n    max_queue_size: 64\n  }")
+SETUPS = {
+    "triton-policy": "tritonserver alone, the model with Triton's default_queue_policy (size 64, 60 s, REJECT)",
+    "triton": "tritonserver alone, no queue policy (no bound at all)",
+    "front": "adgen serve: its front keeps the bounds, no Triton queue policy (what ships)",
+}
+
+
+class Setup:
+    """One server configuration for the measured model, started and stopped per round."""
+
+    def __init__(self, name: str, pipeline: str, preset: str, model: str, options):
+        self.name, self.pipeline, self.preset, self.model, self.options = name, pipeline, preset, model, options
+        self.stop = lambda: None
+
+    def start(self) -> str:
+        """Start it; its gRPC host:port."""
+        from runtime.serving.serve import Service, write_runtime_repository
+        from runtime.serving.server import TritonServer
+
+        if self.name == "front":
+            service = Service([self.pipeline], self.preset, options=self.options, watchdog_interval_s=0, progress=say)
+            service.start()
+            self.stop = service.stop
+            return service.grpc_url
+        folder = Path(tempfile.mkdtemp(prefix="adgen-perf-"))
+        repository = write_runtime_repository(folder / "repository", [self.pipeline], self.preset, options=self.options,
+                                              progress=say)
+        if self.name == "triton-policy":
+            config = repository / self.model / "config.pbtxt"
+            text = config.read_text()
+            if "dynamic_batching {" not in text:
+                raise SystemExit(f"{self.model} has no dynamic batcher to carry a queue policy")
+            config.write_text(text.replace("dynamic_batching {", OLD_POLICY, 1))
+        (folder / "run").mkdir()
+        server = TritonServer(repository, workdir=folder / "run", remove_workdir=False).start(600.0, say)
+
+        def stop() -> None:
+            server.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+
+        self.stop = stop
+        return server.grpc_url
+
+
 def compare(args: argparse.Namespace) -> int:
     from benchmarks.measure import append_jsonl, provenance
     from runtime.presets import get_preset
     from runtime.serving.perf_inputs import served_models, write_perf_input_data
+    from runtime.serving.repository import RepositoryOptions
 
     binary = find_perf_analyzer(args.perf_analyzer)
     if binary is None:
@@ -195,47 +249,46 @@ def compare(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     definition, spec = served_models(preset)[args.model]
     batch = args.batch if spec is not None else None
-    server = None
-    url = args.url
-    if url is None:
-        from runtime.serving.repository import RepositoryOptions
-        from runtime.serving.serve import start_server
-
-        server = start_server([definition.name], args.preset, RepositoryOptions(
-            step_batching=not args.no_step_batching, queue_policy=not args.no_queue_policy), progress=say)
-        url = server.grpc_url
-    records = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            data = write_perf_input_data(args.model, preset, Path(tmp) / "data.json", steps=args.steps)
-            feed = feed_from_data(json.loads(data.read_text())["data"][0], args.model, preset, batch)
-            run_adgen_client(args.model, url, feed, 1, 3)  # warm-up
-            print(f"{args.model} at {args.preset}, batch {batch or '-'}, {args.requests} calls per measurement, "
-                  f"{args.rounds} rounds alternating")
-            print("| concurrency | tool | p50 ms | p90 ms | p99 ms | calls/s x batch | p99 / p50 |")
-            print("|---:|---|---:|---:|---:|---:|---:|")
-            for concurrency in args.concurrency:
-                samples: dict[str, list[dict]] = {"perf_analyzer": [], "adgen client": []}
-                for r in range(args.rounds):
-                    order = ["perf_analyzer", "adgen client"][:: 1 if r % 2 == 0 else -1]
-                    for tool in order:
-                        if tool == "perf_analyzer":
-                            samples[tool].append(run_perf_analyzer(binary, args.model, url, data, concurrency, batch,
-                                                                   args.requests))
-                        else:
-                            samples[tool].append(run_adgen_client(args.model, url, feed, concurrency, args.requests))
-                for tool, runs in samples.items():
-                    figures = {k: float(np.median([run[k] for run in runs])) for k in ("p50_ms", "p90_ms", "p99_ms", "per_s")}
-                    print(f"| {concurrency} | {tool} | {figures['p50_ms']:.1f} | {figures['p90_ms']:.1f} | "
-                          f"{figures['p99_ms']:.1f} | {figures['per_s']:.1f} | {figures['p99_ms'] / figures['p50_ms']:.2f} |",
-                          flush=True)
-                    records.append({"benchmark": "perf_analyzer_compare", "model": args.model, "preset": args.preset,
-                                    "batch": batch, "concurrency": concurrency, "tool": tool, **figures, "runs": runs,
-                                    "step_batching": not args.no_step_batching, "queue_policy": not args.no_queue_policy,
-                                    **provenance()})
-    finally:
-        if server is not None:
-            server.stop()
+    options = RepositoryOptions(step_batching=not args.no_step_batching, threads=args.threads)
+    setups = [Setup(name, definition.name, args.preset, args.model, options) for name in args.setup or ["front"]]
+    if args.url and len(setups) > 1:
+        say("--url measures one running server: give at most one --setup")
+        return 2
+    records, samples = [], {}
+    tools = ["perf_analyzer"] + ([] if args.no_adgen_client else ["adgen client"])
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_perf_input_data(args.model, preset, Path(tmp) / "data.json", steps=args.steps)
+        feed = feed_from_data(json.loads(data.read_text())["data"][0], args.model, preset, batch)
+        for r in range(args.rounds):
+            for setup in setups if r % 2 == 0 else setups[::-1]:
+                url = args.url or setup.start()
+                try:
+                    run_adgen_client(args.model, url, feed, 1, 5)  # warm-up
+                    for concurrency in args.concurrency:
+                        for tool in tools if r % 2 == 0 else tools[::-1]:
+                            if tool == "perf_analyzer":
+                                run = run_perf_analyzer(binary, args.model, url, data, concurrency, batch, args.requests)
+                            else:
+                                run = run_adgen_client(args.model, url, feed, concurrency, args.requests)
+                            samples.setdefault((setup.name, concurrency, tool), []).append(run)
+                            say(f"round {r + 1} {setup.name} c={concurrency} {tool}: p50 {run['p50_ms']:.1f} ms, "
+                                f"p99 {run['p99_ms']:.1f} ms")
+                finally:
+                    if not args.url:
+                        setup.stop()
+    print(f"{args.model} at {args.preset}, batch {batch or '-'}, {args.requests} calls per measurement, medians of "
+          f"{args.rounds} rounds, setups alternating")
+    for name in (s.name for s in setups):
+        print(f"  {name}: {SETUPS[name]}")
+    print("| setup | concurrency | tool | p50 ms | p90 ms | p99 ms | calls/s x batch | p99 / p50 |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for (name, concurrency, tool), runs in samples.items():
+        figures = {k: float(np.median([run[k] for run in runs])) for k in ("p50_ms", "p90_ms", "p99_ms", "per_s")}
+        print(f"| {name} | {concurrency} | {tool} | {figures['p50_ms']:.1f} | {figures['p90_ms']:.1f} | "
+              f"{figures['p99_ms']:.1f} | {figures['per_s']:.1f} | {figures['p99_ms'] / figures['p50_ms']:.2f} |")
+        records.append({"benchmark": "perf_analyzer_compare", "model": args.model, "preset": args.preset, "batch": batch,
+                        "setup": name, "concurrency": concurrency, "tool": tool, **figures, "runs": runs,
+                        "step_batching": not args.no_step_batching, **provenance()})
     append_jsonl(args.out, records)
     return 0
 
@@ -253,10 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
     cmp_.add_argument("--requests", type=int, default=200, help="calls per measurement")
     cmp_.add_argument("--rounds", type=int, default=2)
-    cmp_.add_argument("--url", default=None, help="a running server's gRPC host:port (default: start one)")
+    cmp_.add_argument("--setup", action="append", choices=tuple(SETUPS),
+                      help="server configuration (repeat to compare; default: front). " +
+                      "; ".join(f"{k}: {v}" for k, v in SETUPS.items()))
+    cmp_.add_argument("--url", default=None, help="a running server's gRPC host:port (default: start one per setup)")
     cmp_.add_argument("--perf-analyzer", default=None, help="the binary (default: $ADGEN_PERF_ANALYZER, .tools/, PATH)")
     cmp_.add_argument("--no-step-batching", action="store_true", help="the started server without step batching")
-    cmp_.add_argument("--no-queue-policy", action="store_true", help="the started server without Triton queue policies")
+    cmp_.add_argument("--no-adgen-client", action="store_true", help="perf_analyzer only")
+    cmp_.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per component model (0: its default)")
     cmp_.add_argument("--out", type=Path, help="append JSON lines here")
     args = parser.parse_args(argv)
     if args.command == "install":

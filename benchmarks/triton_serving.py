@@ -40,6 +40,7 @@ from runtime.presets import PRESETS, get_preset
 from runtime.serving.protocol import model_name
 from runtime.serving.remote import PipelineClient
 from runtime.serving.repository import RepositoryOptions
+from runtime.serving.resident import ResidentBounds
 from runtime.serving.serve import start_server
 from runtime.specs.core import specs_hash
 
@@ -63,57 +64,98 @@ def in_process(pipeline: str, preset: str, cache_dir: Path | None) -> LoadedPipe
 
 
 def overhead(args: argparse.Namespace, records: list[dict]) -> None:
+    """Per-step time of the five placements, interleaved: in-process, and client-side and in-server
+    against two servers, one keeping per-request invariants (resident, what ships) and one not."""
     definition = get_pipeline(args.pipeline)
-    server = start_server([args.pipeline], args.preset, cache_dir=args.cache_dir,
-                          options=RepositoryOptions(pipeline_instances=1), progress=say)
-    local = client = remote = None
+    servers, loaded, remotes = {}, {}, {}
     try:
-        local = in_process(args.pipeline, args.preset, args.cache_dir)
-        client = load_pipeline(args.pipeline, preset=args.preset, backend="triton", server_url=server.grpc_url)
-        remote = PipelineClient(server.grpc_url)
+        for resident in (True, False):
+            options = RepositoryOptions(pipeline_instances=1, resident=ResidentBounds() if resident else None)
+            servers[resident] = start_server([args.pipeline], args.preset, cache_dir=args.cache_dir, options=options,
+                                             progress=say)
+        loaded["in-process"] = in_process(args.pipeline, args.preset, args.cache_dir)
         options = dict(product=args.product, prompt=PROMPTS[0], steps=args.steps, seed=0)
-        run = {
-            "in-process": lambda: generate(local, **options).report,
-            "client-side": lambda: generate(client, **options).report,
-            "in-server": lambda: remote.generate(definition, options).report,
-        }
-        samples: dict[str, list[float]] = {m: [] for m in MODES}
-        totals: dict[str, list[float]] = {m: [] for m in MODES}
-        unet: dict[str, dict[str, int]] = {m: {} for m in MODES[1:]}
+        run = {"in-process": lambda: generate(loaded["in-process"], **options).report}
+        where = {}
+        for resident, server in servers.items():
+            suffix = "" if resident else " (no resident)"
+            client = loaded[f"client-side{suffix}"] = load_pipeline(
+                args.pipeline, preset=args.preset, backend="triton", server_url=server.grpc_url)
+            remote = remotes[resident] = PipelineClient(server.grpc_url)
+            run[f"client-side{suffix}"] = _client_side(client, options)
+            run[f"in-server{suffix}"] = _in_server(remote, definition, options)
+            where[f"client-side{suffix}"] = where[f"in-server{suffix}"] = server
+        modes = list(run)
+        samples: dict[str, list[float]] = {m: [] for m in modes}
+        totals: dict[str, list[float]] = {m: [] for m in modes}
+        sent: dict[str, dict[str, int]] = {m: {} for m in modes[1:]}
+        unet: dict[str, dict[str, int]] = {m: {} for m in modes[1:]}
         for r in range(args.warmup + args.rounds):
-            order = MODES[r % 3:] + MODES[:r % 3]
-            for mode in order:
-                before = _unet_stats(server, args.pipeline)
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                before = _unet_stats(where[mode], args.pipeline) if mode in where else None
                 report = run[mode]()
-                if r >= args.warmup:
-                    samples[mode] += report["timings_s"]["denoise_step"]["samples"]
-                    totals[mode].append(report["timings_s"]["total"])
-                    if mode in unet:
-                        for k, v in _unet_stats(server, args.pipeline).items():
-                            unet[mode][k] = unet[mode].get(k, 0) + v - before[k]
+                if r < args.warmup:
+                    continue
+                samples[mode] += report["timings_s"]["denoise_step"]["samples"]
+                totals[mode].append(report["timings_s"]["total"])
+                if mode in where:
+                    for k, v in _unet_stats(where[mode], args.pipeline).items():
+                        unet[mode][k] = unet[mode].get(k, 0) + v - before[k]
+                    step = report["inputs_sent"][_step_component(args.pipeline)]
+                    for k, v in step.items():
+                        sent[mode][k] = sent[mode].get(k, 0) + v
     finally:
-        for closable in (local, client, remote):
-            if closable is not None:
-                closable.close()
-        server.stop()
+        for closable in (*loaded.values(), *remotes.values()):
+            closable.close()
+        for server in servers.values():
+            server.stop()
     base = float(np.median(samples["in-process"]))
-    print(f"\nper-step time, {args.pipeline} {args.preset}, {args.steps} steps x {args.rounds} rounds (after {args.warmup} warm-up), interleaved")
-    print(f"{'loop runs':<12} {'step p50 ms':>12} {'step p90 ms':>12} {'overhead':>9} {'request p50 s':>14}")
-    for mode in MODES:
-        s = np.array(samples[mode])
-        p50 = float(np.median(s))
-        print(f"{mode:<12} {1000 * p50:12.2f} {1000 * np.percentile(s, 90):12.2f} {100 * (p50 / base - 1):8.1f}% "
-              f"{np.median(totals[mode]):14.3f}")
+    print(f"\nper-step time, {args.pipeline} {args.preset}, {args.steps} steps x {args.rounds} rounds "
+          f"(after {args.warmup} warm-up), interleaved")
+    print(f"{'loop runs':<26} {'step p50 ms':>12} {'step p90 ms':>12} {'overhead':>14} {'request p50 s':>14} "
+          f"{'step input bytes':>17}")
+    for mode in modes:
+        values = np.array(samples[mode])
+        p50 = float(np.median(values))
+        per_call = sent[mode]["input_bytes"] / sent[mode]["calls"] if mode in sent else 0
+        print(f"{mode:<26} {1000 * p50:12.2f} {1000 * np.percentile(values, 90):12.2f} "
+              f"{1000 * (p50 - base):+7.2f} {100 * (p50 / base - 1):+5.1f}% {np.median(totals[mode]):14.3f} "
+              f"{per_call if mode in sent else float('nan'):17,.0f}")
         records.append({"benchmark": "triton_step_overhead", "mode": mode, "p50_s": p50, "overhead": p50 / base - 1,
-                        "samples_s": s.tolist(), "request_totals_s": totals[mode], "unet_stats": unet.get(mode)})
+                        "samples_s": values.tolist(), "request_totals_s": totals[mode], "unet_stats": unet.get(mode),
+                        "step_inputs_sent": sent.get(mode)})
     # The U-Net model's own time per step (Triton statistics): what remains of a step is transport,
     # scheduling and the loop itself, independent of how fast ONNX Runtime runs in which process.
-    print(f"\n{'loop runs':<12} {'step mean ms':>13} {'unet queue ms':>14} {'unet execute ms':>16} {'step - execute ms':>18}")
-    for mode in MODES[1:]:
+    print(f"\n{'loop runs':<26} {'step mean ms':>13} {'unet queue ms':>14} {'unet execute ms':>16} {'step - execute ms':>18}")
+    for mode in modes[1:]:
         u = unet[mode]
         step = 1000 * float(np.mean(samples[mode]))
         queue, execute = u["queue_ns"] / u["requests"] / 1e6, u["compute_infer_ns"] / u["requests"] / 1e6
-        print(f"{mode:<12} {step:13.2f} {queue:14.2f} {execute:16.2f} {step - execute:18.2f}")
+        print(f"{mode:<26} {step:13.2f} {queue:14.2f} {execute:16.2f} {step - execute:18.2f}")
+    print("step input bytes: mean bytes of inputs one step call carried (the first of a request carries the "
+          "invariants, the others only the latents and timestep when resident)")
+
+
+def _in_server(remote: PipelineClient, definition, options: dict):
+    def run() -> dict:
+        report = remote.generate(definition, options).report
+        return {**report, "inputs_sent": report["server"]["inputs_sent"]}
+    return run
+
+
+def _step_component(pipeline: str) -> str:
+    return get_pipeline(pipeline).step_components[-1]
+
+
+def _client_side(loaded: LoadedPipeline, options: dict):
+    """A client-side run whose report says what its step component's calls carried, as in-server reports do."""
+    def run() -> dict:
+        component = loaded.runner.components[_step_component(loaded.definition.name)]
+        before = component.resident.counts()
+        report = generate(loaded, **options).report
+        return {**report, "inputs_sent": {component.spec.name: {
+            k: v - before[k] for k, v in component.resident.counts().items()}}}
+    return run
 
 
 def throughput(args: argparse.Namespace, records: list[dict]) -> None:

@@ -189,12 +189,17 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per component model (default: its own)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to be ready")
     parser.add_argument("--queue-size", type=int, default=8,
-                        help="whole requests that may wait for a pipeline instance; past it: 503 at once (default 8)")
-    parser.add_argument("--step-queue-size", type=int, default=64, help="step calls that may wait for the U-Net (default 64)")
+                        help="whole requests that may wait in the front for a pipeline instance; past it: 503 at once (default 8)")
+    parser.add_argument("--step-queue-size", type=int, default=64, help="clients' step calls Triton holds for the U-Net at once; the front refuses more (default 64)")
     parser.add_argument("--component-queue-size", type=int, default=16,
-                        help="calls that may wait for any other component model (default 16)")
+                        help="clients' calls Triton holds for any other component model at once; the front refuses more (default 16)")
     parser.add_argument("--queue-timeout", type=float, default=120.0,
-                        help="seconds a request may wait in the pipeline queue before a 503 (default 120)")
+                        help="seconds a request may wait in the front for a pipeline instance before a 503 (default 120)")
+    parser.add_argument("--resident-mib", type=float, default=2048.0,
+                        help="MiB of per-request invariants (text embeddings, AFM K/V, ...) each component model keeps, "
+                             "so a request's steps after the first carry only the latents and timestep (default 2048)")
+    parser.add_argument("--no-resident", dest="resident", action="store_false",
+                        help="every step call carries the per-request invariants again")
     parser.add_argument("--max-request-mib", type=float, default=64.0,
                         help="largest request body (HTTP) or message (gRPC) accepted, in MiB (default 64)")
     parser.add_argument("--client-timeout", type=float, default=10.0,
@@ -354,6 +359,7 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
 
     from runtime.serving.front import MIB, FrontLimits
     from runtime.serving.repository import RepositoryOptions
+    from runtime.serving.resident import ResidentBounds
     from runtime.serving.serve import Service
     from runtime.serving.server import Ports
 
@@ -367,6 +373,8 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
             raise InputError(name, "expected at least 1", getattr(args, name))
     if not args.queue_timeout > 0:
         raise InputError("queue_timeout", "expected a number of seconds > 0", args.queue_timeout)
+    if not args.resident_mib > 0:
+        raise InputError("resident_mib", "expected a number of MiB > 0 (--no-resident: keep nothing)", args.resident_mib)
     if not args.max_request_mib > 0:
         raise InputError("max_request_mib", "expected a number of MiB > 0", args.max_request_mib)
     if not args.client_timeout > 0:
@@ -379,6 +387,7 @@ def _serve(args: argparse.Namespace, progress: TerminalProgress) -> int:
         step_queue_delay_us=args.step_queue_delay_us, threads=args.threads,
         pipeline_queue_size=args.queue_size, step_queue_size=args.step_queue_size,
         component_queue_size=args.component_queue_size, pipeline_queue_timeout_s=args.queue_timeout,
+        resident=ResidentBounds(mib=args.resident_mib) if args.resident else None,
     )
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
 

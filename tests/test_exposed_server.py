@@ -47,6 +47,9 @@ pytestmark = pytest.mark.triton
 
 CLIENT_TIMEOUT_S = 2
 COMPONENT_QUEUE = 2
+INSTANCES = 2
+PIPELINE_QUEUE = 2
+LONG_STEPS = 40  # a request that keeps an instance busy for a while on tiny
 MAX_REQUEST_MIB = 16
 RSS_BOUND_MIB = 200  # server + stubs may grow by at most this over the oversized requests
 
@@ -56,7 +59,8 @@ def served(tiny_export, cache_root):
     for pipeline in ("refadgen", "layout"):
         tiny_export(pipeline)
     started = serve(cache_root, pipelines=("refadgen", "layout"), extra=(
-        "--instances", "2", "--component-queue-size", str(COMPONENT_QUEUE), "--client-timeout", str(CLIENT_TIMEOUT_S),
+        "--instances", str(INSTANCES), "--queue-size", str(PIPELINE_QUEUE), "--component-queue-size", str(COMPONENT_QUEUE),
+        "--client-timeout", str(CLIENT_TIMEOUT_S),
         "--max-request-mib", str(MAX_REQUEST_MIB), "--watchdog-interval", "1"))
     try:
         assert started.ready, started.log()
@@ -299,6 +303,40 @@ def test_queue_full_on_a_component_model_answers_503_at_once(served, tiny_specs)
     assert busy and served_ok and len(busy) + len(served_ok) == burst, [a[1] for a in answers]
     assert all("queue" in message.lower() for _, (status, message), _ in answers if status == "503")
     assert min(busy) < max(served_ok), "refusals must not wait for the queue"
+
+
+def test_full_pipeline_queue_answers_503_at_once_and_triton_never_holds_more(served, product):
+    """The fronts keep the pipeline's bound (Triton carries no queue policy: it stalls on 2.51):
+    INSTANCES run, PIPELINE_QUEUE wait, the rest are refused at once, and Triton's statistics
+    show the refused ones never reached it."""
+    from runtime.errors import ServerBusyError
+
+    burst = 4 * (INSTANCES + PIPELINE_QUEUE)
+    outcomes: list[tuple[str, float]] = []
+    lock = threading.Lock()
+    before = model_stats(served.http_url, "refadgen")
+
+    def one(seed):
+        started = time.monotonic()
+        try:
+            with PipelineClient(served.grpc_url, retry=NO_RETRY) as client:
+                client.generate(get_pipeline("refadgen"), {"product": product, "prompt": "x", "steps": LONG_STEPS,
+                                                           "seed": seed})
+            outcome = "image"
+        except ServerBusyError:
+            outcome = "busy"
+        with lock:
+            outcomes.append((outcome, time.monotonic() - started))
+
+    with ThreadPoolExecutor(burst) as pool:
+        list(pool.map(one, range(burst)))
+    busy = [s for o, s in outcomes if o == "busy"]
+    images = [s for o, s in outcomes if o == "image"]
+    assert len(busy) + len(images) == burst
+    assert busy and len(images) >= INSTANCES, outcomes
+    assert max(busy) < min(images), "refusals came before the accepted requests finished"
+    after = model_stats(served.http_url, "refadgen")
+    assert after["success"] - before["success"] == len(images) and after["fail"] == before["fail"]  # refused ones never reached Triton
 
 
 def _unet(served) -> int:

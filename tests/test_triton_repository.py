@@ -21,6 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 from runtime.errors import ConfigError, InputError, SpecError  # noqa: E402
 from runtime.pipelines import PIPELINES, get_pipeline  # noqa: E402
 from runtime.presets import PRESETS, get_preset  # noqa: E402
+from runtime.serving.admission import Bound  # noqa: E402
 from runtime.serving.config_check import check_config  # noqa: E402
 from runtime.serving.names import PARAMETER_PREFIX, ConfigKey  # noqa: E402
 from runtime.serving.protocol import (  # noqa: E402
@@ -36,11 +37,13 @@ from runtime.serving.repository import (  # noqa: E402
     CONFIG,
     NATIVE_FLAVOURS,
     RepositoryOptions,
+    admission_bounds,
     component_config,
     pipeline_config,
     repository_files,
     write_repository,
 )
+from runtime.serving.resident import ResidentBounds
 from runtime.specs.core import ComponentSpec, Dim, DType, TensorSpec  # noqa: E402
 
 COMMITTED = Path(__file__).resolve().parents[1] / "model_repository"
@@ -84,9 +87,8 @@ def test_every_config_carries_the_specs_tensors(pipeline, tiny):
         assert python.HasField("dynamic_batching")
         expected_delay = 1000 if name in definition.step_components else 0
         assert python.dynamic_batching.max_queue_delay_microseconds == expected_delay
-        policy = python.dynamic_batching.default_queue_policy
-        assert policy.max_queue_size == (64 if name in definition.step_components else 16), model
-        assert policy.default_timeout_microseconds == 60_000_000 and policy.timeout_action == mc.ModelQueuePolicy.REJECT
+        # no queue policy: on 2.51 it stalls calls 0.5 s; the fronts keep the bounds (admission_bounds)
+        assert not python.dynamic_batching.HasField("default_queue_policy"), model
         assert _parse(files[f"{model}/configs/onnxruntime.pbtxt"]).platform == "onnxruntime_onnx"
         assert _parse(files[f"{model}/configs/tensorrt.pbtxt"]).platform == "tensorrt_plan"
         for flavour in NATIVE_FLAVOURS:
@@ -95,17 +97,60 @@ def test_every_config_carries_the_specs_tensors(pipeline, tiny):
     assert {i.name for i in bls.input} == set(definition.options)
     assert {i.name for i in bls.input if not i.optional} == set(definition.required)
     assert [o.name for o in bls.output] == ["image", "report", "png"]
-    assert bls.dynamic_batching.default_queue_policy.max_queue_size == 8
+    assert not bls.HasField("dynamic_batching")  # nothing to batch, no queue policy to carry
 
 
-def test_step_batching_can_be_switched_off_and_the_queue_stays_bounded(tiny):
+def test_every_served_model_has_an_admission_bound_from_the_options(tiny):
+    options = RepositoryOptions(pipeline_instances=3, pipeline_queue_size=5, pipeline_queue_timeout_s=9.0,
+                                step_queue_size=40, component_queue_size=7)
+    bounds = admission_bounds(tiny, ["refadgen", "layout"], options)
+    served = {model for path in repository_files(tiny, ["refadgen", "layout"], options) for model in [path.split("/")[0]]}
+    assert set(bounds) == served
+    assert bounds["refadgen"] == Bound(3, 5, 9.0)
+    assert bounds["refadgen_unet"].concurrency == 40 and bounds["layout_layout_head"].concurrency == 40  # per-step
+    assert bounds["refadgen_vae_decoder"] == Bound(7, 0, options.component_queue_timeout_s)
+
+
+@pytest.mark.parametrize("option, value, model", [
+    ("pipeline_queue_size", -1, "refadgen"), ("pipeline_queue_timeout_s", 0.0, "refadgen"),
+    ("pipeline_queue_timeout_s", math.nan, "refadgen"), ("pipeline_instances", 0, "refadgen"),
+    ("step_queue_size", 0, "refadgen_unet"), ("component_queue_size", 0, "refadgen_text_encoder"),
+    ("step_queue_timeout_s", -1.0, "refadgen_unet"),
+])
+def test_an_admission_bound_that_would_refuse_everything_or_nothing_fails_naming_model_and_option(tiny, option, value, model):
+    with pytest.raises(ConfigError, match=rf"{model}.*{option}"):
+        admission_bounds(tiny, ["refadgen"], RepositoryOptions(**{option: value}))
+
+
+def test_python_models_that_take_invariants_keep_them_and_native_platforms_require_every_input(tiny):
+    """runtime/serving/resident.py: a Python component model with invariant inputs declares them
+    optional (later calls of a request omit them) and its bounds; native flavours keep nothing."""
+    definition = get_pipeline("refadgen")
+    files = repository_files(tiny, ["refadgen"])
+    off = repository_files(tiny, ["refadgen"], RepositoryOptions(resident=None))
+    for name, spec in definition.specs(tiny).items():
+        model, invariant = model_name("refadgen", name), {t.name for t in spec.inputs if t.invariant}
+        for flavour_files, keeps in ((files, bool(invariant)), (off, False)):
+            python = _parse(flavour_files[f"{model}/{CONFIG}"])
+            assert {i.name for i in python.input if i.optional} == (invariant if keeps else set()), model
+            bounds = python.parameters[ConfigKey.RESIDENT.value].string_value
+            assert (ResidentBounds.parse(bounds) == RepositoryOptions().resident) if keeps else bounds == "", model
+        cuda = _parse(files[f"{model}/configs/python_cuda.pbtxt"])  # the same Python model on the GPU
+        assert {i.name for i in cuda.input if i.optional} == invariant, model
+        for flavour in ("onnxruntime", "tensorrt"):
+            native = _parse(files[f"{model}/configs/{flavour}.pbtxt"])
+            assert not any(i.optional for i in native.input), (model, flavour)
+    assert {i.name for i in _parse(files[f"refadgen_unet/{CONFIG}"]).input if not i.optional} == {"sample", "timestep"}
+
+
+def test_step_batching_can_be_switched_off(tiny):
     definition = get_pipeline("refadgen")
     files = repository_files(tiny, ["refadgen"], RepositoryOptions(step_batching=False))
     for name in definition.specs(tiny):
         config = _parse(files[f"{model_name('refadgen', name)}/{CONFIG}"])
         merged = config.parameters[ConfigKey.BATCH_CALLS.value].string_value == "1"
         assert merged == (name not in definition.step_components), name
-        assert config.dynamic_batching.default_queue_policy.max_queue_size >= 1, name
+        assert not config.dynamic_batching.HasField("default_queue_policy"), name
 
 
 def test_no_config_names_a_folder_of_this_host(tiny, tmp_path):
@@ -183,23 +228,11 @@ INVALID_CONFIGS: dict[str, tuple[Callable[[], object], str, str]] = {
     "dim below -1": (_from_spec(outputs=(("y", DType.FLOAT32, ("B", -2)),)), "refadgen_probe", "output[y].dims"),
     "batch-leading spec with batch max < 1": (_from_spec(batch_max=0), "refadgen_probe", "max_batch_size"),
     # invalid RepositoryOptions
-    "step queue size 0": (_from_options("unet", step_queue_size=0), "refadgen_unet", f"{QUEUE}.max_queue_size"),
-    "step queue timeout negative": (_from_options("unet", step_queue_timeout_s=-1.0), "refadgen_unet",
-                                    f"{QUEUE}.default_timeout_microseconds"),
     "step queue delay negative": (_from_options("unet", step_queue_delay_us=-5), "refadgen_unet",
                                   "dynamic_batching.max_queue_delay_microseconds"),
     "threads negative": (_from_options("vae_decoder", threads=-1), "refadgen_vae_decoder", THREADS),
-    "pipeline queue size 0": (_from_options(None, pipeline_queue_size=0), "refadgen", f"{QUEUE}.max_queue_size"),
-    "pipeline queue timeout 0": (_from_options(None, pipeline_queue_timeout_s=0.0), "refadgen",
-                                 f"{QUEUE}.default_timeout_microseconds"),
-    "pipeline queue timeout NaN": (_from_options(None, pipeline_queue_timeout_s=math.nan), "refadgen",
-                                   f"{QUEUE}.default_timeout_microseconds"),
     "pipeline instances 0": (_from_options(None, pipeline_instances=0), "refadgen", "instance_group[0].count"),
     "unknown config flavour": (_from_options("unet", flavour="tflite"), "refadgen_unet", "flavour"),
-    "component queue size 0": (_from_options("vae_decoder", component_queue_size=0), "refadgen_vae_decoder",
-                               f"{QUEUE}.max_queue_size"),
-    "component queue timeout 0": (_from_options("text_encoder", component_queue_timeout_s=0.0), "refadgen_text_encoder",
-                                  f"{QUEUE}.default_timeout_microseconds"),
     # rules over the built message, whichever field carries the value
     "reshape with another element count": (_mutated(lambda c: _set_reshape(c, [3])), "refadgen_unet",
                                            "input[sample].reshape.shape"),
@@ -218,10 +251,12 @@ INVALID_CONFIGS: dict[str, tuple[Callable[[], object], str, str]] = {
     "CPU instances naming GPUs": (_mutated(lambda c: c.instance_group[0].gpus.append(0)), "refadgen_unet", "instance_group[0].gpus"),
     "priority queue policy unbounded": (_mutated(lambda c: c.dynamic_batching.priority_queue_policy[1].SetInParent()),
                                         "refadgen_unet", "dynamic_batching.priority_queue_policy[1].max_queue_size"),
-    "Python model without a bounded queue": (_mutated(lambda c: c.ClearField("dynamic_batching"), "vae_decoder"),
-                                             "refadgen_vae_decoder", QUEUE),
+    "Python model with a queue policy (stalls on 2.51)": (
+        _mutated(lambda c: c.dynamic_batching.default_queue_policy.SetInParent(), "vae_decoder"), "refadgen_vae_decoder", QUEUE),
     "batch calls neither 0 nor 1": (_mutated(lambda c: _set_parameter(c, ConfigKey.BATCH_CALLS.value, "yes")), "refadgen_unet",
                                     f"parameters[{ConfigKey.BATCH_CALLS.value}]"),
+    "resident bounds that keep nothing": (_mutated(lambda c: _set_parameter(c, ConfigKey.RESIDENT.value, "0,2048,300")),
+                                          "refadgen_unet", f"parameters[{ConfigKey.RESIDENT.value}]"),
     "unknown adgen parameter": (_mutated(lambda c: _set_parameter(c, f"{PARAMETER_PREFIX}treads", "2")), "refadgen_unet",
                                 f"parameters[{PARAMETER_PREFIX}treads]"),
     "preset parameter unknown": (_mutated(lambda c: _set_parameter(c, ConfigKey.PRESET.value, "huge"), None), "refadgen",
@@ -291,7 +326,7 @@ class WrongOutputs:
     def __init__(self, outputs):
         self.outputs = outputs
 
-    def infer(self, model, feed, outputs):
+    def infer(self, model, feed, outputs, parameters=None):
         return self.outputs
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -159,8 +160,13 @@ def test_client_side_loops_batch_in_the_server_too(server, client_side, product,
         runner = loaded.runner
         alone = [runner([r], steps=STEPS).generated[0] for r in requests]
         before = _unet_stats(server)
+        # After each step the loops wait for one another, so their next U-Net calls reach the queue
+        # together: what is checked is that they CAN share an execution, not the threads' timing on CI.
+        aligned = threading.Barrier(len(requests), timeout=120)
         with ThreadPoolExecutor(len(requests)) as pool:  # HTTP: one client and one set of regions per thread
-            together = list(pool.map(lambda r: runner([r], steps=STEPS).generated[0], requests))
+            together = list(pool.map(
+                lambda r: runner([r], steps=STEPS, on_step=lambda i, n: aligned.wait()).generated[0], requests
+            ))
         d = delta(_unet_stats(server), before)
     finally:
         if loaded is not client_side:
@@ -329,3 +335,105 @@ def test_serve_stops_cleanly_and_dies_with_its_parent(tiny_graphs, cache_root, p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("model, batch, calls", [("refadgen_unet", 2, 20), ("refadgen", None, 2)])
+def test_perf_analyzer_sends_perf_inputs_data_the_server_accepts(server, tmp_path, model, batch, calls):
+    """The real perf_analyzer binary (`.ci/run` installs it; ADGEN_REQUIRE_PERF_ANALYZER=1: fail, not
+    skip, without it) sends `adgen perf-inputs` data; every call it makes is answered, none fails."""
+    from benchmarks.perf_analyzer import find_perf_analyzer, run_perf_analyzer
+    from runtime.presets import get_preset
+    from runtime.serving.perf_inputs import write_perf_input_data
+
+    binary = find_perf_analyzer()
+    if binary is None:
+        if os.environ.get("ADGEN_REQUIRE_PERF_ANALYZER") == "1":
+            pytest.fail("perf_analyzer not installed: python -m benchmarks.perf_analyzer install .tools/perf_analyzer")
+        pytest.skip("perf_analyzer not installed (python -m benchmarks.perf_analyzer install .tools/perf_analyzer)")
+    data = write_perf_input_data(model, get_preset("tiny"), tmp_path / "data.json", steps=STEPS if batch is None else None)
+    before = model_stats(server.http_url, model)
+    figures = run_perf_analyzer(binary, model, server.grpc_url, data, concurrency=1, batch=batch, requests=calls)
+    d = delta(model_stats(server.http_url, model), before)
+    assert d["fail"] == 0 and d["success"] >= calls, d
+    if batch:
+        assert d["inferences"] == batch * d["success"], d  # -b rows reached the model as one batch
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"], figures
+
+
+def _unet_feed(spec, seed=0):
+    from runtime.serving.protocol import to_wire
+
+    env = spec.env_at("opt", B=2)
+    return to_wire(spec, spec.sample_inputs(np.random.default_rng(seed), env))
+
+
+def test_in_server_steps_carry_the_invariants_once_per_request(server, product):
+    """The pipeline model's report says what its component calls carried: the U-Net got the text
+    embeddings and the AFM keys and values with the first step only."""
+    from runtime.presets import get_preset
+
+    report = _generate_in_server(server.grpc_url, product, seed=8).report
+    sent = report["server"]["inputs_sent"]["unet"]
+    spec = get_pipeline("refadgen").specs(get_preset("tiny"))["unet"]
+    feed = _unet_feed(spec)
+    per_step = sum(a.nbytes for n, a in feed.items() if n in ("sample", "timestep"))
+    assert {t.name for t in spec.inputs if not t.invariant} == {"sample", "timestep"}
+    assert sent["calls"] == STEPS and sent["without_invariants"] == STEPS - 1
+    assert sent["input_bytes"] == sum(a.nbytes for a in feed.values()) + (STEPS - 1) * per_step
+    assert all(counts["without_invariants"] == 0 for name, counts in report["server"]["inputs_sent"].items() if name != "unet")
+
+
+def test_component_model_keeps_a_requests_invariants_checks_what_crosses_and_forgets_unknown_keys(server):
+    """Straight to the U-Net model with tritonclient: a key-only call after a full one gives the
+    full call's answer, a NaN in what crosses is refused, an unknown key is answered so the caller
+    sends everything again, and the call marked last ends the key."""
+    import secrets
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+    from runtime.presets import get_preset
+    from runtime.serving.resident import CONTEXT_PARAMETER, END_PARAMETER, UNKNOWN_CONTEXT
+
+    spec = get_pipeline("refadgen").specs(get_preset("tiny"))["unet"]
+    feed = _unet_feed(spec, seed=3)
+
+    def infer(client, names, parameters, change=None):
+        inputs = []
+        for name in names:
+            array = feed[name] if change is None or name not in change else change[name]
+            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+            inputs.append(tensor)
+        return client.infer("refadgen_unet", inputs, parameters=parameters).as_numpy("noise_pred")
+
+    key, short = secrets.token_hex(16), ["sample", "timestep"]
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        full = infer(client, list(feed), {CONTEXT_PARAMETER: key})
+        assert np.array_equal(infer(client, short, {CONTEXT_PARAMETER: key}), full)
+        nan = feed["sample"].copy()
+        nan.flat[0] = np.nan
+        with pytest.raises(InferenceServerException, match="sample"):
+            infer(client, short, {CONTEXT_PARAMETER: key}, change={"sample": nan})
+        assert np.array_equal(infer(client, short, {CONTEXT_PARAMETER: key, END_PARAMETER: True}), full)
+        for parameters in ({CONTEXT_PARAMETER: key}, {CONTEXT_PARAMETER: secrets.token_hex(16)}, {}):
+            with pytest.raises(InferenceServerException) as refused:
+                infer(client, short, parameters)
+            assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert (UNKNOWN_CONTEXT in refused.value.message()) == bool(parameters), refused.value.message()
+
+
+def test_client_side_caller_sends_everything_again_when_the_server_lost_the_key(client_side):
+    from runtime.backends.base import request_scope
+
+    unet = client_side.runner.components["unet"]
+    feed = unet.spec.sample_inputs(np.random.default_rng(5), unet.spec.env_at("opt", B=2))
+    expected = unet.run(feed)["noise_pred"]  # outside a scope: everything, no key
+    before = unet.resident.counts()
+    with request_scope() as scope:
+        scope.holders.add(unet.resident.model)  # as if sent before, then evicted on the server
+        got = unet.run(feed)["noise_pred"]
+        again = unet.run(feed)["noise_pred"]
+    counts = {k: v - before[k] for k, v in unet.resident.counts().items()}
+    assert np.array_equal(got, expected) and np.array_equal(again, expected)
+    assert counts["calls"] == 2 and counts["without_invariants"] == 1  # the refused short call is not counted

@@ -7,10 +7,13 @@ that returns the wrong thing fails loudly at the call instead of corrupting the 
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -35,6 +38,37 @@ class ModelSource(GraphSource):
     @property
     def ort_providers(self) -> tuple[str, ...]:
         return self.providers if self.providers is not None else self.device.providers
+
+
+@dataclass
+class RequestScope:
+    """One request's run of a loop (the latent loop or a box loop), for components served
+    elsewhere: within it the inputs their specs mark `invariant` do not change, so a component
+    model may keep them from the first call, keyed by `key`, and the calls after it carry only
+    what changes per step (runtime/serving/resident.py). `final` is set before the loop's last
+    step: that call tells the model to drop them. Local backends ignore it."""
+
+    key: str = field(default_factory=lambda: secrets.token_hex(16))  # unguessable: it names this request's tensors
+    final: bool = False
+    holders: set[str] = field(default_factory=set)  # models that were sent this scope's invariant inputs
+
+
+_SCOPE: ContextVar[RequestScope | None] = ContextVar("adgen_request_scope", default=None)
+
+
+@contextmanager
+def request_scope() -> Iterator[RequestScope]:
+    """The scope of one loop over one request (or one batch of requests) in this thread."""
+    scope = RequestScope()
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
+
+
+def current_scope() -> RequestScope | None:
+    return _SCOPE.get()
 
 
 class Component(ABC):

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.backends.base import Component, run_cast
+from runtime.backends.base import Component, request_scope, run_cast
 from runtime.errors import InputError
 from runtime.layout.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 from runtime.specs.layout import BOX_SCALE, BOX_TRAIN_STEPS
@@ -135,26 +135,28 @@ def sample_boxes(
     threshold = np.broadcast_to(np.asarray(renewal_threshold, dtype=np.float64), (batch,))[:, None]  # (B, 1)
     logits = None
     predictions = []
-    for i, (t, t_next) in enumerate(pairs):
-        x = np.where(fixed.mask[..., None], fixed_scaled, x)
-        boxes, logits = predict(x, np.full(batch, t, dtype=np.float32))
-        predictions.append((np.where(fixed.mask[..., None], fixed.boxes, boxes), logits))
-        x0 = np.where(fixed.mask[..., None], fixed_scaled, to_scaled(boxes))
-        if on_step:
-            on_step(i + 1, len(pairs))
-        if t_next < 0:
-            x = x0
-            break
-        a, a_next = alpha_bar[t], alpha_bar[t_next]
-        eps = (np.sqrt(1 / a) * x - x0) / np.sqrt(1 / a - 1)
-        sigma = eta * math.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
-        c = math.sqrt(max(1 - a_next - sigma**2, 0.0))
-        noise = np.stack([g.standard_normal((slots, 4)) for g in generators])
-        x = (x0 * math.sqrt(a_next) + c * eps + sigma * noise).astype(np.float32)
-        if renewal and logits is not None:
-            fresh = np.stack([g.standard_normal((slots, 4)) for g in generators]).astype(np.float32)
-            weak = _sigmoid(logits).max(-1) <= threshold  # (B, N): per request, never sample 0's
-            x = np.where(weak[..., None], fresh, x)
+    with request_scope() as scope:  # served components keep the feature maps for the whole loop
+        for i, (t, t_next) in enumerate(pairs):
+            scope.final = t_next < 0
+            x = np.where(fixed.mask[..., None], fixed_scaled, x)
+            boxes, logits = predict(x, np.full(batch, t, dtype=np.float32))
+            predictions.append((np.where(fixed.mask[..., None], fixed.boxes, boxes), logits))
+            x0 = np.where(fixed.mask[..., None], fixed_scaled, to_scaled(boxes))
+            if on_step:
+                on_step(i + 1, len(pairs))
+            if t_next < 0:
+                x = x0
+                break
+            a, a_next = alpha_bar[t], alpha_bar[t_next]
+            eps = (np.sqrt(1 / a) * x - x0) / np.sqrt(1 / a - 1)
+            sigma = eta * math.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
+            c = math.sqrt(max(1 - a_next - sigma**2, 0.0))
+            noise = np.stack([g.standard_normal((slots, 4)) for g in generators])
+            x = (x0 * math.sqrt(a_next) + c * eps + sigma * noise).astype(np.float32)
+            if renewal and logits is not None:
+                fresh = np.stack([g.standard_normal((slots, 4)) for g in generators]).astype(np.float32)
+                weak = _sigmoid(logits).max(-1) <= threshold  # (B, N): per request, never sample 0's
+                x = np.where(weak[..., None], fresh, x)
     result = from_scaled(x)
     result = np.where(fixed.mask[..., None], fixed.boxes, result)
     return BoxSample(boxes=result, class_logits=logits, predictions=predictions)

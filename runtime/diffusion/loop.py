@@ -13,7 +13,9 @@ their `sample`. The loop does the rest the same way for every pipeline:
   or inside a fused guided-step graph (runtime/specs/guided.py) that takes the B per-request
   inputs and the guidance scales and returns the guided prediction;
 - the prediction cast to float32 before the guidance and scheduler maths (float16 graphs);
-- each step timed under `denoise_step`, then the step callback.
+- each step timed under `denoise_step`, then the step callback;
+- the loop is one `request_scope`: a served component keeps the per-request (invariant) inputs
+  from the first step on, and drops them after the last.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.backends.base import Component, run_cast
+from runtime.backends.base import Component, request_scope, run_cast
 from runtime.diffusion.schedulers import make_scheduler
 from runtime.specs.guided import GUIDANCE
 from runtime.timing import StageTimer
@@ -132,10 +134,12 @@ def denoise(
     sched = make_scheduler(scheduler)
     sched.set_timesteps(steps)
     latents = initial_noise(seeds, shape, sched.init_noise_sigma, given)
-    for i, t in enumerate(sched.timesteps):
-        with timer.stage(STEP_STAGE, repeated=True):
-            eps = denoiser.predict(latents, int(t), guidance)
-            latents = sched.step(eps, int(t), latents)
-        if on_step:
-            on_step(i + 1, steps)
+    with request_scope() as scope:  # served components keep the conditioning for the whole loop
+        for i, t in enumerate(sched.timesteps):
+            scope.final = i == len(sched.timesteps) - 1
+            with timer.stage(STEP_STAGE, repeated=True):
+                eps = denoiser.predict(latents, int(t), guidance)
+                latents = sched.step(eps, int(t), latents)
+            if on_step:
+                on_step(i + 1, steps)
     return latents

@@ -66,6 +66,7 @@ from runtime.serving.names import (
     read_parameters,
 )
 from runtime.serving.protocol import from_wire, model_name, to_wire
+from runtime.serving.resident import ResidentCaller, is_unknown_context
 from runtime.specs.core import ComponentSpec
 from runtime.timing import Progress
 
@@ -339,19 +340,21 @@ class TritonConnection:
         return region
 
     def infer(
-        self, model: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+        self, model: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+        parameters: Mapping[str, object] | None = None,
     ) -> dict[str, np.ndarray]:
         """Run `model` on `feed`; `outputs` gives each requested output's expected shape and dtype
-        (the size of its shared-memory slot)."""
+        (the size of its shared-memory slot); `parameters` are the request's parameters."""
         if self.closed:
             raise BackendError(f"{model}: connection to {self.endpoint.address} is closed")
-        return self._call_with_retries(model, lambda: self._infer_once(model, feed, outputs))
+        return self._call_with_retries(model, lambda: self._infer_once(model, feed, outputs, parameters or None))
 
     def _infer_once(
-        self, model: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+        self, model: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+        parameters: Mapping[str, object] | None,
     ) -> dict[str, np.ndarray]:
         try:
-            return self._infer_with(model, feed, outputs)
+            return self._infer_with(model, feed, outputs, parameters)
         except ServerAccessError:
             if not self.use_shm:
                 raise
@@ -359,10 +362,11 @@ class TritonConnection:
             # makes a random one by default): tensors go in the request instead.
             self.use_shm = False
             self.shm_refused = True
-            return self._infer_with(model, feed, outputs)
+            return self._infer_with(model, feed, outputs, parameters)
 
     def _infer_with(
-        self, model: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+        self, model: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+        parameters: Mapping[str, object] | None,
     ) -> dict[str, np.ndarray]:
         m = self._module
         arrays = {n: np.ascontiguousarray(a) for n, a in feed.items()}
@@ -394,12 +398,12 @@ class TritonConnection:
                 offset += _aligned(out_bytes[name])
             requested.append(requested_output)
         if self._grpc_client is not None:
-            result = self._call(model, self._grpc_infer, model, inputs, requested)
+            result = self._call(model, self._grpc_infer, model, inputs, requested, parameters)
         else:
-            result = self._call(model, self.client().infer, model, inputs, outputs=requested)
+            result = self._call(model, self.client().infer, model, inputs, outputs=requested, parameters=parameters)
         return {name: self._output(result, name, out_region, out_offsets.get(name)) for name in outputs}
 
-    def _grpc_infer(self, model: str, inputs: list, outputs: list) -> Any:
+    def _grpc_infer(self, model: str, inputs: list, outputs: list, parameters: Mapping[str, object] | None) -> Any:
         """One gRPC inference that a Ctrl-C (any exception while waiting) cancels on the server too."""
         done = threading.Event()
         answer: dict[str, Any] = {}
@@ -408,7 +412,8 @@ class TritonConnection:
             answer["result"], answer["error"] = result, error
             done.set()
 
-        call = self._grpc_client.async_infer(model, inputs, callback, outputs=outputs, client_timeout=self.timeout_s)
+        call = self._grpc_client.async_infer(model, inputs, callback, outputs=outputs, client_timeout=self.timeout_s,
+                                             parameters=parameters)
         try:
             done.wait()
         except BaseException:
@@ -463,10 +468,15 @@ class TritonConnection:
 
 
 class TritonComponent(Component):
-    def __init__(self, spec: ComponentSpec, connection: TritonConnection, model: str):
+    """A component served by Triton, called from this process. Inside a request scope (a loop over
+    a request), a model that keeps per-request invariants (its config's adgen_resident) gets them
+    with the first call only (runtime/serving/resident.py)."""
+
+    def __init__(self, spec: ComponentSpec, connection: TritonConnection, model: str, resident: bool = False):
         super().__init__(spec)
         self.connection = connection
         self.model = model
+        self.resident = ResidentCaller(model, frozenset(t.name for t in spec.inputs if t.invariant), resident)
 
     def close(self) -> None:
         self.connection.close()
@@ -474,7 +484,11 @@ class TritonComponent(Component):
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         env = self.spec.validate_inputs(feed, check_values=False)  # the bound dims size the output slots
         outputs = {t.name: (self.spec.shape(t, env), t.dtype.numpy) for t in self.spec.outputs}
-        got = self.connection.infer(self.model, to_wire(self.spec, feed), outputs)
+
+        def call(wire: Mapping[str, np.ndarray], parameters: dict) -> dict[str, np.ndarray]:
+            return self.connection.infer(self.model, wire, outputs, parameters)
+
+        got = self.resident.send(to_wire(self.spec, feed), call, is_unknown_context)
         return from_wire(self.spec, {name: array for name, array in got.items() if array is not None})
 
 
@@ -488,13 +502,14 @@ def load(specs: Mapping[str, ComponentSpec], source: ModelSource, progress: Prog
         components = {}
         for name, spec in specs.items():
             model = model_name(source.pipeline, name)
-            served = connection.model_parameters(model).get(ConfigKey.SPEC_HASH)
+            parameters = connection.model_parameters(model)
+            served = parameters.get(ConfigKey.SPEC_HASH)
             if served != spec.spec_hash():
                 raise BackendError(
                     f"{model} on {source.server_url} serves spec hash {served}, this pipeline needs {spec.spec_hash()} "
                     f"(same preset {source.preset.name} and precision on both sides?)"
                 )
-            components[name] = TritonComponent(spec, connection, model)
+            components[name] = TritonComponent(spec, connection, model, bool(parameters.get(ConfigKey.RESIDENT)))
     except BaseException:
         connection.close()
         raise

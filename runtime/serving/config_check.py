@@ -20,6 +20,7 @@ from runtime.errors import ConfigError
 from runtime.pipelines import PIPELINES
 from runtime.presets import PRESETS
 from runtime.serving.names import PARAMETER_PREFIX, ConfigKey
+from runtime.serving.resident import ResidentBounds
 from runtime.specs.core import Precision
 
 WILDCARD_DIM = -1
@@ -91,10 +92,11 @@ def _model(config: mc.ModelConfig, path: str, message: mc.ModelConfig) -> None:
             seen[tensor.name] = kind
     for key, value in config.parameters.items():
         _parameter(config, path, key, value.string_value)
-    if config.backend == "python" and not config.dynamic_batching.HasField("default_queue_policy"):
-        # adgen's: an unbounded queue takes every request a client sends (300 accepted, 183 pending)
+    if config.backend == "python" and config.dynamic_batching.HasField("default_queue_policy"):
+        # adgen's: on 2.51 any queue policy turns off the batcher's prefetching and stalls calls
+        # ~0.5 s (runtime/serving/admission.py); the fronts keep the bounds instead
         _fail(config, path, "dynamic_batching.default_queue_policy",
-              "every Python-backend model of ours needs a bounded queue (max_queue_size, timeout, REJECT)", "none")
+              "must be absent: Triton 2.51 stalls calls 0.5 s with one; adgen serve's fronts bound the queues", "set")
 
 
 def _parameter(config: mc.ModelConfig, path: str, key: str, value: str) -> None:
@@ -131,7 +133,16 @@ PARAMETER_VALUES: dict[ConfigKey, tuple[Callable[[str], bool], str]] = {
     ConfigKey.THREADS: (lambda v: _is_int(v, 0), "expected an integer >= 0 (0: ONNX Runtime's default)"),
     ConfigKey.BATCH_CALLS: (lambda v: v in ("0", "1"), "expected 0 or 1"),
     ConfigKey.INIT_SEED: (lambda v: _is_int(v, 0), "expected an integer >= 0"),
+    ConfigKey.RESIDENT: (lambda v: _is_resident(v), "expected \"\" or \"entries,MiB,ttl_s\", each > 0"),
 }
+
+
+def _is_resident(text: str) -> bool:
+    try:
+        ResidentBounds.parse(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _tensor(config: mc.ModelConfig, path: str, tensor: mc.ModelInput | mc.ModelOutput) -> None:

@@ -38,8 +38,10 @@ import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
+from urllib.parse import unquote
 
 from runtime.errors import BackendError
+from runtime.serving.admission import Admission, QueueFull
 from runtime.serving.names import (
     CANCEL_HEADER,
     NOT_ANSWERING_MESSAGE,
@@ -49,7 +51,7 @@ from runtime.serving.names import (
 
 MIB = 1024 * 1024
 CHUNK = 256 * 1024
-INFER_PATH = re.compile(r"/v2/models/[^/?]+(?:/versions/[^/?]+)?/infer")
+INFER_PATH = re.compile(r"/v2/models/([^/?]+)(?:/versions/[^/?]+)?/infer")
 # A JSON string (escapes included, possessive: no backtracking) or one bracket: everything else
 # in a JSON text is irrelevant to nesting.
 JSON_TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[\[\]{}]')
@@ -142,9 +144,10 @@ class HttpFront:
     `FrontThread`."""
 
     def __init__(self, upstream: tuple[str, int], limits: FrontLimits = FrontLimits(), cancel_dir: Path | None = None,
-                 read_only: bool = False):
+                 read_only: bool = False, admission: Admission | None = None):
         self.upstream = upstream
         self.limits = limits
+        self.admission = admission  # per-model overload bounds on inference calls (admission.py)
         self.cancel_dir = cancel_dir
         self.read_only = read_only
         self.stats = FrontStats()
@@ -178,7 +181,7 @@ class HttpFront:
                 if request is None:
                     return
                 first = False
-                upstream, keep, carried = await self._forward(request, reader, writer, upstream)
+                upstream, keep, carried = await self._admitted(request, reader, writer, upstream)
                 if not (keep and request.keep_alive):
                     return
         except Refused as e:
@@ -281,6 +284,20 @@ class HttpFront:
             json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise Refused(HTTPStatus.BAD_REQUEST, f"the request's JSON is not valid: {e}", close=False) from None
+
+    async def _admitted(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None):
+        """`_forward` within the model's admission bound; past it the front answers 503 itself."""
+        model = INFER_PATH.fullmatch(request.target.split("?")[0])
+        if self.admission is None or model is None:
+            return await self._forward(request, reader, writer, upstream)
+        try:
+            async with self.admission.slot(unquote(model.group(1))):
+                return await self._forward(request, reader, writer, upstream)
+        except QueueFull as e:
+            self.stats.refuse(503)
+            await self._answer(writer, HTTPStatus.SERVICE_UNAVAILABLE, str(e), close=False)
+            return upstream, True, b""
 
     async def _forward(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None):

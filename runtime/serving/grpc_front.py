@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 import grpc
 from grpc import aio
 
+from runtime.serving.admission import Admission, QueueFull, model_of_infer_request
 from runtime.serving.front import FrontLimits
 from runtime.serving.names import (
     NOT_ANSWERING_MESSAGE,
@@ -34,6 +35,7 @@ from runtime.serving.names import (
 )
 
 SERVICE = "/inference.GRPCInferenceService/"
+INFER = SERVICE + "ModelInfer"
 STREAMING = SERVICE + "ModelStreamInfer"
 UNLIMITED = -1
 # what grpc says when it cannot reach tritonserver (restarting), as opposed to Triton's own UNAVAILABLE
@@ -60,8 +62,9 @@ def _status(code: grpc.StatusCode, details: str) -> grpc.StatusCode:
 class GrpcFront(grpc.GenericRpcHandler):
     """Every method of Triton's gRPC service, forwarded as bytes to `upstream` (host:port)."""
 
-    def __init__(self, upstream: str, limits: FrontLimits = FrontLimits()):
+    def __init__(self, upstream: str, limits: FrontLimits = FrontLimits(), admission: Admission | None = None):
         self.limits = limits
+        self.admission = admission  # per-model overload bounds on ModelInfer (admission.py)
         self.upstream = upstream
         self.channel: aio.Channel | None = None
         self.calls = 0
@@ -94,6 +97,17 @@ class GrpcFront(grpc.GenericRpcHandler):
                 ("grpc.max_send_message_length", UNLIMITED), ("grpc.max_receive_message_length", UNLIMITED)])
         metadata = tuple((k, v) for k, v in context.invocation_metadata() or ()
                          if not k.startswith(RESERVED) and k not in RESERVED_KEYS)
+        model = model_of_infer_request(request) if method == INFER and self.admission is not None else None
+        if model is None:
+            return await self._call(method, request, metadata, context)
+        try:
+            async with self.admission.slot(model):
+                return await self._call(method, request, metadata, context)
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        raise AssertionError("unreachable")  # abort raises
+
+    async def _call(self, method: str, request: bytes, metadata: tuple, context: aio.ServicerContext) -> bytes:
         remaining = context.time_remaining()
         call = self.channel.unary_unary(method)(request, metadata=metadata, timeout=remaining)
         try:

@@ -34,6 +34,7 @@ class ConfigKey(str, Enum):
     THREADS = "adgen_threads"  # ONNX Runtime intra-op threads (0 = its default)
     BATCH_CALLS = "adgen_batch_calls"  # component models: "1" runs the requests of one execution as one call
     INIT_SEED = "adgen_init_seed"  # seed of the random init when there are no weights
+    RESIDENT = "adgen_resident"  # component models: "entries,MiB,ttl_s" of the per-request invariants kept ("" none)
 
     def __str__(self) -> str:  # the key itself, in messages and f-strings on every Python
         return self.value

@@ -13,9 +13,11 @@ pipeline and `<preset>/<pipeline>/` for the pipeline itself.
   read `1/model.onnx` / `1/model.plan`.
 * The pipeline model is a Python-backend (BLS) model running the pipeline's own orchestrator,
   whose components are calls to the component models.
-* Every Python-backend model has a bounded queue with a timeout (REJECT: 503 past either), the
-  dynamic batcher carrying it; a component whose calls must not be merged (the per-step model
-  with step batching off) runs the requests of one execution one by one (`adgen_batch_calls`).
+* No model carries a `default_queue_policy`: on Triton 2.51 any policy stalls calls ~0.5 s
+  (runtime/serving/admission.py says why). The overload bounds (how many calls of each model
+  Triton holds, how many wait, for how long) are kept by `adgen serve`'s fronts instead
+  (`admission_bounds`). A component whose calls must not be merged (the per-step model with step
+  batching off) runs the requests of one execution one by one (`adgen_batch_calls`).
 
 Tensor names, dtypes and dims come from the component specs; the pipeline model's request from
 `runtime.serving.protocol`. Every config is built as a `ModelConfig` message and checked whole
@@ -45,6 +47,7 @@ from runtime.errors import ConfigError
 from runtime.pipelines import PIPELINES, get_pipeline
 from runtime.pipelines.base import PipelineDefinition
 from runtime.presets import PRESETS, Preset, get_preset
+from runtime.serving.admission import Bound
 from runtime.serving.config_check import check_config
 from runtime.serving.names import HOST_FILE, ConfigKey, HostKey
 from runtime.serving.protocol import (
@@ -56,6 +59,7 @@ from runtime.serving.protocol import (
     model_name,
     request_tensors,
 )
+from runtime.serving.resident import ResidentBounds
 from runtime.specs.core import ComponentSpec, DType, Precision, TensorSpec, specs_hash
 
 CONFIG = "config.pbtxt"
@@ -95,14 +99,17 @@ class RepositoryOptions:
     step_batching: bool = True  # dynamic batching on the per-step components
     step_queue_delay_us: int = 1000  # how long a step waits for steps of other requests
     threads: int = 0  # ONNX Runtime intra-op threads per component model (0 = ONNX Runtime's default)
-    # Overload: past these queue lengths Triton answers 503 at once instead of letting requests
-    # pile up; a request still queued after the timeout is answered 503 too (REJECT).
+    # Overload, kept by the fronts (`admission_bounds`): past these a call is answered 503 at once
+    # instead of piling up; a whole request still waiting after its timeout is answered 503 too.
     pipeline_queue_size: int = 8  # whole requests waiting for a pipeline instance
-    step_queue_size: int = 64  # step calls waiting for the per-step model
-    component_queue_size: int = 16  # calls waiting for any other component model
+    step_queue_size: int = 64  # step calls Triton may hold for the per-step model (running or queued)
+    component_queue_size: int = 16  # calls Triton may hold for any other component model
     pipeline_queue_timeout_s: float = 120.0
     step_queue_timeout_s: float = 60.0
     component_queue_timeout_s: float = 60.0
+    # Per-request invariants kept by the component models that take any (runtime/serving/resident.py);
+    # None: every call carries them.
+    resident: ResidentBounds | None = ResidentBounds()
 
     def host(self, *keys: HostKey) -> dict[str, str]:
         """The host.json entries of a model that reads `keys` (empty when none is set)."""
@@ -122,13 +129,14 @@ def _shape(shape: tuple[int | str, ...]) -> dict:
     return {"dims": [d if isinstance(d, int) else -1 for d in shape]}
 
 
-def _tensor(kind: type[mc.ModelInput | mc.ModelOutput], model: str, t: TensorSpec, skip: int):
+def _tensor(kind: type[mc.ModelInput | mc.ModelOutput], model: str, t: TensorSpec, skip: int, optional: bool = False):
     """The config entry of spec tensor `t`, without its first `skip` (batch) dims."""
     data_type = TRITON_DTYPES.get(t.dtype)
     if data_type is None:
         field = f"{'input' if kind is mc.ModelInput else 'output'}[{t.name}].data_type"
         raise ConfigError(model, field, f"expected a spec dtype Triton has: {[d.value for d in TRITON_DTYPES]}", t.dtype)
-    return kind(name=t.name, data_type=data_type, **_shape(t.shape[skip:]))
+    extra = {"optional": True} if optional else {}
+    return kind(name=t.name, data_type=data_type, **_shape(t.shape[skip:]), **extra)
 
 
 def _put(model: str, message: Message, path: str, value: object) -> None:
@@ -149,22 +157,6 @@ _HOLDS = {  # what a scalar field of the schema can hold
     FieldDescriptor.CPPTYPE_UINT32: "an integer in [0, 2**32)",
     FieldDescriptor.CPPTYPE_UINT64: "an integer in [0, 2**64)",
 }
-
-
-def _microseconds(model: str, path: str, seconds: float) -> int:
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
-        raise ConfigError(model, path, "expected a finite number of seconds >= 0", seconds)
-    return int(seconds * 1e6)
-
-
-def _queue_policy(model: str, batching: mc.ModelDynamicBatching, path: str, max_size: int, timeout_s: float) -> None:
-    """REJECT past `max_size` waiting requests or `timeout_s` in the queue. Triton 2.51 applies
-    queue timeouts only with a non-zero default timeout."""
-    policy = batching.default_queue_policy
-    path = f"{path}.default_queue_policy"
-    policy.timeout_action = mc.ModelQueuePolicy.REJECT
-    _put(model, policy, f"{path}.default_timeout_microseconds", _microseconds(model, f"{path}.default_timeout_microseconds", timeout_s))
-    _put(model, policy, f"{path}.max_queue_size", max_size)
 
 
 def _instances(model: str, config: mc.ModelConfig, kind: int, count: int) -> None:
@@ -193,22 +185,18 @@ def component_config(
             raise ConfigError(model, "max_batch_size",
                               f"the spec leads every tensor with batch dim {batch.name}: its max must be >= 1", batch.max)
         config.max_batch_size = batch.max
-    config.input.extend(_tensor(mc.ModelInput, model, t, skip) for t in spec.inputs)
+    python = flavour in ("python", "python_cuda")
+    # A Python model keeps a request's invariant inputs (resident.py): calls after the first omit them.
+    resident = options.resident if python and any(t.invariant for t in spec.inputs) else None
+    config.input.extend(_tensor(mc.ModelInput, model, t, skip, optional=resident is not None and t.invariant)
+                        for t in spec.inputs)
     config.output.extend(_tensor(mc.ModelOutput, model, t, skip) for t in spec.outputs)
     is_step = spec.name in definition.step_components
     merged = options.step_batching or not is_step  # may one execution's requests run as one call?
-    python = flavour in ("python", "python_cuda")
     if batch and merged:
         # Steps of concurrent requests wait briefly for each other; once-per-request work never waits.
         delay = options.step_queue_delay_us if is_step else 0
         _put(model, config.dynamic_batching, "dynamic_batching.max_queue_delay_microseconds", delay)
-    if python:
-        # Every model of ours has a bounded queue; the dynamic batcher carries it (native configs are
-        # for the NGC image, tuned there). Without batching it waits for nothing and, with
-        # adgen_batch_calls 0, the model runs what one execution brings one request at a time.
-        size, timeout = ((options.step_queue_size, options.step_queue_timeout_s) if is_step
-                         else (options.component_queue_size, options.component_queue_timeout_s))
-        _queue_policy(model, config.dynamic_batching, "dynamic_batching", size, timeout)
     gpu = flavour != "python"
     _instances(model, config, mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU, 1)
     if python:
@@ -222,6 +210,7 @@ def component_config(
             ConfigKey.PROVIDER: "CUDAExecutionProvider" if gpu else "CPUExecutionProvider",
             ConfigKey.THREADS: options.threads,
             ConfigKey.BATCH_CALLS: int(merged),
+            ConfigKey.RESIDENT: resident.text() if resident else "",
         })
     elif flavour == "onnxruntime":
         config.platform = "onnxruntime_onnx"
@@ -244,8 +233,6 @@ def pipeline_config(definition: PipelineDefinition, preset: Preset, options: Rep
     config.output.append(mc.ModelOutput(name=REPORT_OUTPUT, data_type=mc.TYPE_STRING, dims=[1]))
     config.output.append(mc.ModelOutput(name=PNG_OUTPUT, data_type=mc.TYPE_STRING, dims=[1]))
     _instances(model, config, mc.ModelInstanceGroup.KIND_CPU, options.pipeline_instances)
-    # The scheduler that carries the queue policy; with max_batch_size 0 it never batches.
-    _queue_policy(model, config.dynamic_batching, "dynamic_batching", options.pipeline_queue_size, options.pipeline_queue_timeout_s)
     _set_parameters(config, {
         ConfigKey.PIPELINE: definition.name,
         ConfigKey.PRESET: preset.name,
@@ -264,6 +251,7 @@ runtime.serving.triton_models.{cls}; "{root_key}" in the model's {host_file} (wr
 """
 
 import json
+import math
 import os
 import sys
 
@@ -287,6 +275,36 @@ class TritonPythonModel:
     def finalize(self):
         self.model.finalize()
 '''
+
+
+def admission_bounds(preset: Preset, pipelines: Iterable[str], options: RepositoryOptions) -> dict[str, Bound]:
+    """What the fronts let through to each model of `pipelines` (runtime/serving/admission.py):
+    a pipeline model runs `pipeline_instances` requests and `pipeline_queue_size` more wait, each
+    at most `pipeline_queue_timeout_s`; Triton holds at most `step_queue_size` calls of a per-step
+    model and `component_queue_size` of any other component model (more: 503 at once)."""
+    bounds = {}
+    for name in pipelines:
+        definition = get_pipeline(name)
+        bounds[name] = _bound(name, options, "pipeline_instances", "pipeline_queue_size", "pipeline_queue_timeout_s")
+        for spec in definition.specs(preset, options.precision).values():
+            kind = "step" if spec.name in definition.step_components else "component"
+            bounds[model_name(name, spec.name)] = _bound(
+                model_name(name, spec.name), options, f"{kind}_queue_size", None, f"{kind}_queue_timeout_s")
+    return bounds
+
+
+def _bound(model: str, options: RepositoryOptions, running: str, waiting: str | None, timeout: str) -> Bound:
+    """A Bound from the named options; one that would refuse everything (nothing running) or
+    bound nothing (no finite timeout) fails naming the model and the option."""
+    concurrency, timeout_s = getattr(options, running), getattr(options, timeout)
+    queue = getattr(options, waiting) if waiting else 0
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigError(model, running, "expected an integer >= 1", concurrency)
+    if not isinstance(queue, int) or queue < 0:
+        raise ConfigError(model, waiting or "", "expected an integer >= 0", queue)
+    if not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ConfigError(model, timeout, "expected a finite number of seconds > 0", timeout_s)
+    return Bound(concurrency, queue, float(timeout_s))
 
 
 def render(config: mc.ModelConfig) -> str:

@@ -29,9 +29,11 @@ from runtime.artifacts.graphs import GraphSource, ensure_graphs
 from runtime.artifacts.weights import WeightsSource, parts_of
 from runtime.errors import BackendError
 from runtime.pipelines import get_pipeline
+from runtime.presets import get_preset
+from runtime.serving.admission import Admission
 from runtime.serving.front import FrontLimits, FrontThread, HttpFront
 from runtime.serving.grpc_front import GrpcFront, start_grpc_front
-from runtime.serving.repository import RepositoryOptions, write_repository
+from runtime.serving.repository import RepositoryOptions, admission_bounds, write_repository
 from runtime.serving.server import (
     OWNER_FILE,
     WORKDIR_PREFIX,
@@ -163,6 +165,7 @@ class Service(Addressed):
         self.fronts: FrontThread | None = None
         self.http_front: HttpFront | None = None
         self.grpc_front: GrpcFront | None = None
+        self.admission: Admission | None = None
         self.ports: Ports = Ports(0, 0, 0)  # public, once started
         self.restarts: list[tuple[float, str, float]] = []  # (when, why, seconds until ready again)
         self._runs = 0
@@ -177,6 +180,9 @@ class Service(Addressed):
                 self.workdir / "repository", self.pipelines, self.preset, options=options, progress=self.progress,
                 **self.repository_options,
             )
+            # the fronts keep the overload bounds (no Triton queue policy: admission.py); the
+            # component names, all the bounds need, do not depend on the weights' architecture
+            self.admission = Admission(admission_bounds(get_preset(self.preset), self.pipelines, options))
             self.private = Ports(*free_ports("127.0.0.1"))
             self._start_server()
             self._start_fronts()
@@ -205,11 +211,12 @@ class Service(Addressed):
 
     def _listen(self) -> None:
         self.fronts = FrontThread()
-        self.http_front = HttpFront(("127.0.0.1", self.private.http), self.limits, self.cancel_dir)
+        self.http_front = HttpFront(("127.0.0.1", self.private.http), self.limits, self.cancel_dir,
+                                    admission=self.admission)
         http = self.fronts.serve_http(self.http_front, self.host, self.requested_ports.http)
         metrics = self.fronts.serve_http(HttpFront(("127.0.0.1", self.private.metrics), self.limits, read_only=True),
                                          self.host, self.requested_ports.metrics)
-        grpc_front = GrpcFront(f"127.0.0.1:{self.private.grpc}", self.limits)
+        grpc_front = GrpcFront(f"127.0.0.1:{self.private.grpc}", self.limits, admission=self.admission)
         self.grpc_front = grpc_front
         server, grpc = self.fronts.run(start_grpc_front(grpc_front, self.host, self.requested_ports.grpc))
         self.fronts.add(server)

@@ -69,6 +69,15 @@ from runtime.serving.protocol import (
     request_tensors,
     to_wire,
 )
+from runtime.serving.resident import (
+    CONTEXT_PARAMETER,
+    END_PARAMETER,
+    UNKNOWN_CONTEXT,
+    ResidentBounds,
+    ResidentCaller,
+    ResidentStore,
+    is_unknown_context,
+)
 from runtime.specs.core import ComponentSpec, Precision, specs_hash
 
 CANCEL_TOKEN = re.compile(r"[0-9a-f]{32}")  # what the front sends; anything else is not ours
@@ -127,6 +136,9 @@ class ComponentModel:
         # Idle pool threads must not spin: other models' processes share the cores.
         self.session = OnnxRuntimeComponent(self.spec, path, (params[ConfigKey.PROVIDER],), threads, spin=False)
         self.batched = batch_dim(self.spec) is not None and params.get(ConfigKey.BATCH_CALLS, "1") == "1"
+        bounds = ResidentBounds.parse(params.get(ConfigKey.RESIDENT, ""))
+        self.store = ResidentStore(bounds) if bounds else None  # runtime/serving/resident.py
+        self.invariant = [t.name for t in self.spec.inputs if t.invariant]
 
     def execute(self, requests: list) -> list:
         pb = self.pb
@@ -141,17 +153,26 @@ class ComponentModel:
     def _execute(self, requests: list, responses: list) -> None:
         pb = self.pb
         groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        ended: list[str] = []
         for i, request in enumerate(requests):
             feed = {}
             for name in self.spec.input_names:
                 tensor = pb.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     feed[name] = tensor.as_numpy()
+            crossed = set(feed)
             try:
-                self.spec.validate_inputs(feed, check_values=True)
+                context, end = self._resident(request, feed)
+                self.spec.validate_inputs(feed, check_values=False)
+                self.spec.validate_values(feed, crossed)  # resident tensors were scanned when they crossed
             except SpecError as e:
                 responses[i] = _error(pb, str(e), "INVALID_ARG")
                 continue
+            if context and self.store is not None:
+                if end:
+                    ended.append(context)
+                elif crossed.issuperset(self.invariant):
+                    self.store.put(context, {n: feed[n] for n in self.invariant})
             key = tuple(feed[n].shape[1:] for n in self.spec.input_names) if self.batched else (i,)
             groups.setdefault(key, []).append((i, feed))
         for members in groups.values():
@@ -165,6 +186,30 @@ class ComponentModel:
                 continue
             for (i, _), part in zip(members, outputs):
                 responses[i] = pb.InferenceResponse(output_tensors=[pb.Tensor(n, a) for n, a in part.items()])
+        for context in ended:
+            self.store.drop(context)
+
+    def _resident(self, request: Any, feed: dict[str, np.ndarray]) -> tuple[str, bool]:
+        """The request's scope key and end flag (runtime/serving/resident.py); a feed without its
+        invariant inputs gets the ones kept for the key, or a SpecError saying the key is unknown."""
+        if self.store is None:
+            return "", False
+        try:
+            parameters = json.loads(request.parameters() or "{}")
+        except ValueError:
+            parameters = {}
+        context, end = parameters.get(CONTEXT_PARAMETER), parameters.get(END_PARAMETER) is True
+        if not isinstance(context, str) or not context:
+            return "", False
+        absent = [n for n in self.invariant if n not in feed]
+        if absent:
+            held = self.store.get(context)
+            if held is None:
+                raise SpecError(self.spec.name, CONTEXT_PARAMETER,
+                                f"the key of a request whose {', '.join(absent)} this model holds",
+                                f"{UNKNOWN_CONTEXT} (send them again)")
+            feed.update((n, held[n]) for n in absent)
+        return context, end
 
     def _run(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """One session call for all `feeds` (concatenated along the batch dim), split back."""
@@ -226,14 +271,22 @@ class BlsComponent(Component):
         self.model = model
         self.pb = pb
         self.scope = scope
+        self.resident = ResidentCaller(model, frozenset(t.name for t in spec.inputs if t.invariant))
 
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pb = self.pb
         self.scope.check()
+        # A native-flavour model (no store) refuses the short feed for its missing inputs: the
+        # caller then sends the full feed and stops shortening (ResidentCaller).
+        return self.resident.send(to_wire(self.spec, feed), self._infer,
+                                  lambda e: type(e) is BackendError or is_unknown_context(e))
+
+    def _infer(self, wire: Mapping[str, np.ndarray], parameters: dict) -> dict[str, np.ndarray]:
+        pb = self.pb
         request = pb.InferenceRequest(
             model_name=self.model,
-            inputs=[pb.Tensor(name, np.ascontiguousarray(a)) for name, a in to_wire(self.spec, feed).items()],
+            inputs=[pb.Tensor(name, np.ascontiguousarray(a)) for name, a in wire.items()],
             requested_output_names=list(self.spec.output_names),
+            parameters=parameters,
         )
         response = request.exec()
         if response.has_error():
@@ -274,11 +327,11 @@ class PipelineModel:
                 f"{specs_hash(specs)}; regenerate the repository (python -m runtime.serving.repository)"
             )
         self.scope = CancelScope(host.get(HostKey.CANCEL_DIR.value, ""))
-        components = {
+        self.components = {
             name: BlsComponent(spec, model_name(self.definition.name, name), self.pb, self.scope)
             for name, spec in specs.items()
         }
-        runner = self.definition.create(components, preset, weights)
+        runner = self.definition.create(self.components, preset, weights)
         source = ModelSource(pipeline=self.definition.name, preset=preset, weights=weights, precision=precision)
         self.loaded = LoadedPipeline(
             self.definition, "triton-bls", runner, source, specs_hash(specs), time.perf_counter() - started
@@ -295,6 +348,7 @@ class PipelineModel:
             tensor = pb.get_input_tensor_by_name(request, t.name)
             arrays[t.name] = None if tensor is None else tensor.as_numpy()
         files: dict[str, str] = {}  # this host's temporary paths -> what the client calls them
+        before = {name: c.resident.counts() for name, c in self.components.items()}
         try:
             with self.scope.running(request):
                 with tempfile.TemporaryDirectory(prefix="adgen-request-") as folder:
@@ -317,7 +371,11 @@ class PipelineModel:
             return _internal(pb, self.name, e)
         report = _replace_strings(result.report, files)
         report["weights"] = self.loaded.source.weights.describe(with_path=False)
-        report["server"] = {"model": self.name, "instance": self.instance}
+        # what this request's component calls carried (resident.py: invariants once per request)
+        sent = {name: {k: v - before[name][k] for k, v in c.resident.counts().items()}
+                for name, c in self.components.items()}
+        report["server"] = {"model": self.name, "instance": self.instance,
+                            "inputs_sent": {name: counts for name, counts in sent.items() if counts["calls"]}}
         outputs = encode_response(result.image, report, request.requested_output_names() or RESPONSE_OUTPUTS)
         return pb.InferenceResponse(output_tensors=[pb.Tensor(n, a) for n, a in outputs.items()])
 

@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -240,6 +240,13 @@ class ComponentSpec:
             if check_values:
                 self._check_values(t, feed[t.name])
         return env
+
+    def validate_values(self, feed: Mapping[str, np.ndarray], names: Iterable[str]) -> None:
+        """The value checks of `validate_inputs` (finite floats, `limits`) on the inputs `names` of
+        a feed whose names, dtypes and shapes were validated."""
+        for t in self.inputs:
+            if t.name in names:
+                self._check_values(t, feed[t.name])
 
     def _check_values(self, t: TensorSpec, array: np.ndarray) -> None:
         if t.dtype.is_float and not np.isfinite(array).all():

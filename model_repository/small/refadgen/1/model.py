@@ -6,6 +6,7 @@ runtime.serving.triton_models.PipelineModel; "runtime_root" in the model's host.
 """
 
 import json
+import math
 import os
 import sys
 
