@@ -29,7 +29,13 @@ from networks.sd import (
     vae_config,
     vae_from_config,
 )
-from runtime.artifacts.architecture import LAYOUT_BACKBONE_FIELDS, LAYOUT_HEAD_FIELDS, LAYOUT_TEXT_DIM
+from runtime.artifacts.architecture import (
+    LAYOUT_BACKBONE_FIELDS,
+    LAYOUT_HEAD_FIELDS,
+    LAYOUT_PROPOSAL_FRAME,
+    LAYOUT_REFERENCE_VIEWS,
+    LAYOUT_TEXT_DIM,
+)
 from runtime.presets import Preset
 
 
@@ -47,7 +53,9 @@ def _layout_backbone_config(preset: Preset) -> dict:
 
 def _layout_head_config(preset: Preset) -> dict:
     """RADM's head sizes and the width of the text features it reads."""
-    return {name: getattr(preset.layout, name) for name in LAYOUT_HEAD_FIELDS} | {LAYOUT_TEXT_DIM: preset.text.hidden_size}
+    return {name: getattr(preset.layout, name) for name in LAYOUT_HEAD_FIELDS} | {
+        LAYOUT_TEXT_DIM: preset.text.hidden_size, LAYOUT_PROPOSAL_FRAME: preset.layout.proposal_frame,
+        LAYOUT_REFERENCE_VIEWS: preset.layout.reference_views}
 
 
 PARTS: dict[str, PartType] = {

@@ -79,6 +79,16 @@ class LayoutSize:
     gram_dim: int = 64
     num_classes: int = 4  # logo, text, underlay, embellishment
     max_texts: int = 20  # selling points per canvas
+    # How the head turns the noisy normalized boxes into pixel proposals and its clean boxes back:
+    # "whwh" scales x by the width (adgen); "hwhw" is RADM's reference, which reads the image shape
+    # as (c, w, h) and so scales x by the HEIGHT (its weights were trained so; `adgen import radm`
+    # records it in the head's config). The RoIs and the head's output boxes are true pixels either way.
+    proposal_frame: str = "whwh"
+    # RADM's reference views two tensors instead of transposing them, and its weights learned so:
+    # the (20, 768) selling-point features viewed as (768, 20), and VTRAM's (49, C) output viewed
+    # as (C, 49) before its mean. True follows it (and pads the texts to `max_texts` slots with
+    # zeros, as its data loader does); `adgen import radm` records it in the head's config.
+    reference_views: bool = False
 
 
 @dataclass(frozen=True)

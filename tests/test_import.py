@@ -198,14 +198,23 @@ def test_radm_import_drops_the_diffusion_buffers_and_keeps_names(sources, radm_w
         assert all(torch.equal(state[k], source[k]) for k in source), part
     preset = resolve_preset("tiny", WeightsSource(path=radm_weights))
     assert (preset.layout.cascade, preset.layout.hidden, preset.layout.num_boxes) == (2, 32, 100)
+    assert preset.layout.proposal_frame == "hwhw"  # the reference's (c, w, h) reading, recorded by the import
 
 
 def test_radm_import_generates_a_layout(radm_weights, tmp_path, product_png):
     pipe = load_pipeline("layout", preset="tiny", weights=radm_weights, cache_dir=tmp_path / "cache")
-    result = generate(pipe, product=product_png, text=["40% off", "Breathable mesh"], layout_steps=1)
+    # a non-square canvas (128x160), where RADM's proposal frame differs from the canvas's: a
+    # user-fixed box still comes out exactly, the planned ones inside the canvas
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps([{"class": "logo", "box": [4.5, 130, 40, 156]}]))
+    result = generate(pipe, product=product_png, text=["40% off", "Breathable mesh"], layout_steps=2,
+                      layout_fixed=fixed)
     assert set(result.report["weights_parts"]) == {"text_encoder", "layout_backbone", "layout_head"}
     assert all(s.startswith("trained") for s in result.report["weights_parts"].values())
     assert result.report["processing"] == "reference"
+    elements = result.report["layout"]["elements"]
+    assert (elements[0]["class"], elements[0]["box"], elements[0]["fixed"]) == ("logo", [4.5, 130, 40, 156], True)
+    assert all(0 <= e["box"][0] < e["box"][2] <= 128 and 0 <= e["box"][1] < e["box"][3] <= 160 for e in elements)
 
 
 def test_radm_without_text_encoder_runs_only_with_allow_random(sources, tmp_path):

@@ -245,3 +245,65 @@ def test_layout_weights_folder_round_trip(tiny, modules, tmp_path, torch):
     save_file(state, head)
     with pytest.raises(WeightsError, match="missing"):
         build_modules("layout", tiny, WeightsSource(path=tmp_path))
+
+
+def test_radm_proposal_frame_scales_x_by_the_height(specs, modules, torch):
+    """proposal_frame "hwhw" (RADM's weights): the first head gets the noisy boxes scaled by
+    (H, W, H, W), as the reference's (c, w, h) reading of the image shape does, and the clean boxes
+    come back divided by it; the heads in between see true pixels. Same weights, non-square canvas."""
+    from dataclasses import replace
+
+    from networks.layout.head import LayoutHead
+    from runtime.presets import get_preset
+
+    tiny = get_preset("tiny")
+    reference = replace(tiny, layout=replace(tiny.layout, proposal_frame="hwhw"))
+    ours = modules["layout_head"]
+    head = LayoutHead(reference, specs["layout_head"].tensor("text_features").shape[-1]).eval()
+    head.load_state_dict(ours.state_dict())
+    rng = np.random.default_rng(11)
+    h, w = 96, 64
+    feed = _head_feed(specs, modules, rng, 1, h, w, 6, 3)
+    seen = []
+    for module in (ours, head):
+        hooks = [stage.register_forward_hook(lambda m, args, out: seen.append((args[1].clone(), out[1].clone())))
+                 for stage in module.head_series]
+        try:
+            out = run_module(module, specs["layout_head"], feed)["pred_boxes"]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        seen.append(out)
+    cascade = len(ours.head_series)
+    ours_stages, _, reference_stages, reference_out = seen[:cascade], seen[cascade], seen[cascade + 1:-1], seen[-1]
+    x = (np.clip(feed["boxes"], -2, 2) / 2 + 1) / 2
+    norm = np.concatenate([x[..., :2] - x[..., 2:] / 2, x[..., :2] + x[..., 2:] / 2], axis=-1)
+    np.testing.assert_allclose(ours_stages[0][0].numpy(), norm * [w, h, w, h], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(reference_stages[0][0].numpy(), norm * [h, w, h, w], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(reference_out, reference_stages[-1][1].numpy() / [h, w, h, w], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(reference_out, seen[cascade], atol=1e-3)  # it matters on a non-square canvas
+
+
+def test_reference_views_follow_radm_s_view_of_texts_and_of_vtram_s_output(torch):
+    """reference_views (RADM's weights): RADM/head.py takes the (B, 20, 768) text features as
+    `view(B, 768, 20)` and pools VTRAM's (B*N, 49, C) output as `reshape(B*N, C, 49).mean(-1)`.
+    Written here as those literal steps around the same module without the views."""
+    from networks.layout.head import VTRAM
+
+    torch.manual_seed(0)
+    b, n, tokens, c, slots, d = 2, 3, 49, 16, 20, 24
+    plain, viewed = VTRAM(c, d, 2, tokens), VTRAM(c, d, 2, tokens, reference_views=True)
+    viewed.load_state_dict(plain.state_dict())
+    roi, box = torch.randn(b, n, tokens, c), torch.randn(b, n, c)
+    texts, mask = torch.randn(b, slots, d), (torch.arange(slots) < 3).float().expand(b, slots)
+    captured = []
+    hook = plain.project_mm[0].register_forward_hook(lambda m, args, out: captured.append(out))
+    with torch.no_grad():
+        l = texts.view(b, d, slots)  # the reference's `txt_features.view(N, 768, -1)`: (B, D, L)
+        plain(roi, box, l.transpose(1, 2), mask)  # this module reads texts as (B, L, D)
+        mm_fea = torch.nn.functional.gelu(captured[0]).reshape(b * n, tokens, c)
+        expected = mm_fea.reshape(b * n, c, -1).mean(-1).reshape(b, n, c)
+        got = viewed(roi, box, texts, mask)
+        hook.remove()
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert not torch.allclose(got, plain(roi, box, texts, mask), atol=1e-3)

@@ -9,7 +9,9 @@ schedule (runtime/diffusion/boxes.py).
 
 The sizes come from the tensors' shapes; what no shape tells is RADM's config
 (configs/radm.yaml, RADM/config.py): 8 self-attention heads, 100 proposals, 20 selling points,
-2 VTRAM heads. RADM ships precomputed 768-d text features, not their encoder:
+2 VTRAM heads; and how its head scales proposals (x by the image height: the reference reads
+the image shape as (c, w, h)), recorded as `proposal_frame: "hwhw"`; and its two views of tensors it should have transposed (the
+text features, VTRAM's output), recorded as `reference_views: true`. RADM ships precomputed 768-d text features, not their encoder:
 `--text-encoder` names the CLIP text encoder (and its tokenizer) that encodes selling points.
 """
 
@@ -23,7 +25,7 @@ import torch
 
 from export.importers.folders import clip_text_encoder, strip_prefix, tokenizer_beside
 from export.importers.writer import Import, ImportSummary, Progress
-from runtime.artifacts.architecture import LAYOUT_TEXT_DIM
+from runtime.artifacts.architecture import LAYOUT_PROPOSAL_FRAME, LAYOUT_REFERENCE_VIEWS, LAYOUT_TEXT_DIM
 from runtime.errors import WeightsError
 
 DIFFUSION_BUFFERS = (
@@ -33,6 +35,12 @@ DIFFUSION_BUFFERS = (
 )
 # RADM's config for what the weights' shapes do not tell (RADM/config.py, configs/radm.yaml).
 RADM_CONFIG = {"heads": 8, "num_boxes": 100, "max_texts": 20, "vtram_heads": 2}
+# How the trained head saw its proposals: RADM/detector.py preprocess_image reads the image shape
+# as (c, w, h), so x was scaled by the height (runtime/presets.py LayoutSize.proposal_frame).
+RADM_PROPOSAL_FRAME = "hwhw"
+# RADM/head.py views the (20, 768) text features as (768, 20) and VTRAM's (49, C) output as (C, 49)
+# (LayoutSize.reference_views).
+RADM_REFERENCE_VIEWS = True
 
 
 def import_radm(out: Path, checkpoint: Path, text_encoder: Path | None = None,
@@ -103,5 +111,7 @@ def _head_config(state: dict[str, torch.Tensor]) -> dict:
         "gram_dim": state[f"{first}GRAM.linear.weight"].shape[1],
         "num_classes": state[f"{first}class_logits.weight"].shape[0],
         LAYOUT_TEXT_DIM: state[f"{first}vis_text_att.image_lang_att.f_key.0.weight"].shape[1],
+        LAYOUT_PROPOSAL_FRAME: RADM_PROPOSAL_FRAME,
+        LAYOUT_REFERENCE_VIEWS: RADM_REFERENCE_VIEWS,
         **RADM_CONFIG,
     }

@@ -218,19 +218,30 @@ class VisualTextAttention(nn.Module):
 
 
 class VTRAM(nn.Module):
-    """Visual-text relation: GELU(proj(RoI)) * attention(RoI + box -> texts), projected, pooled."""
+    """Visual-text relation: GELU(proj(RoI)) * attention(RoI + box -> texts), projected, pooled.
 
-    def __init__(self, hidden: int, text_dim: int, heads: int, tokens: int):
+    `reference_views` (LayoutSize.reference_views, RADM's weights): the texts (B, L, D) are taken
+    as the reference's `view(B, D, L)` gives them (not a transpose), and the output (B, N, 49, C)
+    is pooled as its `reshape(., C, 49).mean(-1)` does (not the mean over the tokens)."""
+
+    def __init__(self, hidden: int, text_dim: int, heads: int, tokens: int, reference_views: bool = False):
         super().__init__()
+        self.reference_views = reference_views
         self.vis_project = nn.Sequential(Conv1x1(hidden, hidden))
         self.image_lang_att = VisualTextAttention(hidden, text_dim, heads, tokens)
         self.project_mm = nn.Sequential(Conv1x1(hidden, hidden))
 
     def forward(self, roi_tokens, box_token, texts, text_mask):
-        """-> (B, N, C): the mean over the 49 tokens."""
+        """-> (B, N, C)."""
+        b, n, tokens, c = roi_tokens.shape
+        if self.reference_views:
+            texts = texts.reshape(texts.shape[0], texts.shape[2], texts.shape[1]).transpose(1, 2)
         vis = F.gelu(self.vis_project[0](roi_tokens))
         lang = self.image_lang_att(roi_tokens, box_token, texts, text_mask)
-        return F.gelu(self.project_mm[0](vis * lang)).mean(dim=2)
+        mixed = F.gelu(self.project_mm[0](vis * lang))  # (B, N, 49, C)
+        if self.reference_views:
+            return mixed.reshape(b, n, c, tokens).mean(dim=-1)
+        return mixed.mean(dim=2)
 
 
 class GRAM(nn.Module):
@@ -286,7 +297,7 @@ class CascadeStage(nn.Module):
         self.inst_interact = DynamicConv(d, lay.dynamic_dim, lay.pooler)
         self.linear1 = nn.Linear(d, lay.ffn)
         self.linear2 = nn.Linear(lay.ffn, d)
-        self.vis_text_att = VTRAM(d, text_dim, lay.vtram_heads, tokens)
+        self.vis_text_att = VTRAM(d, text_dim, lay.vtram_heads, tokens, lay.reference_views)
         self.linear4 = nn.Linear(4, d)  # VTRAM's box token
         self.GRAM = GRAM(d * tokens, lay.gram_dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
@@ -344,6 +355,8 @@ class LayoutHead(nn.Module):
     boxes (B, N, 4): noisy (cx, cy, w, h) scaled to [-2, 2]; timestep (B,); p2..p5 as the
     backbone's; text_features (B, L, D); text_mask (B, L) 1 = real text. Returns the last
     head's class_logits (B, N, K) and pred_boxes (B, N, 4), x0, y0, x1, y1 / canvas size.
+    With `proposal_frame` "hwhw" (RADM's weights) the noisy boxes become pixels and the clean ones
+    are returned scaled by (H, W, H, W) instead, as the reference does: x by the canvas height.
     """
 
     def __init__(self, preset: Preset, text_dim: int | None = None):
@@ -356,6 +369,7 @@ class LayoutHead(nn.Module):
                 f"({lay.fpn_channels}) must equal hidden ({lay.hidden})"
             )
         d = lay.hidden
+        self.proposal_frame = lay.proposal_frame
         self.time_mlp = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, 4 * d))
         self.head_series = nn.ModuleList(CascadeStage(lay, text_dim) for _ in range(lay.cascade))
         self._reset_parameters(lay)
@@ -376,14 +390,16 @@ class LayoutHead(nn.Module):
         features = [p2, p3, p4, p5]
         hw = _shape_hw(p2) * FPN_STRIDES[0]
         image_whwh = torch.stack([hw[1], hw[0], hw[1], hw[0]])
+        # proposals in pixels, and the frame the clean boxes are returned in (LayoutSize.proposal_frame)
+        frame = torch.stack([hw[0], hw[1], hw[0], hw[1]]) if self.proposal_frame == "hwhw" else image_whwh
         x = (boxes.clamp(-BOX_SCALE, BOX_SCALE) / BOX_SCALE + 1) / 2  # (cx, cy, w, h) in [0, 1]
         norm_boxes = torch.cat([x[..., :2] - 0.5 * x[..., 2:], x[..., :2] + 0.5 * x[..., 2:]], dim=-1)
         time = self.time_mlp(timestep)  # (B, 4C)
         text_mask = text_mask.to(text_features.dtype)
-        current, box_features = norm_boxes * image_whwh, None
+        current, box_features = norm_boxes * frame, None
         for stage in self.head_series:
             logits, refined, box_features = stage(
                 features, current, image_whwh, norm_boxes, box_features, time, text_features, text_mask
             )
             current = refined.detach()
-        return logits, current / image_whwh
+        return logits, current / frame

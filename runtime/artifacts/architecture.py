@@ -39,6 +39,9 @@ LAYOUT_BACKBONE_FIELDS = ("stem_channels", "blocks", "fpn_channels")
 LAYOUT_HEAD_FIELDS = ("hidden", "heads", "ffn", "dynamic_dim", "num_boxes", "cascade", "pooler", "vtram_heads",
                       "gram_dim", "num_classes", "max_texts")
 LAYOUT_TEXT_DIM = "text_dim"  # layout_head's config: the width of the text features it reads
+LAYOUT_PROPOSAL_FRAME = "proposal_frame"  # layout_head's config (optional): LayoutSize.proposal_frame
+PROPOSAL_FRAMES = ("whwh", "hwhw")
+LAYOUT_REFERENCE_VIEWS = "reference_views"  # layout_head's config (optional): LayoutSize.reference_views
 
 
 def resolve_preset(name: str, weights: WeightsSource) -> Preset:
@@ -190,7 +193,13 @@ def _layout_size(configs: dict[str, dict], base: LayoutSize) -> LayoutSize:
             chosen.update({name: configs[part][name] for name in names})
     if "blocks" in chosen:
         chosen["blocks"] = tuple(chosen["blocks"])
-    return replace(base, **chosen)
+    frame = configs.get("layout_head", {}).get(LAYOUT_PROPOSAL_FRAME, base.proposal_frame)
+    if frame not in PROPOSAL_FRAMES:
+        raise WeightsError(f"layout_head config: {LAYOUT_PROPOSAL_FRAME} {frame!r}: expected one of {PROPOSAL_FRAMES}")
+    views = configs.get("layout_head", {}).get(LAYOUT_REFERENCE_VIEWS, base.reference_views)
+    if not isinstance(views, bool):
+        raise WeightsError(f"layout_head config: {LAYOUT_REFERENCE_VIEWS} {views!r}: expected true or false")
+    return replace(base, **chosen, proposal_frame=frame, reference_views=views)
 
 
 def _dataclass_from(kind, config: dict | None):

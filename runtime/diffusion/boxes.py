@@ -111,6 +111,12 @@ class BoxSample:
     # every step's prediction: (clean boxes (B, N, 4) normalized xyxy, class logits or None)
     predictions: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
 
+    def rescaled(self, factors: np.ndarray) -> "BoxSample":
+        """Every box (the result and each step's) multiplied by `factors` (4,): from the frame the
+        network returned its boxes in to the canvas's (LayoutSize.proposal_frame)."""
+        return BoxSample(self.boxes * factors, self.class_logits,
+                         [(boxes * factors, logits) for boxes, logits in self.predictions])
+
 
 def sample_boxes(
     predict: Predict,

@@ -29,10 +29,11 @@ def image_tokens(image_encoder: Component, image_size: int, products: Sequence[P
 
 
 def selling_point_features(
-    text_encoder: Component, tokenizer: Tokenizer, texts: Sequence[Sequence[str]], max_batch: int
+    text_encoder: Component, tokenizer: Tokenizer, texts: Sequence[Sequence[str]], max_batch: int, slots: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One vector per selling point, padded per request: features (B, T, D) float32 and mask
-    (B, T) float32 (1 = a real text), T the most texts of any request in the batch.
+    """One vector per selling point, padded per request with zeros: features (B, T, D) float32
+    and mask (B, T) float32 (1 = a real text), T the most texts of any request in the batch, or
+    `slots` if that is more.
 
     The vector is CLIP's pooled text embedding: the last hidden state at the end-of-text token,
     the highest id of the vocabulary (CLIP's own `argmax` rule). Calls stay within `max_batch`."""
@@ -43,7 +44,7 @@ def selling_point_features(
         for i in range(0, len(flat), max_batch)
     ])
     pooled = embeds[np.arange(len(flat)), ids.argmax(-1)]  # (sum T_i, D)
-    longest = max(len(request) for request in texts)
+    longest = max([slots, *(len(request) for request in texts)])
     features = np.zeros((len(texts), longest, pooled.shape[-1]), dtype=np.float32)
     mask = np.zeros((len(texts), longest), dtype=np.float32)
     start = 0

@@ -62,6 +62,15 @@ class LayoutOutput(PipelineOutput):
     layouts: list[Layout] = field(default_factory=list)
 
 
+def frame_factors(preset: Preset, width: int, height: int) -> np.ndarray:
+    """(4,) factors from the normalized boxes the layout head works in to the canvas's normalized
+    x0, y0, x1, y1, for a backbone input of `width` x `height`: ones in adgen's frame; in RADM's
+    ("hwhw": x was scaled by the height) (H/W, W/H, H/W, W/H)."""
+    if preset.layout.proposal_frame != "hwhw":
+        return np.ones(4)
+    return np.array([height / width, width / height] * 2)
+
+
 class LayoutPipeline:
     name = "layout"
     needs = ("text_encoder", "layout_backbone", "layout_head")
@@ -80,8 +89,10 @@ class LayoutPipeline:
         c, slots = self.components, self.preset.layout.num_boxes
         with timer.stage("total"):
             with timer.stage("text_encode"):
+                # RADM's weights (reference_views) saw its data loader's 20 slots, zeros after the texts
+                slots = self.preset.layout.max_texts if self.preset.layout.reference_views else 0
                 features, text_mask = selling_point_features(
-                    c["text_encoder"], self.tokenizer, [r.texts for r in requests], self.preset.max_batch
+                    c["text_encoder"], self.tokenizer, [r.texts for r in requests], self.preset.max_batch, slots
                 )
             with timer.stage("layout_backbone"):
                 pyramid = run_cast(c["layout_backbone"], {"image": self._backbone_images(requests)})
@@ -90,13 +101,18 @@ class LayoutPipeline:
                 {**{level: pyramid[level] for level in FPN_LEVELS}, "text_features": features, "text_mask": text_mask},
                 boxes="boxes", output="pred_boxes", logits="class_logits", timer=timer,
             )
+            # the head's frame -> the canvas's: (1, 1, 1, 1) but for RADM's weights on a non-square canvas
+            to_canvas = frame_factors(self.preset, *layout_image_size(self.preset, requests[0].product.width,
+                                                                      requests[0].product.height))
             fixed = FixedBoxes.of(
-                [{i: box.normalized(r.product.width, r.product.height) for i, box in enumerate(r.fixed)} for r in requests],
+                [{i: box.normalized(r.product.width, r.product.height) / to_canvas for i, box in enumerate(r.fixed)}
+                 for r in requests],
                 slots,
             )
             generators = [np.random.Generator(np.random.PCG64(r.seed)) for r in requests]
             sample = sample_boxes(head, generators, slots, steps, fixed=fixed, renewal=True, on_step=on_step,
                                   renewal_threshold=[r.processing.renewal_threshold for r in requests])
+            sample = sample.rescaled(to_canvas)
             with timer.stage("postprocess"):
                 layouts = [self._layout(r, sample, b) for b, r in enumerate(requests)]
             with timer.stage("draw"):

@@ -25,9 +25,9 @@ RADM (layout), reference (liuan0803/RADM, `RADM/detector.py`, `configs/radm.yaml
   (adgen: the last step's);
 - a candidate left with no area once clipped to the canvas is dropped after NMS (adgen keeps it
   at the edge, one pixel wide).
-Not yet followed (they change the exported head, see docs/limitations.md): the first head's box
-scaling by (H, W, H, W), the selling points' (20, 768) -> (768, 20) view, VTRAM's pooling
-reshape, and the backbone input at short side 800 padded to a multiple of 32.
+The network quirks its weights learned are not processing but architecture: a head imported from
+RADM carries them in its config (`LayoutSize.proposal_frame` "hwhw", `reference_views`). Not
+followed: the backbone input at short side 800 padded to a multiple of 32 (docs/limitations.md).
 """
 
 from __future__ import annotations
