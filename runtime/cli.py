@@ -188,23 +188,22 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-queue-delay-us", type=int, default=1000, help="how long a step waits for others (default 1000)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per component model (default: its own)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to be ready")
-    parser.add_argument("--queue-size", type=int, default=8,
-                        help="whole requests that may wait in the front for a pipeline instance; past it: 503 at once (default 8)")
-    parser.add_argument("--step-queue-size", type=int, default=64, help="clients' step calls Triton holds for the U-Net at once; the front refuses more (default 64)")
-    parser.add_argument("--component-queue-size", type=int, default=16,
-                        help="clients' calls Triton holds for any other component model at once; the front refuses more (default 16)")
-    parser.add_argument("--queue-timeout", type=float, default=120.0,
-                        help="seconds a request may wait in the front for a pipeline instance before a 503 (default 120)")
-    parser.add_argument("--resident-mib", type=float, default=2048.0,
-                        help="MiB of per-request invariants (text embeddings, AFM K/V, ...) each component model keeps, "
-                             "so a request's steps after the first carry only the latents and timestep (default 2048)")
+    # bounds: (flag, type, default, what it bounds); each must be > 0 (checked in _serve)
+    for flag, kind, default, what in (
+        ("--queue-size", int, 8, "whole requests that may wait in the front for a pipeline instance; past it: 503 at once"),
+        ("--step-queue-size", int, 64, "clients' step calls Triton holds for the U-Net at once; the front refuses more"),
+        ("--component-queue-size", int, 16,
+         "clients' calls Triton holds for any other component model at once; the front refuses more"),
+        ("--queue-timeout", float, 120.0, "seconds a request may wait in the front for a pipeline instance before a 503"),
+        ("--resident-mib", float, 2048.0, "MiB of per-request invariants (text embeddings, AFM K/V, ...) each component "
+         "model keeps, so a request's steps after the first carry only the latents and timestep"),
+        ("--max-request-mib", float, 64.0, "largest request body (HTTP) or message (gRPC) accepted, in MiB"),
+        ("--client-timeout", float, 10.0, "longest a client may pause while sending a request's headers or body, in "
+         "seconds; past it the request is refused"),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=f"{what} (default {default:g})")
     parser.add_argument("--no-resident", dest="resident", action="store_false",
                         help="every step call carries the per-request invariants again")
-    parser.add_argument("--max-request-mib", type=float, default=64.0,
-                        help="largest request body (HTTP) or message (gRPC) accepted, in MiB (default 64)")
-    parser.add_argument("--client-timeout", type=float, default=10.0,
-                        help="longest a client may pause while sending a request's headers or body, in seconds; "
-                             "past it the request is refused (default 10)")
     parser.add_argument("--watchdog-interval", type=float, default=5.0,
                         help="seconds between looks at the models' stub processes: a dead one, or one whose shared "
                              "memory grew past its bound, gets its model reloaded (0: off)")

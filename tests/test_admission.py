@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from test_front import Upstream
 
 from runtime.serving.admission import Admission, Bound, QueueFull, model_of_infer_request
 from runtime.serving.front import FrontThread, HttpFront
@@ -109,30 +110,20 @@ def test_the_model_name_is_read_from_a_real_infer_request_without_its_tensors():
     assert model_of_infer_request(service_pb2.ModelInferRequest(id="1").SerializeToString()) is None
 
 
-class SlowUpstream:
+class SlowUpstream(Upstream):
     """Answers every request 200 after `delay_s`, counting how many it holds at once."""
 
     def __init__(self, thread: FrontThread, delay_s: float):
         self.delay_s = delay_s
         self.holding = self.most = 0
-        self.server = thread.run(asyncio.start_server(self.handle, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
+        super().__init__(thread)
 
-    async def handle(self, reader, writer):
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length")), 0)
-                await reader.readexactly(length)
-                self.holding += 1
-                self.most = max(self.most, self.holding)
-                await asyncio.sleep(self.delay_s)
-                self.holding -= 1
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
+    async def respond(self, writer) -> bool:
+        self.holding += 1
+        self.most = max(self.most, self.holding)
+        await asyncio.sleep(self.delay_s)
+        self.holding -= 1
+        return await super().respond(writer)
 
 
 def _post(port: int, model: str) -> int:

@@ -46,15 +46,21 @@ class Upstream:
                 length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length")), 0)
                 self.requests.append(head + await reader.readexactly(length))
-                answer = self.answers.pop(0) if self.answers else (200, {"ok": True})
-                if answer is None:
+                if not await self.respond(writer):
                     writer.close()
                     return
-                body = json.dumps(answer[1]).encode()
-                writer.write(f"HTTP/1.1 {answer[0]} X\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-                await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
+
+    async def respond(self, writer) -> bool:
+        """Answer one request; False: close the connection instead."""
+        answer = self.answers.pop(0) if self.answers else (200, {"ok": True})
+        if answer is None:
+            return False
+        body = json.dumps(answer[1]).encode()
+        writer.write(f"HTTP/1.1 {answer[0]} X\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        return True
 
 
 @pytest.fixture

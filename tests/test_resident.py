@@ -9,16 +9,11 @@ import pytest
 
 from runtime.backends.base import current_scope, request_scope
 from runtime.errors import BackendError
-from runtime.serving.resident import (
-    CONTEXT_PARAMETER,
-    END_PARAMETER,
-    UNKNOWN_CONTEXT,
-    ResidentBounds,
-    ResidentCaller,
-    ResidentStore,
-    is_unknown_context,
-)
+from runtime.serving import resident
+from runtime.serving.resident import ResidentBounds, ResidentCaller, ResidentStore
 
+CONTEXT_PARAMETER, END_PARAMETER, UNKNOWN_CONTEXT = resident.CONTEXT_PARAMETER, resident.END_PARAMETER, resident.UNKNOWN_CONTEXT
+is_unknown_context = resident.is_unknown_context
 MIB = 2**20
 
 
