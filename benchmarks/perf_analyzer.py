@@ -104,12 +104,14 @@ def run_perf_analyzer(binary: Path, model: str, url: str, data: Path, concurrenc
         report = Path(tmp) / "report.csv"
         command = [str(binary), "-m", model, "-u", url, "-i", "grpc", "--input-data", str(data),
                    "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-mode", "count_windows",
-                   "--measurement-request-count", str(requests), "--stability-percentage", "999",
+                   "--measurement-request-count", str(requests), "--stability-percentage", "100000",
                    "--max-trials", "3", "--percentile", "99", "-f", str(report)]
         if batch:
             command += ["-b", str(batch)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-        if done.returncode != 0 or not report.is_file():
+        # A setup that stalls (p99 jumping 20x between windows) is never "stable": exit 2 with the
+        # report written is a measurement all the same.
+        if done.returncode not in (0, 2) or not report.is_file():
             raise RuntimeError(f"perf_analyzer exited {done.returncode}: {done.stdout[-2000:]}{done.stderr[-2000:]}")
         (row,) = list(csv.DictReader(io.StringIO(report.read_text())))
     return {
