@@ -90,9 +90,9 @@ class LayoutPipeline:
         with timer.stage("total"):
             with timer.stage("text_encode"):
                 # RADM's weights (reference_views) saw its data loader's 20 slots, zeros after the texts
-                slots = self.preset.layout.max_texts if self.preset.layout.reference_views else 0
+                text_slots = self.preset.layout.max_texts if self.preset.layout.reference_views else 0
                 features, text_mask = selling_point_features(
-                    c["text_encoder"], self.tokenizer, [r.texts for r in requests], self.preset.max_batch, slots
+                    c["text_encoder"], self.tokenizer, [r.texts for r in requests], self.preset.max_batch, text_slots
                 )
             with timer.stage("layout_backbone"):
                 pyramid = run_cast(c["layout_backbone"], {"image": self._backbone_images(requests)})
