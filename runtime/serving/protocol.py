@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from runtime.errors import BackendError, InputError
+from runtime.inputs.files import read_capped
 from runtime.inputs.images import png_bytes
 from runtime.pipelines.base import PipelineDefinition
 from runtime.pipelines.options import OPTIONS
@@ -130,13 +131,7 @@ def encode_request(definition: PipelineDefinition, options: Mapping[str, Any]) -
             continue
         kind = tensors[name].kind
         if kind is OptionKind.FILE:
-            path = Path(value)
-            if not path.is_file():
-                raise InputError(name, "file not found", str(path))
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                raise InputError(name, f"expected a file of at most {MAX_FILE_BYTES} bytes", size)
-            feed[name] = np.array([path.read_bytes()], dtype=np.object_)
+            feed[name] = np.array([read_capped(value, name, MAX_FILE_BYTES, "a file")], dtype=np.object_)
         elif kind is OptionKind.TEXT:
             feed[name] = np.array([str(value).encode("utf-8")], dtype=np.object_)
         elif kind is OptionKind.TEXTS:
