@@ -13,7 +13,6 @@ from runtime.serving import resident
 from runtime.serving.resident import ResidentBounds, ResidentCaller, ResidentStore
 
 CONTEXT_PARAMETER, END_PARAMETER, UNKNOWN_CONTEXT = resident.CONTEXT_PARAMETER, resident.END_PARAMETER, resident.UNKNOWN_CONTEXT
-is_unknown_context = resident.is_unknown_context
 MIB = 2**20
 
 
@@ -88,7 +87,9 @@ class Model:
         if "text_embeds" not in feed:
             held = self.store.get(key) if self.store is not None and key else None
             if held is None:
-                raise BackendError(f"unet: {UNKNOWN_CONTEXT}" if self.store is not None else "unet: expected 3 inputs but got 2")
+                raise BackendError(f"unet: {UNKNOWN_CONTEXT}" if self.store is not None else
+                                   "unet: expected 3 inputs but got 2 inputs for model 'unet'. Got input(s) "
+                                   "['timestep','sample'], but missing required input(s) ['text_embeds']")
             feed = {**feed, **held}
         elif self.store is not None and key and not parameters.get(END_PARAMETER):
             self.store.put(key, {"text_embeds": feed["text_embeds"]})
@@ -100,12 +101,12 @@ class Model:
 FEED = {"sample": np.zeros(2, np.float32), "timestep": np.ones(1, np.float32), "text_embeds": np.ones(4, np.float32)}
 
 
-def steps(caller, model, n, retry_on=is_unknown_context):
+def steps(caller, model, n):
     out = []
     with request_scope() as scope:
         for i in range(n):
             scope.final = i == n - 1
-            out.append(caller.send(FEED, model, retry_on)["noise_pred"])
+            out.append(caller.send(FEED, model)["noise_pred"])
     return out
 
 
@@ -125,16 +126,16 @@ def test_invariants_cross_once_per_scope_and_the_last_call_ends_them():
 def test_a_key_the_model_lost_is_answered_by_sending_everything_again():
     model, caller = Model(), ResidentCaller("unet", frozenset({"text_embeds"}))
     with request_scope():
-        caller.send(FEED, model, is_unknown_context)
+        caller.send(FEED, model)
         model.store = ResidentStore(ResidentBounds())  # evicted, expired or a restarted model
-        caller.send(FEED, model, is_unknown_context)
-        caller.send(FEED, model, is_unknown_context)
+        caller.send(FEED, model)
+        caller.send(FEED, model)
     assert [names for names, _ in model.seen] == [set(FEED), {"sample", "timestep"}, set(FEED), {"sample", "timestep"}]
 
 
 def test_a_model_that_keeps_nothing_gets_full_feeds_after_one_refusal():
     model, caller = Model(keeps=False), ResidentCaller("unet", frozenset({"text_embeds"}))
-    steps(caller, model, 4, retry_on=lambda e: type(e) is BackendError)
+    steps(caller, model, 4)
     assert [names for names, _ in model.seen] == [set(FEED), {"sample", "timestep"}, set(FEED), set(FEED), set(FEED)]
     assert not caller.enabled
 
@@ -147,15 +148,15 @@ def test_other_errors_of_a_short_call_are_raised_not_hidden_by_a_resend():
 
     caller = ResidentCaller("unet", frozenset({"text_embeds"}))
     with request_scope():
-        caller.send(FEED, failing, is_unknown_context)
+        caller.send(FEED, failing)
         with pytest.raises(BackendError, match="finite"):
-            caller.send(FEED, failing, is_unknown_context)
+            caller.send(FEED, failing)
 
 
 def test_outside_a_scope_or_when_disabled_every_call_is_full_and_carries_no_key():
     model = Model()
-    ResidentCaller("unet", frozenset({"text_embeds"})).send(FEED, model, is_unknown_context)
+    ResidentCaller("unet", frozenset({"text_embeds"})).send(FEED, model)
     with request_scope():
         for _ in range(2):
-            ResidentCaller("unet", frozenset({"text_embeds"}), enabled=False).send(FEED, model, is_unknown_context)
+            ResidentCaller("unet", frozenset({"text_embeds"}), enabled=False).send(FEED, model)
     assert model.seen == [(set(FEED), {})] * 3 and current_scope() is None

@@ -437,3 +437,28 @@ def test_client_side_caller_sends_everything_again_when_the_server_lost_the_key(
     counts = {k: v - before[k] for k, v in unet.resident.counts().items()}
     assert np.array_equal(got, expected) and np.array_equal(again, expected)
     assert counts["calls"] == 2 and counts["without_invariants"] == 1  # the refused short call is not counted
+
+
+def test_a_caller_meeting_a_model_that_keeps_nothing_sends_full_feeds(tiny_graphs, cache_root):
+    """A model whose config keeps no invariants (a native config, or `--no-resident`) refuses a short
+    call for its missing required inputs: the caller sends the full feed and stops shortening."""
+    from runtime.backends.base import request_scope
+    from runtime.presets import get_preset
+    from runtime.serving.client import TritonComponent, TritonConnection
+
+    started = start_server(["refadgen"], "tiny", cache_dir=cache_root, options=RepositoryOptions(resident=None),
+                           timeout_s=300)
+    try:
+        spec = get_pipeline("refadgen").specs(get_preset("tiny"))["unet"]
+        unet = TritonComponent(spec, TritonConnection(started.grpc_url), "refadgen_unet", resident=True)
+        feed = spec.sample_inputs(np.random.default_rng(2), spec.env_at("opt", B=2))
+        try:
+            expected = unet.run(feed)["noise_pred"]
+            with request_scope():
+                got = [unet.run(feed)["noise_pred"] for _ in range(3)]
+        finally:
+            unet.close()
+    finally:
+        assert started.stop() == 0
+    assert all(np.array_equal(g, expected) for g in got)
+    assert not unet.resident.enabled and unet.resident.counts()["without_invariants"] == 0

@@ -66,7 +66,7 @@ from runtime.serving.names import (
     read_parameters,
 )
 from runtime.serving.protocol import from_wire, model_name, to_wire
-from runtime.serving.resident import ResidentCaller, is_unknown_context
+from runtime.serving.resident import ResidentCaller
 from runtime.specs.core import ComponentSpec
 from runtime.timing import Progress
 
@@ -488,7 +488,7 @@ class TritonComponent(Component):
         def call(wire: Mapping[str, np.ndarray], parameters: dict) -> dict[str, np.ndarray]:
             return self.connection.infer(self.model, wire, outputs, parameters)
 
-        got = self.resident.send(to_wire(self.spec, feed), call, is_unknown_context)
+        got = self.resident.send(to_wire(self.spec, feed), call)
         return from_wire(self.spec, {name: array for name, array in got.items() if array is not None})
 
 

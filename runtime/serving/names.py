@@ -88,11 +88,13 @@ CANCEL_HEADER = "adgen-cancel-token"
 
 # Fragments of Triton 2.51 error messages, consulted only where the status leaves the meaning open
 # (observed; lower case): a model loading, unloading or gone; a restricted endpoint without the key; a
-# Python stub that died; a full queue or a request that waited past its queue timeout.
+# Python stub that died; a full queue or a request that waited past its queue timeout; a request
+# without inputs its model's config requires.
 NOT_READY_MESSAGES = ("has no available versions", "is not ready")
 RESTRICTED_MESSAGE = "is restricted, expecting header"
 STUB_DEAD_MESSAGE = "is not healthy"
 QUEUE_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
+MISSING_INPUTS_MESSAGE = "missing required input(s)"  # a request without inputs the config requires
 # adgen's fronts say this while tritonserver is down (restarting)
 NOT_ANSWERING_MESSAGE = "the inference server is not answering"
 

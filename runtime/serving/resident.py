@@ -31,6 +31,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from runtime.backends.base import current_scope
+from runtime.serving.names import MISSING_INPUTS_MESSAGE
 
 CONTEXT_PARAMETER = "adgen_context"  # request parameter: the request scope's key
 END_PARAMETER = "adgen_context_end"  # request parameter: drop the key's tensors after this call
@@ -138,7 +139,9 @@ class ResidentCaller:
     """The caller's half, for one component model: what to send on a call inside the current
     request scope. `send(feed, call)` runs `call(wire_feed, parameters)`, omitting the invariant
     inputs when the model already holds them for this scope, and sends them again (once) when the
-    model answers that it does not."""
+    model answers that it does not (UNKNOWN_CONTEXT) or Triton refuses the short call for missing
+    required inputs (a native config or a server started with --no-resident: then it stops
+    omitting them)."""
 
     def __init__(self, model: str, invariant: frozenset[str], enabled: bool = True):
         self.model = model
@@ -146,8 +149,7 @@ class ResidentCaller:
         self.enabled = enabled and bool(invariant)
         self.calls = self.short_calls = self.sent_bytes = 0  # all calls together (short: without the invariants)
 
-    def send(self, feed: Mapping[str, np.ndarray], call: Callable[[Mapping[str, np.ndarray], dict], dict],
-             retry_on: Callable[[Exception], bool]) -> dict:
+    def send(self, feed: Mapping[str, np.ndarray], call: Callable[[Mapping[str, np.ndarray], dict], dict]) -> dict:
         scope = current_scope() if self.enabled else None
         if scope is None:
             return self._call(call, feed, {})
@@ -160,7 +162,7 @@ class ResidentCaller:
                 result = self._call(call, {n: a for n, a in feed.items() if n not in self.invariant}, parameters,
                                     short=True)
             except Exception as e:
-                if not retry_on(e):
+                if not (is_unknown_context(e) or is_missing_inputs(e)):
                     raise
                 refused = e  # evicted, expired, another instance, or a model that keeps nothing
                 scope.holders.discard(self.model)
@@ -169,8 +171,8 @@ class ResidentCaller:
                     scope.holders.discard(self.model)
                 return result
         result = self._call(call, feed, parameters)
-        if refused is not None and not is_unknown_context(refused):
-            self.enabled = False  # the full feed ran where the short one did not: not a model that keeps them
+        if refused is not None and is_missing_inputs(refused):
+            self.enabled = False  # a model that keeps nothing (a native config, --no-resident): full feeds from now
         elif not scope.final:
             scope.holders.add(self.model)
         return result
@@ -189,3 +191,8 @@ class ResidentCaller:
 
 def is_unknown_context(error: BaseException) -> bool:
     return UNKNOWN_CONTEXT in str(error)
+
+
+def is_missing_inputs(error: BaseException) -> bool:
+    """Triton refused the call for inputs its config requires (a model that keeps nothing)."""
+    return MISSING_INPUTS_MESSAGE in str(error).lower()

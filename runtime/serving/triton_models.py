@@ -76,7 +76,6 @@ from runtime.serving.resident import (
     ResidentBounds,
     ResidentCaller,
     ResidentStore,
-    is_unknown_context,
 )
 from runtime.specs.core import ComponentSpec, Precision, specs_hash
 
@@ -275,10 +274,7 @@ class BlsComponent(Component):
 
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.scope.check()
-        # A native-flavour model (no store) refuses the short feed for its missing inputs: the
-        # caller then sends the full feed and stops shortening (ResidentCaller).
-        return self.resident.send(to_wire(self.spec, feed), self._infer,
-                                  lambda e: type(e) is BackendError or is_unknown_context(e))
+        return self.resident.send(to_wire(self.spec, feed), self._infer)
 
     def _infer(self, wire: Mapping[str, np.ndarray], parameters: dict) -> dict[str, np.ndarray]:
         pb = self.pb
