@@ -89,6 +89,13 @@ class LayoutSize:
     # as (C, 49) before its mean. True follows it (and pads the texts to `max_texts` slots with
     # zeros, as its data loader does); `adgen import radm` records it in the head's config.
     reference_views: bool = False
+    # Largest side of the backbone input the specs allow (0: image_side). sd15 allows RADM's
+    # reference input (short side 800, long side up to 1333, padded to 32: runtime/specs/layout.py).
+    max_input_side: int = 0
+
+    @property
+    def input_side_max(self) -> int:
+        return self.max_input_side or self.image_side
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,7 @@ PRESETS: dict[str, Preset] = {
         min_side=256,
         max_side=1024,
         layout=LayoutSize(stem_channels=64, blocks=(3, 4, 6, 3), fpn_channels=256, hidden=256, heads=8, ffn=2048,
-                          dynamic_dim=64, num_boxes=100, image_side=768),
+                          dynamic_dim=64, num_boxes=100, image_side=768, max_input_side=1344),
         plan=PlanSize(hidden=512, blocks=6, heads=8),
         render=RenderSize(mask_channels=(16, 32, 96), visual_channels=(32, 32, 96, 96, 256, 256)),
     ),

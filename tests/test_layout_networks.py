@@ -55,6 +55,7 @@ def _head_feed(specs, modules, rng, b, h, w, boxes, texts, real=None):
     feed["text_features"] = rng.normal(size=(b, texts, dim)).astype(np.float32)
     real = real if real is not None else [texts] * b
     feed["text_mask"] = np.array([[1.0] * r + [0.0] * (texts - r) for r in real], dtype=np.float32)
+    feed["image_size"] = np.array([[h, w]] * b, dtype=np.float32)  # no padding: the whole input
     return feed
 
 
@@ -307,3 +308,23 @@ def test_reference_views_follow_radm_s_view_of_texts_and_of_vtram_s_output(torch
         hook.remove()
         assert torch.allclose(got, expected, atol=1e-6)
         assert not torch.allclose(got, plain(roi, box, texts, mask), atol=1e-3)
+
+
+def test_boxes_are_relative_to_the_image_within_a_padded_input(specs, modules, torch):
+    """image_size smaller than the backbone input (RADM's reference pads it): the proposals are
+    the noisy boxes times the image's size, and the RoIs still index the padded feature maps."""
+    head = modules["layout_head"]
+    rng = np.random.default_rng(12)
+    feed = _head_feed(specs, modules, rng, 1, 128, 128, 5, 2)
+    feed["image_size"] = np.array([[128, 102]], dtype=np.float32)  # (height, width) within 128 x 128
+    seen = []
+    hook = head.head_series[0].register_forward_hook(lambda m, args, out: seen.append(args[1].clone()))
+    try:
+        out = run_module(head, specs["layout_head"], feed)["pred_boxes"]
+    finally:
+        hook.remove()
+    x = (np.clip(feed["boxes"], -2, 2) / 2 + 1) / 2
+    norm = np.concatenate([x[..., :2] - x[..., 2:] / 2, x[..., :2] + x[..., 2:] / 2], axis=-1)
+    np.testing.assert_allclose(seen[0].numpy(), norm * [102, 128, 102, 128], rtol=1e-5, atol=1e-4)
+    whole = run_module(head, specs["layout_head"], {**feed, "image_size": np.array([[128, 128]], np.float32)})
+    assert not np.allclose(out, whole["pred_boxes"], atol=1e-3)

@@ -130,3 +130,37 @@ def test_layout_reference_profile_end_to_end(open_tiny, product_png):
     assert reference.report["processing"] == "reference" and adgen.report["processing"] == "adgen"
     texts = [e for e in reference.report["layout"]["elements"] if e["class"] == "text"]
     assert sorted(e["text"] for e in texts) == sorted(options["text"])
+
+
+@pytest.mark.parametrize("preset, canvas, size, padded", [
+    ("sd15", (513, 750), (800, 1170), (800, 1184)),  # short side to 800
+    ("sd15", (500, 1000), (667, 1333), (672, 1344)),  # long side capped at 1333
+    ("sd15", (900, 600), (1200, 800), (1216, 800)),
+    ("tiny", (128, 160), (102, 128), (128, 128)),  # capped at the preset's largest input
+])
+def test_radm_reference_input_size_is_detectron2_s_resize_then_padding(preset, canvas, size, padded):
+    """ResizeShortestEdge(800, 1333) as detectron2 computes it (int(x + 0.5)), then each side up
+    to a multiple of 32."""
+    from runtime.presets import get_preset
+    from runtime.specs.layout import padded_image_size, reference_image_size
+
+    assert reference_image_size(get_preset(preset), *canvas) == size
+    assert padded_image_size(*size) == padded
+
+
+def test_layout_reference_input_is_padded_with_what_normalises_to_zero(open_tiny, product_png):
+    from runtime.pipelines.layout import BACKBONE_PAD
+    from runtime.specs.layout import PIXEL_MEAN, PIXEL_STD
+
+    layout = open_tiny("layout")
+    request = prepare(layout, processing="reference", product=product_png, text=["40% off"]).request
+    runner = layout.runner
+    size, padded = runner._input_sizes(request)
+    assert (size, padded) == ((102, 128), (128, 128))  # the 128x160 canvas
+    image = runner._backbone_images([request], size, padded)
+    assert image.shape == (1, 3, 128, 128)
+    np.testing.assert_array_equal(image[0, :, :, 102:], np.broadcast_to(BACKBONE_PAD, (3, 128, 26)))
+    normalised = ((BACKBONE_PAD[:, 0, 0] + 1) * 127.5 - np.array(PIXEL_MEAN)) / np.array(PIXEL_STD)
+    np.testing.assert_allclose(normalised, 0, atol=1e-5)
+    adgen = prepare(layout, product=product_png, text=["40% off"]).request
+    assert runner._input_sizes(adgen) == ((96, 128),) * 2  # long side image_side, multiples of 32, no padding

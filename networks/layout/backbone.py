@@ -8,9 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.presets import Preset
-
-PIXEL_MEAN = (123.675, 116.280, 103.530)  # ImageNet, RGB, 0..255 (RADM's detectron2 config)
-PIXEL_STD = (58.395, 57.120, 57.375)
+from runtime.specs.layout import PIXEL_MEAN, PIXEL_STD
 
 
 class FrozenBatchNorm2d(nn.Module):

@@ -350,11 +350,13 @@ def apply_deltas(deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 class LayoutHead(nn.Module):
-    """forward(boxes, timestep, p2, p3, p4, p5, text_features, text_mask) -> (class_logits, pred_boxes).
+    """forward(boxes, timestep, p2, p3, p4, p5, text_features, text_mask, image_size) -> (class_logits, pred_boxes).
 
     boxes (B, N, 4): noisy (cx, cy, w, h) scaled to [-2, 2]; timestep (B,); p2..p5 as the
-    backbone's; text_features (B, L, D); text_mask (B, L) 1 = real text. Returns the last
-    head's class_logits (B, N, K) and pred_boxes (B, N, 4), x0, y0, x1, y1 / canvas size.
+    backbone's; text_features (B, L, D); text_mask (B, L) 1 = real text; image_size (B, 2) the
+    (height, width) of the image within the backbone input (smaller than it where the input was
+    padded, as RADM's reference pads). Returns the last head's class_logits (B, N, K) and
+    pred_boxes (B, N, 4), x0, y0, x1, y1 / that image's size.
     With `proposal_frame` "hwhw" (RADM's weights) the noisy boxes become pixels and the clean ones
     are returned scaled by (H, W, H, W) instead, as the reference does: x by the canvas height.
     """
@@ -386,12 +388,13 @@ class LayoutHead(nn.Module):
             nn.init.normal_(stage.bboxes_delta.weight, std=0.01)
             nn.init.zeros_(stage.bboxes_delta.bias)
 
-    def forward(self, boxes, timestep, p2, p3, p4, p5, text_features, text_mask):
+    def forward(self, boxes, timestep, p2, p3, p4, p5, text_features, text_mask, image_size):
         features = [p2, p3, p4, p5]
         hw = _shape_hw(p2) * FPN_STRIDES[0]
-        image_whwh = torch.stack([hw[1], hw[0], hw[1], hw[0]])
+        image_whwh = torch.stack([hw[1], hw[0], hw[1], hw[0]])  # the backbone input, padding included: RoIs
+        h, w = image_size[:, 0], image_size[:, 1]  # the image within it: what the boxes are relative to
         # proposals in pixels, and the frame the clean boxes are returned in (LayoutSize.proposal_frame)
-        frame = torch.stack([hw[0], hw[1], hw[0], hw[1]]) if self.proposal_frame == "hwhw" else image_whwh
+        frame = torch.stack([h, w, h, w] if self.proposal_frame == "hwhw" else [w, h, w, h], dim=-1)[:, None, :]
         x = (boxes.clamp(-BOX_SCALE, BOX_SCALE) / BOX_SCALE + 1) / 2  # (cx, cy, w, h) in [0, 1]
         norm_boxes = torch.cat([x[..., :2] - 0.5 * x[..., 2:], x[..., :2] + 0.5 * x[..., 2:]], dim=-1)
         time = self.time_mlp(timestep)  # (B, 4C)

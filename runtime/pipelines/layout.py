@@ -35,7 +35,13 @@ from runtime.pipelines.checks import check_batch, check_seed, require_components
 from runtime.pipelines.conditioning import selling_point_features
 from runtime.pipelines.processing import LAYOUT, LayoutProcessing, Profile
 from runtime.presets import Preset
-from runtime.specs.layout import FPN_LEVELS, layout_image_size
+from runtime.specs.layout import (
+    FPN_LEVELS,
+    PIXEL_MEAN,
+    layout_image_size,
+    padded_image_size,
+    reference_image_size,
+)
 from runtime.specs.pipelines import PIPELINE_SPECS
 from runtime.timing import StageTimer
 
@@ -60,6 +66,10 @@ class LayoutRequest:
 @dataclass
 class LayoutOutput(PipelineOutput):
     layouts: list[Layout] = field(default_factory=list)
+
+
+# the [-1, 1] input the backbone's normalisation maps to 0, per channel: its padding value
+BACKBONE_PAD = (np.array(PIXEL_MEAN, dtype=np.float32) / 127.5 - 1.0)[:, None, None]
 
 
 def frame_factors(preset: Preset, width: int, height: int) -> np.ndarray:
@@ -94,16 +104,18 @@ class LayoutPipeline:
                 features, text_mask = selling_point_features(
                     c["text_encoder"], self.tokenizer, [r.texts for r in requests], self.preset.max_batch, text_slots
                 )
+            size, padded = self._input_sizes(requests[0])
             with timer.stage("layout_backbone"):
-                pyramid = run_cast(c["layout_backbone"], {"image": self._backbone_images(requests)})
+                pyramid = run_cast(c["layout_backbone"], {"image": self._backbone_images(requests, size, padded)})
+            image_size = np.array([[size[1], size[0]]] * len(requests), dtype=np.float32)  # (height, width)
             head = BoxDenoiser(
                 c["layout_head"],
-                {**{level: pyramid[level] for level in FPN_LEVELS}, "text_features": features, "text_mask": text_mask},
+                {**{level: pyramid[level] for level in FPN_LEVELS}, "text_features": features, "text_mask": text_mask,
+                 "image_size": image_size},
                 boxes="boxes", output="pred_boxes", logits="class_logits", timer=timer,
             )
             # the head's frame -> the canvas's: (1, 1, 1, 1) but for RADM's weights on a non-square canvas
-            to_canvas = frame_factors(self.preset, *layout_image_size(self.preset, requests[0].product.width,
-                                                                      requests[0].product.height))
+            to_canvas = frame_factors(self.preset, *size)
             fixed = FixedBoxes.of(
                 [{i: box.normalized(r.product.width, r.product.height) / to_canvas for i, box in enumerate(r.fixed)}
                  for r in requests],
@@ -119,13 +131,30 @@ class LayoutPipeline:
                 images = [draw_layout(product_only(r.product), layout.elements, r.texts) for r, layout in zip(requests, layouts)]
         return LayoutOutput(images, layouts=layouts, timings=timer.summary())
 
-    def _backbone_images(self, requests: Sequence[LayoutRequest]) -> np.ndarray:
-        p = requests[0].product
-        w, h = layout_image_size(self.preset, p.width, p.height)
-        return np.concatenate([
+    def _input_sizes(self, request: LayoutRequest) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(width, height) of the image the backbone sees and of its input, padding included (the
+        same but for the reference's input, runtime/pipelines/processing.py)."""
+        p = request.product
+        if request.processing.reference_input:
+            size = reference_image_size(self.preset, p.width, p.height)
+            return size, padded_image_size(*size)
+        size = layout_image_size(self.preset, p.width, p.height)
+        return size, size
+
+    def _backbone_images(self, requests: Sequence[LayoutRequest], size: tuple[int, int],
+                         padded: tuple[int, int]) -> np.ndarray:
+        """The canvases resized to `size`, padded at the bottom and right to `padded` with the
+        value the backbone's normalisation maps to 0 (detectron2 pads after normalising)."""
+        (w, h), (pw, ph) = size, padded
+        images = np.concatenate([
             to_model_image(np.asarray(Image.fromarray(product_only(r.product)).resize((w, h), Image.BILINEAR)))
             for r in requests
         ])
+        if (pw, ph) == (w, h):
+            return images
+        out = np.broadcast_to(BACKBONE_PAD, (len(requests), 3, ph, pw)).astype(np.float32)
+        out[:, :, :h, :w] = images
+        return out
 
     def _layout(self, request: LayoutRequest, sample: BoxSample, b: int) -> Layout:
         w, h = request.product.width, request.product.height

@@ -25,9 +25,12 @@ RADM (layout), reference (liuan0803/RADM, `RADM/detector.py`, `configs/radm.yaml
   (adgen: the last step's);
 - a candidate left with no area once clipped to the canvas is dropped after NMS (adgen keeps it
   at the edge, one pixel wide).
+- the backbone input is the canvas at short side 800 and long side at most 1333 (at most the
+  largest input the preset allows), zero-padded after the normalisation at the bottom and right to a
+  multiple of 32; the boxes are relative to the image within the padding (adgen: the canvas
+  resized to `image_side` on its long side, a multiple of 32, no padding).
 The network quirks its weights learned are not processing but architecture: a head imported from
-RADM carries them in its config (`LayoutSize.proposal_frame` "hwhw", `reference_views`). Not
-followed: the backbone input at short side 800 padded to a multiple of 32 (docs/limitations.md).
+RADM carries them in its config (`LayoutSize.proposal_frame` "hwhw", `reference_views`).
 """
 
 from __future__ import annotations
@@ -88,11 +91,14 @@ class LayoutProcessing:
     renewal_threshold: float  # box renewal: a box whose best class score is at most this is renewed
     merge_steps: bool  # every step's candidates merged before NMS (else the last step's)
     drop_empty: bool  # a candidate with no area once clipped is dropped (else kept at the edge)
+    reference_input: bool  # backbone input: short side 800, long <= 1333, padded to 32 (else long side image_side)
 
 
 LAYOUT = {
-    Profile.ADGEN: LayoutProcessing(Profile.ADGEN, renewal_threshold=0.5, merge_steps=False, drop_empty=False),
-    Profile.REFERENCE: LayoutProcessing(Profile.REFERENCE, renewal_threshold=0.25, merge_steps=True, drop_empty=True),
+    Profile.ADGEN: LayoutProcessing(Profile.ADGEN, renewal_threshold=0.5, merge_steps=False, drop_empty=False,
+                                    reference_input=False),
+    Profile.REFERENCE: LayoutProcessing(Profile.REFERENCE, renewal_threshold=0.25, merge_steps=True, drop_empty=True,
+                                        reference_input=True),
 }
 
 REFADGEN = {

@@ -33,6 +33,15 @@ BBOX_WEIGHTS = (2.0, 2.0, 1.0, 1.0)  # box-delta weights (dx, dy, dw, dh)
 SCALE_CLAMP = math.log(100000.0 / 16)  # largest dw, dh before exp (detectron2's default)
 POOLER_SAMPLING_RATIO = 2  # RoIAlignV2: 2 x 2 bilinear samples per output cell
 CANONICAL_BOX_SIZE = 224  # a box of this side (pixels) is pooled from p4
+# The backbone's normalisation, ImageNet RGB on 0..255 (RADM's detectron2 config): the graph takes
+# x in [-1, 1] and computes ((x + 1) * 127.5 - mean) / std.
+PIXEL_MEAN = (123.675, 116.280, 103.530)
+PIXEL_STD = (58.395, 57.120, 57.375)
+# RADM's test-time input (detectron2's defaults, INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST): the canvas
+# resized so its short side is 800 and its long side at most 1333, then zero-padded (after the
+# normalisation) at the bottom and right to a multiple of 32.
+REFERENCE_SHORT_SIDE = 800
+REFERENCE_LONG_SIDE = 1333
 CANONICAL_LEVEL = 4
 NMS_IOU = 0.15  # class-aware NMS of the post-processing (not in any graph)
 SCORE_THRESHOLD = 0.25  # sigmoid score a kept box must exceed (not in any graph)
@@ -50,12 +59,34 @@ def layout_image_size(preset: Preset, width: int, height: int) -> tuple[int, int
     return fit(width), fit(height)
 
 
+def reference_image_size(preset: Preset, width: int, height: int) -> tuple[int, int]:
+    """(width, height) RADM's test-time resize gives a canvas (detectron2's ResizeShortestEdge:
+    short side REFERENCE_SHORT_SIDE, long side at most REFERENCE_LONG_SIDE), with the long side
+    also at most the largest input the preset's specs allow (`LayoutSize.input_side_max`: sd15's
+    1344 holds every reference size; the small presets scale it down). The backbone gets it
+    padded up to `padded_image_size`."""
+    longest = min(REFERENCE_LONG_SIDE, preset.layout.input_side_max)
+    scale = REFERENCE_SHORT_SIDE / min(width, height)
+    h, w = height * scale, width * scale
+    if max(h, w) > longest:
+        h, w = h * longest / max(h, w), w * longest / max(h, w)
+    return int(w + 0.5), int(h + 0.5)
+
+
+def padded_image_size(width: int, height: int) -> tuple[int, int]:
+    """Each side up to a multiple of IMAGE_MULTIPLE (and at least MIN_IMAGE_SIDE)."""
+    def up(n: int) -> int:
+        return max(MIN_IMAGE_SIDE, -(-n // IMAGE_MULTIPLE) * IMAGE_MULTIPLE)
+
+    return up(width), up(height)
+
+
 def _batch(preset: Preset) -> Dim:
     return Dim("B", 1, 1, preset.max_batch)
 
 
 def _image_dims(preset: Preset) -> tuple[Dim, Dim]:
-    side = preset.layout.image_side
+    side = preset.layout.input_side_max
     w, h = layout_image_size(preset, preset.default_width, preset.default_height)
     return (
         Dim("img_h", MIN_IMAGE_SIDE, h, side, multiple=IMAGE_MULTIPLE),
@@ -122,6 +153,10 @@ def layout_head_spec(preset: Preset, precision: Precision = Precision.FP32) -> C
                        doc="one feature per selling point; padded slots are ignored"),
             TensorSpec("text_mask", DType.FLOAT32, ("B", "texts"), invariant=True, limits=(0.0, 1.0),
                        doc="1 for a real selling point, 0 for padding"),
+            TensorSpec("image_size", DType.FLOAT32, ("B", 2), invariant=True,
+                       value_range=(MIN_IMAGE_SIDE, lay.image_side), limits=(1.0, float(lay.input_side_max)),
+                       doc="(height, width) in pixels of the image within the backbone input (the input "
+                           "less its padding): the canvas the boxes are relative to"),
         ),
         outputs=(
             TensorSpec("class_logits", DType.FLOAT32, ("B", "boxes", lay.num_classes),
